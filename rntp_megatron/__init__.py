@@ -1,0 +1,1 @@
+"""rntp_megatron: RNTP reinforcement learning as a Megatron-Core plugin."""

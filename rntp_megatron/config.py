@@ -1,0 +1,430 @@
+"""One typed config tree for a run: YAML in, dotted overrides, validated once at load.
+
+    cfg = load_config("recipes/configs/tiny_cpu.yaml", overrides=["rl.group_size=16"])
+
+Every section is a dataclass, in the grain of Megatron-Core's `TransformerConfig`. Unknown keys are
+rejected with a did-you-mean, values are coerced to the field's type, and cross-field rules (TP divides
+the heads, PP divides the layers, ...) are checked once in `validate`. Errors name the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+CARDS_DIR = Path(__file__).parent / "model" / "cards"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type, or inconsistent; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the GPTModel. `card` names a YAML file in model/cards (or a path); its values are
+    defaults that keys given here override."""
+
+    card: Optional[str] = None
+    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None
+    vocab_size: int = 256
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # llama3-style RoPE frequency scaling
+    norm_epsilon: float = 1e-6
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    init_method_std: float = 0.02
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism is what the world size leaves over."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class SourceConfig:
+    """One text source of a blend."""
+
+    path: str = ""
+    kind: Literal["jsonl", "parquet", "text", "megatron", "synthetic", "pydoc"] = "synthetic"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["byte", "hf", "trained"] = "byte"
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where episodes come from: sources, chunking, site selection and the prompt template."""
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    context_len: int = 256
+    min_context: int = 16
+    answer_horizon: int = 1
+    sites_per_chunk: int = 1
+    site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
+    entropy_threshold: float = 1.0
+    entropy_top_k: int = 16
+    logprob_window: tuple[float, float] = (-4.5, -1.0)
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+    prompt_template: str = "{context}<think>"
+    seed: int = 1234
+
+
+@dataclass
+class SGLangConfig:
+    """A real SGLang server: started as a child process (python=...) or attached (url=...)."""
+
+    url: Optional[str] = None
+    python: str = "sglang-venv/bin/python"
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 300.0
+    max_restarts: int = 2
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+
+
+@dataclass
+class RolloutConfig:
+    """Who writes the thoughts, and how they are sampled."""
+
+    engine: Literal["megatron", "sglang"] = "megatron"
+    placement: Literal["colocated", "separate"] = "colocated"
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    off_policy_steps: int = 0
+    weight_bucket_mb: int = 512
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class RewardConfig:
+    """The reward by registry name, its parameters, and weighted shaping terms."""
+
+    name: str = "exact"
+    params: dict[str, Any] = field(default_factory=dict)
+    format_weight: float = 0.0
+    length_cost: float = 0.0
+    overlong_buffer: int = 0
+    ntp_weight: float = 0.0
+
+
+@dataclass
+class RLConfig:
+    """How rewards become gradients (ALGORITHMS.md section 4)."""
+
+    objective: Literal["ntp", "rntp", "mixed"] = "rntp"
+    group_size: int = 8
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    dynamic_sampling: bool = False
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: Optional[float] = None
+    ratio_type: Literal["token", "gspo"] = "token"
+    kl_coef: float = 0.0
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    tis_cap: Optional[float] = None
+    icepop: Optional[tuple[float, float]] = None
+    aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    train_on: Literal["thought_and_answer", "thought"] = "thought_and_answer"
+    logprob_chunk_size: int = 1024
+
+
+@dataclass
+class ScheduleConfig:
+    """Steps, batch sizes and the optimizer's learning-rate schedule."""
+
+    train_steps: int = 100
+    token_budget: Optional[int] = None
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    seq_length: int = 256
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_steps: int = 0
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    save_interval: int = 0
+    keep_last: int = 2
+    load: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    jsonl: bool = True
+    tensorboard: bool = False
+    plot: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole tree of a run."""
+
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with coercion and errors that name the field.
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` converted to the annotated type `tp`, or a ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """An instance of dataclass `cls` from a nested dict; unknown keys raise with a did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {'.'.join(filter(None, [where, close[0]]))!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` (value parsed as YAML) in the nested dict `data`."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {k!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_card(name: str) -> dict[str, Any]:
+    """The model card's values: a name in model/cards (without .yaml) or a path to a YAML file."""
+    path = Path(name)
+    if not path.suffix:
+        path = CARDS_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
+        raise ConfigError(f"model.card: no model card {name!r} (built-in cards: {', '.join(known)})")
+    card = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(card, dict):
+        raise ConfigError(f"model.card: {path} must hold a mapping of ModelConfig fields")
+    return card
+
+
+def build_config(data: Optional[dict[str, Any]] = None, overrides: list[str] = ()) -> RunConfig:
+    """A validated RunConfig from nested data plus dotted overrides; model card values fill the gaps."""
+    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy, plain types
+    for o in overrides:
+        apply_override(data, o)
+    model = data.get("model") or {}
+    if model.get("card"):
+        data["model"] = {**load_card(model["card"]), **model}
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> RunConfig:
+    """`build_config` from a YAML file (or the defaults when path is None)."""
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(data, overrides)
+
+
+def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
+    """world_size / (TP * PP * CP), or a ConfigError when it does not divide."""
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by TP*PP*CP = "
+            f"{p.tensor_model_parallel_size}*{p.pipeline_model_parallel_size}*{p.context_parallel_size}"
+        )
+    return world_size // model_parallel
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Cross-field rules; with `world_size`, also the data-parallel batch split."""
+    m, p, s = cfg.model, cfg.parallel, cfg.schedule
+
+    def need(cond: bool, where: str, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: {why}")
+
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "expert_model_parallel_size"):
+        need(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    need(m.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
+         f"TP={tp} must divide model.num_attention_heads={m.num_attention_heads}")
+    need(m.num_query_groups % tp == 0, "parallel.tensor_model_parallel_size",
+         f"TP={tp} must divide model.num_query_groups (KV heads)={m.num_query_groups}")
+    need(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
+         f"{m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
+    need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+         f"PP={pp} must divide model.num_layers={m.num_layers}")
+    need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", "needs TP > 1")
+    need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
+         f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'")
+    need(s.micro_batch_size >= 1, "schedule.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}")
+    need(s.global_batch_size % s.micro_batch_size == 0, "schedule.global_batch_size",
+         f"{s.global_batch_size} is not divisible by micro_batch_size={s.micro_batch_size}")
+    need(s.lr >= 0, "schedule.lr", f"must be >= 0, got {s.lr}")
+    need(cfg.rl.group_size >= 1, "rl.group_size", f"must be >= 1, got {cfg.rl.group_size}")
+    need(cfg.rl.advantage != "rloo" or cfg.rl.group_size >= 2, "rl.group_size",
+         f"rloo needs at least 2 samples per group, got {cfg.rl.group_size}")
+    need(cfg.data.answer_horizon >= 1, "data.answer_horizon", f"must be >= 1, got {cfg.data.answer_horizon}")
+    need(cfg.data.min_context >= 1, "data.min_context", f"must be >= 1, got {cfg.data.min_context}")
+    need(cfg.data.context_len > cfg.data.min_context + cfg.data.answer_horizon, "data.context_len",
+         f"{cfg.data.context_len} leaves no site after min_context={cfg.data.min_context} and "
+         f"answer_horizon={cfg.data.answer_horizon}")
+    lo, hi = cfg.data.logprob_window
+    need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}")
+    if world_size is not None:
+        dp = data_parallel_size(p, world_size)
+        need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
+             f"{s.global_batch_size} is not divisible by micro_batch_size * data-parallel size = "
+             f"{s.micro_batch_size} * {dp}")
