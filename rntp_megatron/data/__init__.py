@@ -1,0 +1,1 @@
+"""What RNTP learns from: streamed sources, tokenizers, chunking, site selection, episodes, the synthetic corpus."""

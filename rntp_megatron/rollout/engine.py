@@ -1,0 +1,55 @@
+"""The RolloutEngine contract every engine implements (DESIGN.md, "Contracts worth keeping stable")."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1  # samples per prompt (G); they share the prompt's prefill
+    seed: Optional[int] = None
+
+
+@dataclass
+class Rollout:
+    """One sampled continuation of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens only
+    text: str
+    logprobs: list[float]  # log p_rollout of each generated token, len == len(token_ids)
+    finish_reason: str  # "stop" (stop string/token) or "length"
+    weight_version: int = 0
+    prompt_index: int = 0  # which prompt of the generate() call it answers
+
+
+class RolloutEngine(abc.ABC):
+    """Generates rollouts and receives new weights after each optimizer step."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per prompt, grouped by prompt in order (prompt 0's n first)."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load full (unsharded) HF-named tensors; later rollouts report `version`."""
+
+    def sleep(self) -> None:
+        """Free memory for the trainer (colocated placement); a no-op where nothing can be freed."""
+
+    def wake(self) -> None:
+        """Take memory back after sleep()."""
+
+    def close(self) -> None:
+        """Stop the engine and anything it started."""

@@ -1,0 +1,1 @@
+"""How trained weights leave the trainer: Megatron shards -> HF-named full tensors, engine sync, HF export."""
