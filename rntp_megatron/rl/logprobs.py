@@ -1,0 +1,113 @@
+"""Per-token log-probs and entropy from vocab-parallel logits, without gathering the vocabulary.
+
+Each tensor-parallel rank holds logits[..., V/tp] for its slice [rank * V/tp, (rank + 1) * V/tp) of the
+(padded) vocabulary. The softmax normaliser is assembled from per-rank partial results: the max (for a stable
+exp) and three sums. Work runs in chunks of rows so the fp32 temporaries are [chunk, V/tp], never [T, V];
+backward recomputes the softmax of a chunk from the saved logits and the per-row log-normaliser.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _tp_group_and_rank(group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup], int, int]:
+    """(group, rank in it, its size); the megatron TP group when none is given and one exists."""
+    if group is None and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_model_parallel_group()
+    if group is None:
+        return None, 0, 1
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """log p(label) and entropy H of softmax(logits / T) for rows of vocab-parallel logits[N, V/tp].
+
+    Collectives (forward only, one pair per chunk): all-reduce MAX of the row max, so every rank shifts by the
+    same global max; all-reduce SUM of [sum exp, sum exp * z, label logit], because each rank sees only its
+    vocab slice of these sums (the label logit is nonzero on the one rank owning the label). Backward needs
+    no collective: the gradient of a rank's logits depends only on its slice and the global per-row
+    log-normaliser and entropy saved from forward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, chunk_size: int,
+                group: Optional[dist.ProcessGroup], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, v_local = logits.shape
+        start = rank * v_local
+        local_labels = labels - start
+        owned = (local_labels >= 0) & (local_labels < v_local)
+        local_labels = local_labels.clamp(0, v_local - 1)
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp)
+        for lo in range(0, n, chunk_size):
+            hi = min(lo + chunk_size, n)
+            z = logits[lo:hi].float() * inv_temperature  # [c, V/tp] fp32
+            zmax = z.max(dim=-1).values
+            if group is not None:
+                dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
+            z -= zmax[:, None]
+            label_z = z.gather(1, local_labels[lo:hi, None]).squeeze(1) * owned[lo:hi]
+            e = z.exp()
+            sums = torch.stack([e.sum(-1), (e * z).sum(-1), label_z])  # [3, c]
+            del e, z
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            sum_exp, sum_ez, label_z = sums
+            log_norm = sum_exp.log()
+            logp[lo:hi] = label_z - log_norm
+            entropy[lo:hi] = log_norm - sum_ez / sum_exp
+            lse[lo:hi] = log_norm + zmax
+        ctx.save_for_backward(logits, local_labels, owned, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size = inv_temperature, chunk_size
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]):
+        """d/dz_j: g_lp (1[j = label] - p_j) - g_H p_j (log p_j + H), times 1/T for the raw logits."""
+        logits, local_labels, owned, lse, entropy = ctx.saved_tensors
+        inv_t, chunk_size = ctx.inv_temperature, ctx.chunk_size
+        grad = torch.empty_like(logits)
+        n = logits.shape[0]
+        for lo in range(0, n, chunk_size):
+            hi = min(lo + chunk_size, n)
+            log_p = logits[lo:hi].float() * inv_t - lse[lo:hi, None]  # [c, V/tp]
+            p = log_p.exp()
+            g = torch.zeros_like(p)
+            if grad_entropy is not None:
+                g -= grad_entropy[lo:hi, None] * p * (log_p + entropy[lo:hi, None])
+            if grad_logp is not None:
+                g_lp = grad_logp[lo:hi, None]
+                g -= g_lp * p
+                g.scatter_add_(1, local_labels[lo:hi, None], (g_lp * owned[lo:hi, None]).to(g.dtype))
+            grad[lo:hi] = (g * inv_t).to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                            chunk_size: int = 1024, group: Optional[dist.ProcessGroup] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(labels[...]) and entropy[...] of softmax(logits[..., V/tp] / temperature) over the full vocab.
+
+    `labels` are global vocabulary ids; `group` defaults to megatron's tensor-parallel group (none: the
+    logits hold the whole vocabulary). Both outputs are fp32 and differentiable.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on the "
+                         "leading dims (expected logits[..., V/tp] and labels[...])")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    group, rank, _ = _tp_group_and_rank(group)
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _VocabParallelLogProbs.apply(flat, labels.reshape(-1).long(), 1.0 / temperature,
+                                                 chunk_size, group, rank)
+    return logp.view(labels.shape), entropy.view(labels.shape)
