@@ -1,0 +1,124 @@
+"""The synthetic RNTP corpus: labels, answers and thoughts checked against an independent re-reading of the text."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rntp_megatron.data.synthetic import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, SyntheticSpec,
+                                          synthetic_documents, worked_answer)
+
+SPEC = SyntheticSpec()
+
+
+def bindings_of(text: str) -> dict[str, str]:
+    """name -> value of every `nv;` binding between the marker and the first query/drill bar."""
+    head = re.match(r"^[%#*]((?:[a-z][a-z0-9];)+)", text)
+    assert head, f"no binding section in {text!r}"
+    pairs = [b for b in head.group(1).split(";") if b]
+    names = [b[0] for b in pairs]
+    assert len(set(names)) == len(names), f"a name is bound twice in {text!r}"
+    return {b[0]: b[1] for b in pairs}
+
+
+def chase(bindings: dict[str, str], name: str) -> str:
+    """The worked thought for `name`: follow bindings until a digit."""
+    path = name
+    while not path[-1].isdigit():
+        path += bindings[path[-1]]
+        assert len(path) < 30, "cycle in bindings"
+    return path
+
+
+def docs(n: int = 300, **kw):
+    return list(synthetic_documents(7, "train", count=n, **kw))
+
+
+def test_labels_cover_text_and_sites_match_labels():
+    for doc in docs():
+        text, labels = doc["text"], doc["labels"]
+        assert len(labels) == len(text)
+        assert set(labels) <= set("TCI.")
+        marked = [i for i, c in enumerate(labels) if c != "."]
+        assert marked == [s["pos"] for s in doc["sites"]]
+        for s in doc["sites"]:
+            assert text[s["pos"]] == s["answer"] and labels[s["pos"]] == s["cls"]
+
+
+def test_answers_and_thoughts_follow_the_bindings():
+    seen_hops = set()
+    for doc in docs():
+        text = doc["text"]
+        b = bindings_of(text)
+        for s in doc["sites"]:
+            if s["cls"] == "C":
+                assert text[s["pos"] - 2:s["pos"]] != "" and s["query"] in b
+                assert s["thought"] == chase(b, s["query"]), text
+                assert s["answer"] == s["thought"][-1]
+                seen_hops.add(len(s["thought"]) - 2)
+            elif s["cls"] == "I":
+                assert s["answer"].isdigit() and text[s["pos"] + 1] == ";"
+            else:
+                assert s["answer"] in ";?"
+        # a query never asks for a shortcut: its chain has at least min_hops letter-to-letter links
+        for s in doc["sites"]:
+            if s["cls"] == "C":
+                assert len(s["thought"]) - 2 >= SPEC.min_hops
+    assert seen_hops == set(range(SPEC.min_hops, SPEC.max_hops + 1))
+
+
+def test_query_forms_by_kind():
+    kinds = {k: [d for d in docs(400) if d["kind"] == k] for k in ("textbook", "plain", "drill", "terse")}
+    assert all(kinds.values()), {k: len(v) for k, v in kinds.items()}
+    for d in kinds["textbook"]:
+        assert d["text"][0] == "%"
+        for s in (s for s in d["sites"] if s["cls"] == "C"):
+            worked = THINK_OPEN + worked_answer(s["thought"], s["answer"])
+            assert s["query"] + "?" + worked in d["text"]
+            # the labelled answer sits inside the answer tags
+            assert d["text"][s["pos"] - len(ANSWER_OPEN):s["pos"]] == ANSWER_OPEN
+    for d in kinds["terse"]:
+        assert d["text"][0] == "#" and THINK_OPEN not in d["text"]
+    for d in kinds["drill"]:
+        b = bindings_of(d["text"])
+        chains = d["text"].split("|", 1)[1].strip().rstrip(",").split(",")
+        assert len(chains) == SPEC.n_chains and all(c == chase(b, c[0]) for c in chains)
+    thoughts = [t.split(THINK_CLOSE)[0] for d in kinds["plain"] for t in d["text"].split(THINK_OPEN)[1:]]
+    fillers = [t for t in thoughts if not t[0].isalpha()]
+    assert fillers and len(fillers) < len(thoughts), "plain documents mix filler and worked thoughts"
+    assert all(set(t) <= set(".-") for t in fillers)
+
+
+def test_deterministic_and_splits_disjoint():
+    a = [d["text"] for d in synthetic_documents(3, "train", count=50)]
+    assert a == [d["text"] for d in synthetic_documents(3, "train", count=50)]
+    held = {d["text"] for d in synthetic_documents(3, "heldout", count=2000)}
+    train = {d["text"] for d in synthetic_documents(3, "train", count=2000)}
+    assert not held & train
+    assert a != [d["text"] for d in synthetic_documents(4, "train", count=50)]
+
+
+def test_answer_digits_are_balanced():
+    counts = {str(d): 0 for d in range(10)}
+    for doc in docs(1000, kinds={"terse": 1}):
+        for s in doc["sites"]:
+            if s["cls"] == "C":
+                counts[s["answer"]] += 1
+    total = sum(counts.values())
+    assert all(abs(c / total - 0.1) < 0.03 for c in counts.values()), counts
+
+
+def test_difficulty_knobs_and_errors():
+    hard = SyntheticSpec(n_chains=4, min_hops=5, max_hops=5, n_distractors=1, queries=4)
+    for doc in synthetic_documents(1, "heldout", hard, kinds={"terse": 1}, count=20):
+        assert len(bindings_of(doc["text"])) == 4 * 6 + 1
+        assert all(len(s["thought"]) == 7 for s in doc["sites"] if s["cls"] == "C")
+    with pytest.raises(ValueError, match="queries=4 n_chains=3"):
+        next(synthetic_documents(0, "train", SyntheticSpec(queries=4)))
+    with pytest.raises(ValueError, match="needs 31 variable names"):
+        next(synthetic_documents(0, "train", SyntheticSpec(n_chains=5, max_hops=5, n_distractors=1)))
+    with pytest.raises(ValueError, match="split must be one of"):
+        next(synthetic_documents(0, "test"))
+    with pytest.raises(ValueError, match="kind_weights"):
+        next(synthetic_documents(0, "train", kinds={"poem": 1}))
