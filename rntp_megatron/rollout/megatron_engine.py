@@ -1,0 +1,214 @@
+"""The in-process rollout engine: batched sampling from the trainer's own Megatron-Core GPTModel.
+
+Prompts of equal length are prefilled together once through Megatron's `StaticInferenceContext` (its KV
+cache); the cache rows are then repeated n times, so the n samples of a prompt share its prefill, and all
+rows decode in lockstep, one token a forward. Logits stay vocab-parallel over the TP group:
+
+- plain temperature sampling and greedy use the Gumbel-max trick on each rank's vocab slice, then one
+  all-gather of (best score, token id) per row: the full vocab is never gathered;
+- top-k / top-p need the global ranking of tokens: each rank contributes its local top-k candidates (its
+  whole slice for top-p alone, i.e. the full vocab is gathered then) to one all-gather;
+- the log-prob of the sampled token comes from a vocab-parallel log-softmax (all-reduce of max and sum).
+
+Runs at TP >= 1 with PP = 1 (the colocated trainer holds the whole stage), on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts.static_context import StaticInferenceContext
+
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+
+
+def _tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def vocab_parallel_logprob(scores: torch.Tensor, token_ids: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """log softmax(scores)[token] over the TP-sharded vocab: scores[N, V/tp] (this rank's slice starting at
+    vocab_start), token_ids[N] global ids -> [N]. All-reduces the row max, the sum of exps and the picked
+    score (each rank contributes only where it owns the token)."""
+    group = _tp_group()
+    row_max = scores.max(dim=-1).values
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = (scores - row_max[:, None]).exp().sum(dim=-1)
+    dist.all_reduce(sum_exp, group=group)
+    local = token_ids - vocab_start
+    owned = (local >= 0) & (local < scores.shape[-1])
+    picked = torch.where(owned, scores.gather(1, local.clamp(0, scores.shape[-1] - 1)[:, None])[:, 0],
+                         torch.zeros_like(row_max))
+    dist.all_reduce(picked, group=group)
+    return picked - row_max - sum_exp.log()
+
+
+def gumbel_argmax(scores: torch.Tensor, vocab_start: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """A sample of softmax(scores) over the TP-sharded vocab (argmax of scores + Gumbel noise; plain argmax
+    when generator is None): scores[N, V/tp] -> global ids [N]. One all-gather of (best, id) per rank;
+    each rank's generator must differ (seeded per TP rank) so the noise is independent across slices."""
+    if generator is not None:
+        uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(min=1e-20)
+        scores = scores - (-uniform.log()).log()
+    best, idx = scores.max(dim=-1)
+    world = dist.get_world_size(_tp_group())
+    pairs = torch.stack([best, (idx + vocab_start).to(best.dtype)], dim=-1)  # [N, 2]
+    gathered = [torch.empty_like(pairs) for _ in range(world)]
+    dist.all_gather(gathered, pairs, group=_tp_group())
+    stacked = torch.stack(gathered, dim=1)  # [N, tp, 2]; ties go to the lowest rank, like a plain argmax
+    winner = stacked[..., 0].argmax(dim=1)
+    return stacked[torch.arange(len(winner)), winner, 1].round().long()
+
+
+def truncated_sample(scores: torch.Tensor, vocab_start: int, top_k: int, top_p: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """A sample from softmax(scores) restricted to the top_k tokens and then the top_p nucleus:
+    scores[N, V/tp] -> global ids [N]. All-gathers each rank's top-k candidates (values and ids), or its whole
+    slice when only top_p is set (the nucleus needs the global ranking); the generator must be identical on
+    all TP ranks so every rank draws the same token."""
+    k_local = min(top_k, scores.shape[-1]) if top_k > 0 else scores.shape[-1]
+    values, idx = scores.topk(k_local, dim=-1)
+    world = dist.get_world_size(_tp_group())
+    cand = torch.cat([values, (idx + vocab_start).to(values.dtype)], dim=-1)  # [N, 2k]
+    gathered = [torch.empty_like(cand) for _ in range(world)]
+    dist.all_gather(gathered, cand, group=_tp_group())
+    values = torch.cat([g[:, :k_local] for g in gathered], dim=-1)
+    ids = torch.cat([g[:, k_local:] for g in gathered], dim=-1).round().long()
+    values, order = values.sort(dim=-1, descending=True)
+    ids = ids.gather(1, order)
+    if top_k > 0:
+        values, ids = values[:, :top_k], ids[:, :top_k]
+    probs = values.softmax(dim=-1)
+    if top_p < 1.0:
+        # keep token i while the mass before it is below top_p (the first token always stays)
+        before = probs.cumsum(dim=-1) - probs
+        probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
+    choice = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return ids.gather(1, choice[:, None])[:, 0]
+
+
+class MegatronEngine(RolloutEngine):
+    """A colocated RolloutEngine over the trainer's GPTModel (PP = 1, any TP).
+
+    It shares the trainer's module, so `update_weights` loads nothing: it only records the version that
+    later rollouts report. `tokenizer` decodes text for stop strings (Tokenizer protocol of data/tokenizer);
+    ids at or above tokenizer.vocab_size (Megatron's vocab padding) are never sampled and are left out of
+    the log-probs. Log-probs are those of softmax(logits / temperature) before top-k/top-p truncation
+    (temperature 1 for greedy), the distribution the trainer recomputes. Every TP rank of a group must
+    call generate() with the same prompts; all of them return the same rollouts.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 256) -> None:
+        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("MegatronEngine needs pipeline_model_parallel_size=1, got "
+                             f"{parallel_state.get_pipeline_model_parallel_world_size()}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """No-op for the colocated engine (it samples from the trainer's module); records `version`."""
+        self.weight_version = version
+
+    def _seed(self, seed: Optional[int]) -> int:
+        """The call's seed: the given one, else one drawn on TP rank 0 and broadcast (ranks must agree)."""
+        value = torch.tensor([seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))])
+        if seed is None:
+            dist.broadcast(value, src=parallel_state.get_tensor_model_parallel_src_rank(), group=_tp_group())
+        return int(value)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per prompt, grouped by prompt in input order (prompt 0's n first)."""
+        if sampling.n < 1 or sampling.max_new_tokens < 1:
+            raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={sampling.n} "
+                             f"max_new_tokens={sampling.max_new_tokens}")
+        if sampling.n > self.max_batch_size:
+            raise ValueError(f"n={sampling.n} samples per prompt exceed max_batch_size={self.max_batch_size}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token; got an empty prompt")
+        limit = self.model.max_sequence_length
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + sampling.max_new_tokens > limit:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {sampling.max_new_tokens} exceeds the "
+                             f"model's max_sequence_length {limit}")
+        seed = self._seed(sampling.seed)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        device = next(self.model.parameters()).device
+        shared = torch.Generator(device=device).manual_seed(seed)
+        local = torch.Generator(device=device).manual_seed(seed * 1009 + 7919 * (tp_rank + 1))
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        results: dict[int, list[Rollout]] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            per_batch = max(1, self.max_batch_size // sampling.n)
+            for length in sorted(by_length):
+                indices = by_length[length]
+                for start in range(0, len(indices), per_batch):
+                    chunk = indices[start:start + per_batch]
+                    rollouts = self._generate_batch([prompts[i] for i in chunk], sampling, shared, local, device)
+                    for j, i in enumerate(chunk):
+                        group = rollouts[j * sampling.n:(j + 1) * sampling.n]
+                        for r in group:
+                            r.prompt_index = i
+                        results[i] = group
+        finally:
+            self.model.train(was_training)
+        return [r for i in range(len(prompts)) for r in results[i]]
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams, shared: torch.Generator,
+                        local: torch.Generator, device: torch.device) -> list[Rollout]:
+        """Prefill equal-length prompts[P][L] once, repeat the cache n times, decode P*n rows in lockstep."""
+        n, rows, length = sampling.n, len(prompts) * sampling.n, len(prompts[0])
+        context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=length + sampling.max_new_tokens)
+        tokens = torch.tensor(prompts, dtype=torch.long, device=device)
+        positions = torch.arange(length, device=device).expand(len(prompts), length)
+        logits = self.model(tokens, positions, None, inference_context=context)[:, -1]  # [P, V/tp]
+        for layer, (keys, values) in context.key_value_memory_dict.items():  # [seq, batch, groups, dim]
+            keys[:length, :rows] = keys[:length, :len(prompts)].repeat_interleave(n, dim=1)
+            values[:length, :rows] = values[:length, :len(prompts)].repeat_interleave(n, dim=1)
+        logits = logits.repeat_interleave(n, dim=0)
+        context.sequence_len_offset = length
+        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+        real_vocab = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device) < self.tokenizer.vocab_size
+        stop_ids = set(sampling.stop_token_ids)
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        logprobs: list[list[float]] = [[] for _ in range(rows)]
+        finish = ["length"] * rows
+        active = torch.ones(rows, dtype=torch.bool)
+        for step in range(sampling.max_new_tokens):
+            scores = logits.float().masked_fill(~real_vocab, float("-inf"))
+            if sampling.temperature > 0:
+                scores = scores / sampling.temperature
+            if sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1.0):
+                next_ids = truncated_sample(scores, vocab_start, sampling.top_k, sampling.top_p, shared)
+            else:
+                next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
+            next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
+            for r in active.nonzero()[:, 0].tolist():
+                tok = int(next_ids[r])
+                generated[r].append(tok)
+                logprobs[r].append(float(next_lp[r]))
+                if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
+                    finish[r], active[r] = "stop", False
+            if not active.any() or step == sampling.max_new_tokens - 1:
+                break
+            position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
+            logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
+            context.sequence_len_offset += 1
+        return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
+                        text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],
+                        finish_reason=finish[r], weight_version=self.weight_version) for r in range(rows)]
+
+    def _hits_stop(self, token_ids: Sequence[int], stops: list[str]) -> bool:
+        """Whether the text of token_ids ends with a stop string completed by its last token."""
+        text = self.tokenizer.decode(token_ids)
+        last = len(self.tokenizer.decode(token_ids[-1:]))
+        return any(s in text[-(len(s) + last - 1):] for s in stops if s)

@@ -1,0 +1,144 @@
+"""MegatronEngine: KV-cache sampling agrees with a full forward of the same GPTModel, at TP1 and TP2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed_harness import run_ranks
+
+PROMPTS = ["#ab;c?<think>", "#xy;z?<think>", "hello world", "#ab;c?<think>"]  # two lengths, one repeated
+
+
+def _setup(tp: int, seed: int = 11):
+    from rntp_megatron.config import build_config
+    from rntp_megatron.data.tokenizer import ByteTokenizer
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.rollout.megatron_engine import MegatronEngine
+    from rntp_megatron.runtime import init_distributed
+
+    cfg = build_config({"model": {"card": "tiny", "vocab_size": 262},
+                        "parallel": {"tensor_model_parallel_size": tp}})
+    init_distributed(cfg.parallel, seed=seed)
+    tok = ByteTokenizer()
+    model = build_model(cfg.model, cfg.parallel)
+    return model, tok, MegatronEngine(model, tok, max_batch_size=8)
+
+
+@torch.no_grad()
+def _full_logits(model, ids: list[int], vocab: int) -> torch.Tensor:
+    """float64 logits[s, vocab] of one full forward, gathered over TP (the reference, no KV cache)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tokens = torch.tensor([ids])
+    local = model(tokens, torch.arange(len(ids))[None], None)
+    return gather_from_tensor_model_parallel_region(local)[0, :, :vocab].double()
+
+
+def _check_rollouts(model, tok, rollouts, temperature: float, top_k: int = 0) -> float:
+    """max |engine log-prob - full-forward log-prob|; asserts sampled ids are real and inside the top-k."""
+    worst = 0.0
+    for r in rollouts:
+        assert len(r.logprobs) == len(r.token_ids) > 0
+        logits = _full_logits(model, r.prompt_ids + r.token_ids, tok.vocab_size)
+        steps = logits[len(r.prompt_ids) - 1:-1]
+        ref = (steps / (temperature or 1.0)).log_softmax(-1)
+        ids = torch.tensor(r.token_ids)
+        got = torch.tensor(r.logprobs, dtype=torch.float64)
+        worst = max(worst, (ref.gather(1, ids[:, None])[:, 0] - got).abs().max().item())
+        if temperature == 0:
+            assert r.token_ids == steps.argmax(-1).tolist()
+        if top_k:
+            assert all(int(i) in steps[j].topk(top_k).indices.tolist() for j, i in enumerate(ids))
+    return worst
+
+
+def _engine_checks(rank: int, world_size: int, tp: int) -> dict:
+    from rntp_megatron.rollout.engine import SamplingParams
+    from rntp_megatron.runtime import destroy_distributed
+
+    model, tok, engine = _setup(tp)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    out = {}
+    sampled = engine.generate(prompts, SamplingParams(temperature=1.0, n=3, max_new_tokens=10, seed=5))
+    assert [r.prompt_index for r in sampled] == [i for i in range(len(prompts)) for _ in range(3)]
+    assert all(r.prompt_ids == prompts[r.prompt_index] for r in sampled)
+    out["lp_t1"] = _check_rollouts(model, tok, sampled, 1.0)
+    # n samples of one prompt differ (independent draws from the shared prefill)
+    out["distinct"] = len({tuple(r.token_ids) for r in sampled[:3]})
+    topk = engine.generate(prompts, SamplingParams(temperature=0.7, top_k=5, n=2, max_new_tokens=8, seed=6))
+    out["lp_topk"] = _check_rollouts(model, tok, topk, 0.7, top_k=5)
+    topp = engine.generate(prompts[:2], SamplingParams(temperature=0.7, top_p=0.3, n=2, max_new_tokens=8, seed=7))
+    out["lp_topp"] = _check_rollouts(model, tok, topp, 0.7)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=16)
+    g1 = engine.generate(prompts, greedy)
+    out["lp_greedy"] = _check_rollouts(model, tok, g1, 0.0)
+    g2 = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=16, n=2))
+    out["greedy_same"] = [r.token_ids for r in g1] == [r.token_ids for r in g2[::2]] == [r.token_ids for r in g2[1::2]]
+    out["repeat_prompt_same"] = g1[0].token_ids == g1[3].token_ids
+    # stop token: the 4th greedy token of prompt 0 ends generation at its first occurrence
+    ids = g1[0].token_ids
+    stop_id = ids[3]
+    cut = ids.index(stop_id) + 1
+    stopped = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=16, stop_token_ids=[stop_id]))
+    out["stop_token"] = (stopped[0].token_ids == ids[:cut], stopped[0].finish_reason)
+    # stop string: two consecutive printable greedy tokens; reference = shortest prefix whose text contains it
+    j = next(j for j in range(1, len(ids)) if all(32 <= t < 127 for t in ids[j - 1:j + 1]))
+    stop = tok.decode(ids[j - 1:j + 1])
+    cut = next(m for m in range(1, len(ids) + 1) if stop in tok.decode(ids[:m]))
+    stopped = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=16, stop=[stop]))
+    out["stop_string"] = (stopped[0].token_ids == ids[:cut], stopped[0].finish_reason, stopped[0].text.endswith(stop))
+    out["length"] = (len(g1[1].token_ids), g1[1].finish_reason)
+    engine.update_weights([], version=3)
+    out["version"] = engine.generate(prompts[:1], greedy)[0].weight_version
+    out["tokens"] = [r.token_ids for r in sampled + topk + g1]
+    destroy_distributed()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp", [1, 2])
+def test_engine_matches_full_forward(tp):
+    results = run_ranks(_engine_checks, tp, args=(tp,))
+    out = results[0]
+    for key in ("lp_t1", "lp_topk", "lp_topp", "lp_greedy"):
+        assert out[key] < 1e-4, f"{key}: engine log-probs differ from the full forward by {out[key]}"
+    assert out["distinct"] > 1
+    assert out["greedy_same"] and out["repeat_prompt_same"]
+    assert out["stop_token"] == (True, "stop")
+    assert out["stop_string"] == (True, "stop", True)
+    assert out["length"] == (16, "length")
+    assert out["version"] == 3
+    # every TP rank returns the same rollouts
+    assert all(r["tokens"] == out["tokens"] for r in results)
+
+
+def _sampler_statistics(rank: int, world_size: int) -> dict:
+    """Empirical token frequencies of the Gumbel-max and top-k samplers vs the exact distributions."""
+    from rntp_megatron.rollout.megatron_engine import gumbel_argmax, truncated_sample
+    from rntp_megatron.runtime import destroy_distributed
+
+    _setup(world_size)
+    torch.manual_seed(0)
+    full = torch.randn(12) * 1.5  # same on every rank
+    width = 12 // world_size
+    local = full[rank * width:(rank + 1) * width]
+    rows = 40000
+    scores = local.expand(rows, width).contiguous()
+    g = torch.Generator().manual_seed(100 + rank)
+    gumbel = torch.bincount(gumbel_argmax(scores, rank * width, g), minlength=12).double() / rows
+    shared = torch.Generator().manual_seed(5)
+    topk = torch.bincount(truncated_sample(scores, rank * width, 4, 1.0, shared), minlength=12).double() / rows
+    exact_topk = torch.full((12,), float("-inf"))
+    keep = full.topk(4).indices
+    exact_topk[keep] = full[keep]
+    destroy_distributed()
+    return {"gumbel": (gumbel - full.double().softmax(0)).abs().max().item(),
+            "topk": (topk - exact_topk.double().softmax(0)).abs().max().item()}
+
+
+@pytest.mark.distributed
+def test_samplers_draw_from_the_right_distribution():
+    out = run_ranks(_sampler_statistics, 2)[0]
+    assert out["gumbel"] < 0.012, out
+    assert out["topk"] < 0.012, out
