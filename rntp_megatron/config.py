@@ -75,6 +75,9 @@ class SourceConfig:
     kind: Literal["jsonl", "parquet", "text", "megatron", "synthetic", "pydoc"] = "synthetic"
     text_field: str = "text"
     weight: float = 1.0
+    text_unit: Literal["file", "paragraph"] = "file"  # kind text: a document is a file or a paragraph
+    split: str = "train"  # kind synthetic: which split of the generator
+    seed: int = 0  # kind synthetic: generator seed
 
 
 @dataclass
@@ -103,6 +106,7 @@ class DataConfig:
     answer_close: str = "</answer>"
     prompt_template: str = "{context}<think>"
     seed: int = 1234
+    max_document_bytes: int = 4 << 20  # longer documents (or lines) are skipped as too_long, never loaded
 
 
 @dataclass
@@ -423,6 +427,14 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"answer_horizon={cfg.data.answer_horizon}")
     lo, hi = cfg.data.logprob_window
     need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}")
+    need(cfg.data.prompt_template.count("{context}") == 1, "data.prompt_template",
+         f"must contain {{context}} exactly once, got {cfg.data.prompt_template!r}")
+    need(cfg.data.sites_per_chunk >= 1, "data.sites_per_chunk", f"must be >= 1, got {cfg.data.sites_per_chunk}")
+    need(cfg.data.max_document_bytes >= 1, "data.max_document_bytes",
+         f"must be >= 1, got {cfg.data.max_document_bytes}")
+    need(bool(cfg.data.sources), "data.sources", "needs at least one source")
+    for i, src in enumerate(cfg.data.sources):
+        need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",

@@ -1,0 +1,67 @@
+"""Tokenizers: byte-level round trips and token bytes, a locally trained BPE loaded as a Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rntp_megatron.config import TokenizerConfig
+from rntp_megatron.data.tokenizer import (DEFAULT_TAGS, ByteTokenizer, HFTokenizer, build_tokenizer,
+                                          train_tokenizer)
+
+BYTE = ByteTokenizer()
+
+
+def test_byte_tokenizer_layout():
+    assert BYTE.vocab_size == 262  # 256 bytes + 4 tags + eos + pad
+    assert [BYTE.encode(t) for t in DEFAULT_TAGS] == [[256], [257], [258], [259]]
+    assert (BYTE.eos_id, BYTE.pad_id) == (260, 261)
+    assert BYTE.encode("a</think>b<think>") == [97, 257, 98, 256]
+    assert BYTE.encode("é") == [0xC3, 0xA9]
+    with pytest.raises(ValueError, match="outside"):
+        BYTE.token_bytes(262)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_byte_round_trip_and_token_bytes(text):
+    ids = BYTE.encode(text)
+    assert BYTE.decode(ids) == text
+    assert b"".join(BYTE.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert all(0 <= i < BYTE.vocab_size for i in ids)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> HFTokenizer:
+    from pydoc_data.topics import topics
+
+    return train_tokenizer(list(topics.values())[:40], tmp_path_factory.mktemp("tok"), vocab_size=600)
+
+
+def test_trained_tokenizer_is_a_local_hf_tokenizer(trained):
+    assert trained.vocab_size == 600
+    reloaded = build_tokenizer(TokenizerConfig(kind="hf", path=str(trained.path)))
+    text = "The <think>loop</think><answer> statement</answer>"
+    assert reloaded.encode(text) == trained.encode(text)
+    for tag in DEFAULT_TAGS:
+        assert len(trained.encode(tag)) == 1, tag
+    assert len(trained.encode("the statement is executed")) < len("the statement is executed")  # merges learned
+    assert trained.decode([trained.eos_id]) == "<|eos|>"
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=60, deadline=None)
+def test_trained_round_trip_and_token_bytes(trained, text):
+    ids = trained.encode(text)
+    assert trained.decode(ids) == text
+    assert b"".join(trained.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs the folder"):
+        build_tokenizer(TokenizerConfig(kind="hf"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="cannot hold"):
+        train_tokenizer(["abc"], tmp_path, vocab_size=100)
