@@ -81,7 +81,7 @@ def with_global_counts(batch: RLBatch, train_on: str, group: Optional[dist.Proce
                                global_rows=counts[2].item())
 
 
-def _find(haystack: Sequence[int], needle: Sequence[int], start: int = 0) -> int:
+def find_sublist(haystack: Sequence[int], needle: Sequence[int], start: int = 0) -> int:
     """Index of the first occurrence of `needle` in `haystack` at or after `start`, or -1."""
     n = len(needle)
     for i in range(start, len(haystack) - n + 1):
@@ -117,14 +117,14 @@ def pack_rollouts(episodes: Sequence[Episode], rollouts: Sequence[Rollout], adva
         tokens[i, :len(row) - 1] = ids[:-1]
         labels[i, :len(row) - 1] = ids[1:]
         p, g = len(ro.prompt_ids), len(ro.token_ids)
-        close = _find(ro.token_ids, think_close_ids)
+        close = find_sublist(ro.token_ids, think_close_ids)
         n_thought = g if close < 0 else close + len(think_close_ids)
         gen = slice(p - 1, p - 1 + g)  # label positions of the generated tokens
         thought[i, p - 1:p - 1 + n_thought] = 1
         answer[i, p - 1 + n_thought:p - 1 + g] = 1
         engine[i, gen] = torch.tensor(ro.logprobs, dtype=torch.float32)
         old[i, gen] = torch.tensor(old_logprobs[i] if old_logprobs is not None else ro.logprobs, dtype=torch.float32)
-        c = _find(ro.prompt_ids, ep.context_ids)
+        c = find_sublist(ro.prompt_ids, ep.context_ids)
         if c >= 0 and ep.context_ids:
             # label positions j whose label tokens[j + 1] lies inside the context span [c, c + len)
             ntp[i, max(c - 1, 0):c + len(ep.context_ids) - 1] = 1
