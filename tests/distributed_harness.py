@@ -9,6 +9,7 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT and OMP_NUM_THREADS=1; a failing rank's tra
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -30,7 +31,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle copies tensor data; torch's queue pickler would pass shared-memory handles that
+        # die with this process.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -51,7 +54,7 @@ def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float 
         if not queue.empty():
             rank, status, value = queue.get()
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
                 break

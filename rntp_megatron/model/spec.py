@@ -9,6 +9,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from rntp_megatron.config import ModelConfig
 
@@ -45,12 +46,18 @@ class SequenceParallelRMSNorm:
         return norm
 
 
-def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec:
-    """The GPT layer spec for this model card (TE or local; RMSNorm, SwiGLU, optional qk-norm)."""
+def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+    """The GPT layer spec for this model card (TE or local; RMSNorm, SwiGLU, optional qk-norm).
+
+    Local spec under sequence parallelism: every norm of the block, the final one included, is
+    SequenceParallelRMSNorm, so the block's submodules are spelled out for this pipeline stage.
+    """
     if use_transformer_engine(model):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
-    if config.sequence_parallel:
-        spec.submodules.input_layernorm = SequenceParallelRMSNorm
-        spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    return spec
+    if not config.sequence_parallel:
+        return spec
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
