@@ -1,0 +1,83 @@
+"""Document -> chunks -> sites -> Episodes, with the prompt template of DataConfig (ALGORITHMS.md section 1).
+
+A document's tokens are cut into consecutive chunks of at most `context_len` tokens; each chunk gets up to
+`sites_per_chunk` sites t, and site t becomes an Episode whose prompt is the template around x_<t (the chunk
+up to t) and whose target is x_{t:t+K}. Sites of one chunk share the chunk's prefix, so their prompts share
+a prefix too (prefix caching makes them cheap to roll out).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from rntp_megatron.config import DataConfig
+from rntp_megatron.data.episode import Episode
+from rntp_megatron.data.sites import ProxyScorer, select_sites
+from rntp_megatron.data.sources import Document, SkipCounts
+from rntp_megatron.data.tokenizer import Tokenizer
+
+
+def chunk_tokens(ids: np.ndarray, context_len: int, min_len: int) -> list[np.ndarray]:
+    """ids[N] cut into consecutive pieces of context_len tokens; a last piece shorter than min_len is dropped."""
+    chunks = [ids[i: i + context_len] for i in range(0, len(ids), context_len)]
+    return [c for c in chunks if len(c) >= min_len]
+
+
+class EpisodeBuilder:
+    """Turns documents into Episodes under one DataConfig and tokenizer (and a proxy scorer when the site
+    selection needs one)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, scorer: Optional[ProxyScorer] = None) -> None:
+        if cfg.site_selection != "uniform" and scorer is None:
+            raise ValueError(f"data.site_selection={cfg.site_selection!r} needs a ProxyScorer (a proxy model)")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.scorer = scorer
+        before, after = cfg.prompt_template.split("{context}")
+        self.prompt_prefix = tokenizer.encode(before) if before else []
+        self.prompt_suffix = tokenizer.encode(after) if after else []
+
+    def document_ids(self, doc: Document, skips: SkipCounts) -> Optional[np.ndarray]:
+        """Token ids of a document, or None (counted as bad_token_id) when ids fall outside the vocab."""
+        if doc.token_ids is None:
+            return np.asarray(self.tokenizer.encode(doc.text or ""), dtype=np.int64)
+        ids = np.asarray(doc.token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
+            skips.add("bad_token_id")
+            return None
+        return ids
+
+    def episodes(self, doc: Document, rng: np.random.Generator, skips: SkipCounts) -> list[Episode]:
+        """All episodes of one document, in chunk then site order; a document with none counts as too_short."""
+        ids = self.document_ids(doc, skips)
+        if ids is None:
+            return []
+        cfg = self.cfg
+        chunks = chunk_tokens(ids, cfg.context_len, cfg.min_context + cfg.answer_horizon)
+        out = []
+        for ci, (chunk, sites) in enumerate(zip(chunks, select_sites(chunks, cfg, rng, self.scorer))):
+            context_ids = chunk.tolist()
+            for t in sites:
+                cont = context_ids[t: t + cfg.answer_horizon]
+                out.append(Episode(
+                    prompt_ids=self.prompt_prefix + context_ids[:t] + self.prompt_suffix,
+                    context_ids=context_ids[:t],
+                    continuation_ids=cont,
+                    continuation_text=self.tokenizer.decode(cont),
+                    site=t,
+                    doc_id=doc.doc_id,
+                    token_class=self._label(doc, ids, ci * cfg.context_len + t),
+                    meta={"chunk": ci},
+                ))
+        if not out:
+            skips.add("too_short")
+        return out
+
+    def _label(self, doc: Document, ids: np.ndarray, position: int) -> Optional[str]:
+        """The per-character label of the first character of token `position` (labelled documents only)."""
+        if doc.labels is None:
+            return None
+        offset = len(self.tokenizer.decode(ids[:position].tolist()))
+        return str(doc.labels[offset]) if offset < len(doc.labels) else None
