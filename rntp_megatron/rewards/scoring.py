@@ -1,0 +1,67 @@
+"""Trainer-side scoring for likelihood rewards: log-probs of true continuations after given prefixes, batched,
+forward-only through megatron's get_forward_backward_func (so it runs under TP and PP like training does).
+
+The trainer scores [context, thought] prefixes with the policy and [context] prefixes with the baseline model
+(rewards/baseline.py); rewards/likelihood.py turns the two into loglik, info_gain, prob or vrcli.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from rntp_megatron.rl.logprobs import vocab_parallel_logprobs
+from rntp_megatron.step import forward_backward
+
+
+def _logprob_loss(labels: torch.Tensor, temperature: float, logits: torch.Tensor):
+    """Forward-only 'loss': no loss, the log-probs of labels[b, s] under logits[b, s, V/tp] as data."""
+    logp, _ = vocab_parallel_logprobs(logits, labels, temperature)
+    return torch.zeros((), dtype=torch.float32), torch.tensor(0, dtype=torch.int), {"logp": logp.detach()}
+
+
+def _logprob_forward_step(temperature: float, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(_logprob_loss, batch["labels"], temperature)
+
+
+def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], micro_batch_size: int, pad_id: int = 0,
+                          temperature: float = 1.0, length_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp[N, K] = log p(continuations[i][k] | prefixes[i], continuations[i][:k]) and mask[N, K] (K = longest
+    continuation), on every rank of the pipeline. Rows are right-padded to one length (a multiple of
+    `length_multiple`, e.g. TP under sequence parallelism) and N to a multiple of micro_batch_size."""
+    n = len(prefixes)
+    if n != len(continuations) or n == 0:
+        raise ValueError(f"need as many continuations as prefixes (> 0), got {n} and {len(continuations)}")
+    if any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token (the first continuation token is predicted from it)")
+    rows = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
+    length = max(len(r) for r in rows) - 1
+    length = -(-length // length_multiple) * length_multiple
+    padded_n = -(-n // micro_batch_size) * micro_batch_size
+    ids = torch.full((padded_n, length + 1), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    positions = torch.arange(length).expand(micro_batch_size, length).contiguous()
+    microbatches = [{"tokens": ids[i:i + micro_batch_size, :-1], "labels": ids[i:i + micro_batch_size, 1:],
+                     "position_ids": positions} for i in range(0, padded_n, micro_batch_size)]
+    out = forward_backward(chunks, partial(_logprob_forward_step, temperature), microbatches, len(microbatches),
+                           length, micro_batch_size, forward_only=True)
+    all_logp = torch.empty(padded_n, length)
+    if parallel_state.is_pipeline_last_stage():
+        all_logp = torch.cat([o["logp"] for o in out])
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(all_logp, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    k_max = max(len(c) for c in continuations)
+    logp, mask = torch.zeros(n, k_max), torch.zeros(n, k_max)
+    for i, (p, c) in enumerate(zip(prefixes, continuations)):
+        logp[i, :len(c)] = all_logp[i, len(p) - 1:len(p) - 1 + len(c)]
+        mask[i, :len(c)] = 1
+    return logp, mask
