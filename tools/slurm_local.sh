@@ -79,6 +79,8 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=cred_expire=15
 CredType=cred/munge
 SlurmctldPort=6817
 SlurmdPort=6818
@@ -100,6 +102,8 @@ MpiDefault=none
 MailProg=/bin/true
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# look at pending jobs every few seconds (defaults 60/30 s): a requeued job starts soon after it may
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
