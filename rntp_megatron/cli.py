@@ -14,6 +14,7 @@ from typing import Optional
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rntp_megatron.demo", "run the embedded default job on a tiny CPU model and print its table"),
+    "prepare-data": ("rntp_megatron.data.prepare", "tokenize text sources into a Megatron .bin/.idx dataset"),
 }
 
 
