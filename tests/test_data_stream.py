@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rntp_megatron.config import build_config
 from rntp_megatron.data.sources import DataError
@@ -131,3 +133,35 @@ def test_resume_in_new_processes_on_data_parallel_ranks(tmp_path):
         assert first[rank][0] + second[rank][0] == uninterrupted
     docs = [{e.doc_id for e in first[r][0] + second[r][0]} for r in range(2)]
     assert docs[0] and docs[1] and not docs[0] & docs[1]
+
+
+def test_synthetic_source_gives_labelled_episodes_and_resumes():
+    cfg = build_config({"data": {"sources": [{"kind": "synthetic", "seed": 3}], "context_len": 96,
+                                 "min_context": 8, "sites_per_chunk": 8}}).data
+    eps = EpisodeStream(cfg, TOK, 1, 2).take(300)
+    classes = {e.token_class for e in eps}
+    assert {"T", "C", "I"} <= classes
+    assert all(e.continuation_text.isdigit() for e in eps if e.token_class == "C")
+    assert all(int(e.doc_id.rsplit(":", 1)[1]) % 2 == 1 for e in eps)  # rank 1 of 2: odd documents
+    first = EpisodeStream(cfg, TOK, 1, 2)
+    first.take(123)
+    resumed = EpisodeStream(cfg, TOK, 1, 2)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.take(177) == eps[123:]
+
+
+@given(st.lists(st.binary(max_size=120), min_size=1, max_size=12))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_stream_over_random_lines_yields_episodes_or_a_clear_error(tmp_path, lines):
+    path = tmp_path / "random.jsonl"
+    path.write_bytes(b"\n".join(json.dumps({"text": line.decode("latin-1")}).encode() if i % 2 else line
+                                for i, line in enumerate(lines)))
+    cfg = build_config({"data": {"sources": [{"kind": "jsonl", "path": str(path)}], "context_len": 16,
+                                 "min_context": 2}}).data
+    stream = EpisodeStream(cfg, TOK)
+    try:
+        eps = stream.take(20)
+    except DataError as e:
+        assert "no usable episode" in str(e)
+        return
+    assert all(2 <= e.site <= 15 and len(e.continuation_ids) == 1 for e in eps)
