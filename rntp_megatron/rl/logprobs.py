@@ -56,8 +56,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             z -= zmax[:, None]
             label_z = z.gather(1, local_labels[lo:hi, None]).squeeze(1) * owned[lo:hi]
             e = z.exp()
-            sums = torch.stack([e.sum(-1), (e * z).sum(-1), label_z])  # [3, c]
+            sum_exp = e.sum(-1)
+            sum_ez = e.mul_(z).sum(-1)  # in place: two [c, V/tp] buffers in all
             del e, z
+            sums = torch.stack([sum_exp, sum_ez, label_z])  # [3, c]
             if group is not None:
                 dist.all_reduce(sums, group=group)
             sum_exp, sum_ez, label_z = sums
@@ -78,16 +80,24 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = logits.shape[0]
         for lo in range(0, n, chunk_size):
             hi = min(lo + chunk_size, n)
-            log_p = logits[lo:hi].float() * inv_t - lse[lo:hi, None]  # [c, V/tp]
-            p = log_p.exp()
-            g = torch.zeros_like(p)
+            # in place on two [c, V/tp] fp32 buffers: g starts as log p, p as the softmax
+            g = logits[lo:hi].float() * inv_t
+            g -= lse[lo:hi, None]
+            p = g.exp()
             if grad_entropy is not None:
-                g -= grad_entropy[lo:hi, None] * p * (log_p + entropy[lo:hi, None])
+                g += entropy[lo:hi, None]
+                g *= p
+                g *= -grad_entropy[lo:hi, None]
+            else:
+                g.zero_()
             if grad_logp is not None:
                 g_lp = grad_logp[lo:hi, None]
-                g -= g_lp * p
+                p *= g_lp
+                g -= p
                 g.scatter_add_(1, local_labels[lo:hi, None], (g_lp * owned[lo:hi, None]).to(g.dtype))
-            grad[lo:hi] = (g * inv_t).to(grad.dtype)
+            del p
+            g *= inv_t
+            grad[lo:hi] = g
         return grad, None, None, None, None, None
 
 
