@@ -13,8 +13,10 @@ from typing import Optional
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rntp_megatron.train_cmd", "train (ntp, rntp or mixed objective) from a YAML config and overrides"),
     "demo": ("rntp_megatron.demo", "run the embedded default job on a tiny CPU model and print its table"),
     "prepare-data": ("rntp_megatron.data.prepare", "tokenize text sources into a Megatron .bin/.idx dataset"),
+    "convert": ("rntp_megatron.convert", "Megatron dist checkpoint <-> Hugging Face folder (llama, qwen2, qwen3)"),
 }
 
 

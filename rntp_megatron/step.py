@@ -39,13 +39,12 @@ def forward_backward(chunks: list[DistributedDataParallel], forward_step: Callab
 
 
 def train_step(chunks: list[DistributedDataParallel], optimizer: MegatronOptimizer, forward_step: Callable,
-               microbatches: list[dict[str, torch.Tensor]], seq_length: int) -> dict[str, float]:
+               microbatches: list, seq_length: int, micro_batch_size: int) -> dict[str, float]:
     """zero grads -> forward/backward over the micro-batches -> optimizer step; returns reduced metrics."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = forward_backward(chunks, forward_step, microbatches, len(microbatches), seq_length,
-                              microbatches[0]["tokens"].shape[0])
+    losses = forward_backward(chunks, forward_step, microbatches, len(microbatches), seq_length, micro_batch_size)
     ok, grad_norm, _ = optimizer.step()
     metrics = reduce_logged(losses)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -105,7 +105,8 @@ def run_layout(rank: int, world: int, card: str, parallel: dict, micro_batch_siz
                 p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
             for name, p in model.named_parameters()}
         result["shard"] = (tp, tp_rank)
-    result["losses"] = [train_step([ddp], optimizer, lm_forward_step, microbatches(_rows(step + 1)), SEQ)["lm loss"]
+    result["losses"] = [train_step([ddp], optimizer, lm_forward_step, microbatches(_rows(step + 1)), SEQ,
+                                   micro_batch_size)["lm loss"]
                         for step in range(STEPS)]
     result["logits_after"] = full_logits(_rows(0))
     if save_to and load_from:

@@ -1,0 +1,144 @@
+"""Checkpoints: Megatron dist_checkpointing of model, optimizer and extra models (EMA baseline), plus the
+trainer state (step, consumed tokens, data cursors, RNG states, weight version).
+
+Layout of `checkpoint.dir`:
+
+    iter_0000040/            one complete checkpoint (megatron's sharded files + trainer_state/ + complete.json)
+    latest                   the name of the newest complete checkpoint, replaced atomically
+
+A checkpoint is written into `.tmp_iter_...`, marked complete, renamed into place, and only then named by
+`latest`: a crash or SIGKILL at any moment leaves `latest` pointing at a whole checkpoint. Model and
+optimizer are sharded by megatron, so a checkpoint saved at one TP/PP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.optimizer import MegatronOptimizer
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message says which and why."""
+
+
+def iteration_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The complete checkpoint `latest` names, None when there is none; an error when it is broken."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / COMPLETE).exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or has no {COMPLETE} "
+                              f"(contents of {root}: {sorted(p.name for p in root.iterdir())})")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states, in types torch.load(weights_only=True) reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def _sharded_state(chunks: list[torch.nn.Module], optimizer: Optional[MegatronOptimizer],
+                   extra: dict[str, torch.nn.Module], is_loading: bool) -> dict[str, Any]:
+    model_sd = chunks[0].sharded_state_dict() if len(chunks) == 1 else {
+        f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    for name, module in extra.items():
+        state[name] = module.sharded_state_dict(prefix=f"{name}.")
+    return state
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str | Path, step: int, chunks: list[torch.nn.Module], optimizer: MegatronOptimizer,
+                    trainer_state: dict[str, Any], rank_state: dict[str, Any], keep_last: int = 2,
+                    extra: Optional[dict[str, torch.nn.Module]] = None) -> Path:
+    """Collective: every rank calls it. trainer_state is global (rank 0's is kept); rank_state is per rank."""
+    root = Path(root)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = iteration_dir(root, step), root / f".tmp_iter_{step:07d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        (tmp / "trainer_state").mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, extra or {}, is_loading=False), str(tmp))
+    torch.save(rank_state, tmp / "trainer_state" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "trainer_state" / "global.json").write_text(json.dumps(trainer_state, sort_keys=True))
+        _write_atomically(tmp / COMPLETE, json.dumps({"step": step, "world_size": world}))
+        if final.exists():  # the same step saved again after a resume: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomically(root / LATEST, final.name)
+        kept = sorted(p for p in root.glob("iter_*") if p.is_dir())
+        for old in kept[:-max(keep_last, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: Optional[MegatronOptimizer],
+                    extra: Optional[dict[str, torch.nn.Module]] = None) -> tuple[dict[str, Any], Optional[dict]]:
+    """Load model (+ optimizer, + extra models) at this run's layout; returns (trainer_state, this rank's
+    rank_state or None when the checkpoint was written by a different world size)."""
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE})")
+    extra = extra or {}
+    try:
+        loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, extra, is_loading=True), str(path))
+    except Exception as e:  # megatron raises many kinds; name the checkpoint and the layout
+        raise CheckpointError(f"cannot load {path} at this layout (world size {dist.get_world_size()}): {e}") from e
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    for name, module in extra.items():
+        module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in loaded[name].items()})
+    meta = json.loads((path / COMPLETE).read_text())
+    trainer_state = json.loads((path / "trainer_state" / "global.json").read_text())
+    rank_file = path / "trainer_state" / f"rank_{dist.get_rank():05d}.pt"
+    same_world = meta["world_size"] == dist.get_world_size()
+    rank_state = torch.load(rank_file, weights_only=True) if same_world and rank_file.exists() else None
+    return trainer_state, rank_state

@@ -1,0 +1,272 @@
+"""The RNTP trainer: the one place that orders a step.
+
+    data cursor -> episodes -> engine.generate (G thoughts per site) -> rewards -> advantages
+    -> Megatron forward/backward with the loss hook -> optimizer step -> weights to the engine
+    -> metrics, checkpoint
+
+Objectives: `ntp` (plain next-token pretraining on chunks), `rntp` (RL on sites), `mixed` (RL plus the
+next-token loss on each episode's context). Every rank runs the same loop; a data-parallel rank draws its own
+episodes, the ranks of one model-parallel group share them. Everything random in a step is seeded by
+(seed, step, DP rank), so a run resumed from a checkpoint repeats the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                      set_rng_state)
+from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_dict, validate
+from rntp_megatron.data.chunks import ChunkBuilder
+from rntp_megatron.data.episode import Episode
+from rntp_megatron.data.stream import EpisodeStream
+from rntp_megatron.data.tokenizer import Tokenizer, build_tokenizer
+from rntp_megatron.lm_loss import lm_batch, lm_forward_step
+from rntp_megatron.model.provider import build_model
+from rntp_megatron.optimizer import build_optimizer, wrap_ddp
+from rntp_megatron.metrics import MetricsLogger
+from rntp_megatron.rewards.compute import compute_rewards
+from rntp_megatron.rewards.registry import get_reward
+from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
+from rntp_megatron.rl.batch import pack_rollouts, with_global_counts
+from rntp_megatron.rl.loss import RNTPLoss
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.runtime import init_distributed
+from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
+from rntp_megatron.step import train_step
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1; slurm/train.sbatch requeues on it
+
+
+def step_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The sampling seed of one step on one DP rank (independent of any RNG state, so resumes repeat it)."""
+    return (seed * 1_000_003 + step * 10_007 + dp_rank * 101) % (2**31 - 1)
+
+
+def dp_sums(values: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{name: (sum, count)} summed over the DP group -> {name: sum / count} (names with count 0 dropped)."""
+    names = sorted(values)
+    t = torch.tensor([[values[n][0], values[n][1]] for n in names], dtype=torch.float64).reshape(-1, 2)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return {n: (s / c).item() for n, (s, c) in zip(names, t) if c > 0}
+
+
+class Trainer:
+    """Builds everything a run needs from one RunConfig, resumes from the latest checkpoint, and trains."""
+
+    def __init__(self, cfg: RunConfig, engine: Optional[RolloutEngine] = None) -> None:
+        self.cfg = cfg
+        self.info = init_distributed(cfg.parallel, cfg.seed)
+        world = dist.get_world_size()
+        validate(cfg, world_size=world)
+        self.dp = data_parallel_size(cfg.parallel, world)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        s, rl = cfg.schedule, cfg.rl
+        self.rows_per_rank = s.global_batch_size // self.dp
+        if cfg.rl.objective != "ntp" and self.rows_per_rank % rl.group_size:
+            raise ConfigError(f"schedule.global_batch_size: {s.global_batch_size} rollouts over {self.dp} "
+                              f"data-parallel ranks give {self.rows_per_rank} per rank, not a multiple of "
+                              f"rl.group_size={rl.group_size} (a group must stay on one rank)")
+        self.tokenizer: Tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({self.tokenizer.vocab_size} ids, data.tokenizer.kind="
+                              f"{cfg.data.tokenizer.kind!r})")
+        self.model = build_model(cfg.model, cfg.parallel)
+        self.ddp = wrap_ddp(self.model, cfg.parallel)
+        self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
+        builder = ChunkBuilder(cfg.data, self.tokenizer, s.seq_length + 1) if rl.objective == "ntp" else None
+        self.stream = EpisodeStream(cfg.data, self.tokenizer, self.dp_rank, self.dp, builder=builder)
+        self.engine = engine
+        if rl.objective != "ntp" and engine is None:
+            from rntp_megatron.rollout.megatron_engine import MegatronEngine
+
+            self.engine = MegatronEngine(self.model, self.tokenizer)
+        self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens)
+        self.reward_kind = get_reward(cfg.reward.name).kind if rl.objective != "ntp" else "none"
+        self.think_close_ids = self.tokenizer.encode(cfg.data.think_close)
+        self.answer_open_ids = self.tokenizer.encode(cfg.data.answer_open)
+        self.run_dir = Path(cfg.logging.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.total_steps = s.train_steps
+        if s.token_budget:
+            self.total_steps = steps_for_token_budget(s.token_budget, s.global_batch_size * s.seq_length)
+        self.step, self.consumed_tokens, self.weight_version = 0, 0, 0
+        self._resume()
+        self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
+                                     total_steps=self.total_steps, resume_at=self.step)
+        self._stop_signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # ---------------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum  # acted on at the next step boundary, on every rank together
+
+    def _resume(self) -> None:
+        """Continue from checkpoint.load (a path) or the latest complete checkpoint in checkpoint.dir."""
+        path = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return
+        state, rank_state = load_checkpoint(path, [self.ddp], self.optimizer)
+        self.weight_version = state["weight_version"]
+        if state.get("objective") == self.cfg.rl.objective and not self.cfg.checkpoint.load:
+            # the same run continuing: step, counters, data cursor and RNG states
+            self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+            if rank_state is None:
+                raise ConfigError(f"checkpoint {path} was written by another world size; the data cursor "
+                                  "and RNG states are per rank (set checkpoint.load to start a new run from it)")
+            self.stream.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        if dist.get_rank() == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "consumed_tokens": self.consumed_tokens, "weight_version": self.weight_version,
+                 "objective": self.cfg.rl.objective, "config": to_dict(self.cfg)}
+        rank_state = {"data": self.stream.state_dict(), "rng": rng_state()}
+        return save_checkpoint(self.ckpt_dir, self.step, [self.ddp], self.optimizer, state, rank_state,
+                               self.cfg.checkpoint.keep_last)
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train to total_steps; 0 when done, EXIT_PREEMPTED after saving on SIGTERM/SIGUSR1."""
+        interval = self.cfg.checkpoint.save_interval
+        while self.step < self.total_steps:
+            t0 = time.monotonic()
+            set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
+            values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
+            values["lr"] = learning_rate(self.step, self.cfg.schedule)
+            values["step_time_s"] = time.monotonic() - t0
+            self.metrics.log(self.step, values)
+            self.step += 1
+            stop = torch.tensor([self._stop_signal or 0])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item():
+                self.save()
+                return EXIT_PREEMPTED
+            if interval and self.step % interval == 0 and self.step < self.total_steps:
+                self.save()
+        if interval or self.cfg.checkpoint.dir:
+            self.save()
+        self.metrics.close()
+        return 0
+
+    def _ntp_step(self) -> dict[str, float]:
+        """Next-token loss on this rank's rows of chunk tokens[rows, seq_length + 1] (padding masked)."""
+        s = self.cfg.schedule
+        rows = torch.full((self.rows_per_rank, s.seq_length + 1), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(self.rows_per_rank, s.seq_length)
+        for i, ep in enumerate(self.stream.take(self.rows_per_rank)):
+            rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids)
+            mask[i, :len(ep.prompt_ids) - 1] = 1
+        batches = [lm_batch(rows[i:i + s.micro_batch_size], mask[i:i + s.micro_batch_size])
+                   for i in range(0, self.rows_per_rank, s.micro_batch_size)]
+        out = train_step([self.ddp], self.optimizer, lm_forward_step, batches, s.seq_length, s.micro_batch_size)
+        tokens = torch.tensor([mask.sum().item()])
+        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
+        self.consumed_tokens += int(tokens.item())
+        return {"loss": out.pop("lm loss"), **out, "consumed_tokens": self.consumed_tokens}
+
+    def _rl_step(self) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.rl.group_size
+        episodes = self.stream.take(self.rows_per_rank // G)
+        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  stop=list(cfg.rollout.stop), stop_token_ids=[self.tokenizer.eos_id], n=G,
+                                  seed=step_seed(cfg.seed, self.step, self.dp_rank))
+        t0 = time.monotonic()
+        rollouts = self.engine.generate([ep.prompt_ids for ep in episodes], sampling)
+        rollout_s = time.monotonic() - t0
+        shaped, likelihood = self._rewards(episodes, rollouts)
+        rewards = shaped.total
+        advantages = compute_advantages(rewards, G, cfg.rl.advantage)
+        groups = zero_variance_filter(rewards, G)
+        batch = pack_rollouts(episodes, rollouts, advantages, rewards, self.think_close_ids,
+                              cfg.schedule.seq_length, self.tokenizer.pad_id)
+        if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
+            keep = groups.sample_mask(G).float().unsqueeze(1)
+            batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
+        batch = with_global_counts(batch, cfg.rl.train_on, parallel_state.get_data_parallel_group())
+        out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
+                         batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
+                         cfg.schedule.micro_batch_size)
+        self.weight_version += 1
+        self.engine.update_weights(self._weights_for_engine(), self.weight_version)
+        self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
+        out.update(self._rollout_metrics(episodes, rollouts, shaped.terms["reward_base"], rewards,
+                                         groups.zero_variance_fraction, likelihood))
+        out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
+        return out
+
+    def _weights_for_engine(self):
+        """The colocated in-process engine shares the module (nothing to send); others get the HF stream."""
+        from rntp_megatron.rollout.megatron_engine import MegatronEngine
+
+        if isinstance(self.engine, MegatronEngine):
+            return iter(())
+        from rntp_megatron.weights.export import stream_hf_weights
+
+        bucket_bytes = self.cfg.rollout.weight_bucket_mb << 20
+        return (item for bucket in stream_hf_weights(self.model, self.cfg.model, bucket_bytes) for item in bucket)
+
+    def _rewards(self, episodes: list[Episode], rollouts: list[Rollout]):
+        """Shaped rewards; likelihood rewards score [prompt, thought, <answer>] -> true continuation here."""
+        likelihood = None
+        if self.reward_kind == "likelihood":
+            from rntp_megatron.rewards.scoring import continuation_logprobs
+
+            eps = [episodes[r.prompt_index] for r in rollouts]
+            thoughts = [self._thought_ids(r) for r in rollouts]
+            conts = [ep.continuation_ids for ep in eps]
+            mbs, pad = self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id
+            policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
+            baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
+            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad)
+            base, _ = continuation_logprobs([self.ddp], baseline_prefixes, conts, mbs, pad)
+            likelihood = (logp, mask, base)
+        shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
+                                 self.cfg.rollout.max_new_tokens, likelihood=likelihood)
+        return shaped, likelihood
+
+    def _thought_ids(self, rollout: Rollout) -> list[int]:
+        """The generated tokens through </think> (all of them when the tag never closes, then </think>)."""
+        from rntp_megatron.rl.batch import find_sublist
+
+        at = find_sublist(rollout.token_ids, self.think_close_ids)
+        if at < 0:
+            return list(rollout.token_ids) + self.think_close_ids
+        return list(rollout.token_ids[:at + len(self.think_close_ids)])
+
+    def _dp_total(self, value: float) -> int:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return int(t.item())
+
+    def _rollout_metrics(self, episodes: list[Episode], rollouts: list[Rollout], base: torch.Tensor,
+                         total: torch.Tensor, zero_variance: float, likelihood) -> dict[str, float]:
+        """Reward, per-class reward, thought length, format rate, info gain: [sum, count] over DP -> means."""
+        pairs: dict[str, tuple[float, float]] = {
+            "reward": (total.sum().item(), total.numel()),
+            "reward_base": (base.sum().item(), base.numel()),
+            "zero_variance_groups": (zero_variance, 1.0),
+        }
+        lengths = [len(self._thought_ids(r)) - len(self.think_close_ids) for r in rollouts]
+        pairs["thought_len"] = (float(sum(lengths)), float(len(lengths)))
+        closed = [float(r.finish_reason == "stop") for r in rollouts]
+        pairs["finished_rate"] = (sum(closed), float(len(closed)))
+        for cls in ("T", "C", "I"):
+            picks = [i for i, r in enumerate(rollouts) if episodes[r.prompt_index].token_class == cls]
+            pairs[f"reward_base_{cls}"] = (float(base[picks].sum()) if picks else 0.0, float(len(picks)))
+        if likelihood is not None:
+            logp, mask, baseline = likelihood
+            gain = ((logp - baseline) * mask).sum(1) / mask.sum(1).clamp(min=1)
+            pairs["info_gain"] = (gain.sum().item(), gain.numel())
+        return dp_sums(pairs)
