@@ -33,10 +33,11 @@ class EpisodeStream:
     """Endless iterator of this data-parallel rank's Episodes, with a checkpointable cursor."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
-                 scorer: Optional[ProxyScorer] = None) -> None:
+                 scorer: Optional[ProxyScorer] = None, builder: Optional[EpisodeBuilder] = None) -> None:
         self.cfg = cfg
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.builder = EpisodeBuilder(cfg, tokenizer, scorer)
+        # `builder` turns a document into items: RL sites by default, whole chunks for pretraining (chunks.py)
+        self.builder = builder or EpisodeBuilder(cfg, tokenizer, scorer)
         self.skips = SkipCounts()
         for src in cfg.sources:
             if src.kind == "megatron":
