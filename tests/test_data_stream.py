@@ -107,7 +107,8 @@ def test_megatron_dataset_with_another_vocab_is_refused(tmp_path):
 
 
 def _take_on_megatron_dp_rank(rank, world_size, cfg, n, state):
-    """On a gloo rank with megatron parallel_state: this DP rank's stream, optionally restored; next n episodes."""
+    """On a gloo rank with megatron parallel_state: this DP rank's stream restored from state[rank]; next n
+    episodes."""
     from rntp_megatron.config import ParallelConfig
     from rntp_megatron.data.stream import data_parallel_stream
     from rntp_megatron.runtime import destroy_distributed, init_distributed
@@ -115,8 +116,7 @@ def _take_on_megatron_dp_rank(rank, world_size, cfg, n, state):
     init_distributed(ParallelConfig(), seed=1)
     try:
         stream = data_parallel_stream(cfg, ByteTokenizer())
-        if state is not None:
-            stream.load_state_dict(state[rank])
+        stream.load_state_dict(state[rank])
         return stream.take(n), stream.state_dict()
     finally:
         destroy_distributed()
@@ -126,7 +126,10 @@ def _take_on_megatron_dp_rank(rank, world_size, cfg, n, state):
 @pytest.mark.slow
 def test_resume_in_new_processes_on_data_parallel_ranks(tmp_path):
     cfg = blend_cfg(write_jsonl(tmp_path / "a.jsonl"))
-    first = run_ranks(_take_on_megatron_dp_rank, 2, (cfg, 25, None))
+    first = []
+    for rank in range(2):  # saved here, restored in fresh processes whose DP rank comes from parallel_state
+        stream = EpisodeStream(cfg, TOK, rank, 2)
+        first.append((stream.take(25), stream.state_dict()))
     second = run_ranks(_take_on_megatron_dp_rank, 2, (cfg, 30, [s for _, s in first]))
     for rank in range(2):
         uninterrupted = EpisodeStream(cfg, TOK, rank, 2).take(55)

@@ -62,6 +62,13 @@ class ProxyScorer:
     carry the whole, padded vocab); only the first `vocab_size` logits (the tokenizer's) are used."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, top_k: int = 16, pad_id: int = 0) -> None:
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if (tp, pp) != (1, 1):
+            raise ValueError(f"ProxyScorer needs the whole vocab and all layers on one rank (TP=1, PP=1), "
+                             f"got TP={tp}, PP={pp}")
         self.model = model
         self.vocab_size = vocab_size
         self.top_k = top_k
@@ -77,10 +84,12 @@ class ProxyScorer:
         tokens = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        device = next(self.model.parameters()).device
         position_ids = torch.arange(width).unsqueeze(0).expand_as(tokens)
         was_training = self.model.training
         self.model.eval()
-        logits = self.model(tokens, position_ids, None)[..., : self.vocab_size].double()
+        logits = self.model(tokens.to(device), position_ids.to(device), None)[..., : self.vocab_size]
+        logits = logits.double().cpu()
         self.model.train(was_training)
         ent = topk_entropy(logits[:, :-1], self.top_k)  # predicts positions 1..width-1
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)

@@ -277,7 +277,7 @@ def megatron_reader(src: SourceConfig, dp_rank: int, dp_size: int, max_bytes: in
             if any(e > bin_size for e in ends):
                 skips.add("truncated_bin")
                 continue
-            if sum(int(index.sequence_lengths[s]) for s in seqs) * itemsize > max_bytes * 4:
+            if sum(int(index.sequence_lengths[s]) for s in seqs) > max_bytes:  # a token is >= 1 byte of text
                 skips.add("too_long")
                 continue
             # A copy: the dataset unmaps its .bin when it is collected, and views would dangle.
