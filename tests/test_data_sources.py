@@ -166,3 +166,15 @@ def test_megatron_source_reads_prepared_tokens_and_counts_truncated_bin(tmp_path
     (tmp_path / "ds.bin").write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         read_all(src)
+
+
+@given(st.binary(max_size=400), st.integers(1, 2), st.integers(4, 60))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_text_paragraphs_from_random_bytes_never_crash(tmp_path, data, dp_size, max_bytes):
+    (tmp_path / "r.txt").write_bytes(data)
+    for rank in range(dp_size):
+        for unit in ("paragraph", "file"):
+            items, skips = read_all(SourceConfig(kind="text", path=str(tmp_path / "r.txt"), text_unit=unit),
+                                    rank, dp_size, max_bytes)
+            for doc, _ in items:
+                assert doc.text.strip() and len(doc.text.encode()) <= max_bytes

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rntp_megatron.config import TokenizerConfig
+from rntp_megatron.config import TokenizerConfig, build_config
 from rntp_megatron.data.tokenizer import (DEFAULT_TAGS, ByteTokenizer, HFTokenizer, build_tokenizer,
-                                          train_tokenizer)
+                                          tokenizer_for, train_tokenizer)
 
 BYTE = ByteTokenizer()
 
@@ -65,3 +65,11 @@ def test_tokenizer_errors(tmp_path):
         build_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="cannot hold"):
         train_tokenizer(["abc"], tmp_path, vocab_size=100)
+
+
+def test_configured_tags_are_single_tokens():
+    data = build_config({"data": {"think_open": "<reason>", "think_close": "</reason>",
+                                  "prompt_template": "Q: {context}<reason>"}}).data
+    tok = tokenizer_for(data)
+    assert tok.encode("x<reason>y</reason>") == [120, 256, 121, 257]
+    assert tok.encode("<think>") == list(b"<think>")

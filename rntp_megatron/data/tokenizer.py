@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
-from rntp_megatron.config import TokenizerConfig
+from rntp_megatron.config import DataConfig, TokenizerConfig
 
 DEFAULT_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN = "<|eos|>"
@@ -185,3 +185,9 @@ def build_tokenizer(cfg: TokenizerConfig, tags: Sequence[str] = DEFAULT_TAGS) ->
     if not cfg.path:
         raise ValueError(f"data.tokenizer.path: tokenizer kind {cfg.kind!r} needs the folder it loads from")
     return HFTokenizer(cfg.path, tags)
+
+
+def tokenizer_for(data: DataConfig) -> Tokenizer:
+    """The run's tokenizer: data.tokenizer with data's think/answer tags as single tokens (use this one
+    everywhere, so episodes, rollouts and rewards agree on the ids)."""
+    return build_tokenizer(data.tokenizer, (data.think_open, data.think_close, data.answer_open, data.answer_close))
