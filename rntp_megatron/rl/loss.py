@@ -53,24 +53,26 @@ class RNTPLoss:
         output = model(batch.tokens, batch.position_ids, None)
         return output, partial(self.loss_func, batch)
 
-    def _ntp(self, logits: torch.Tensor, batch: RLBatch, logp_at_t: torch.Tensor) -> torch.Tensor:
-        """sum over ntp_mask of -log p(label) at temperature 1 (reusing the rollout-temperature pass when T = 1)."""
-        logp = logp_at_t if self.temperature == 1.0 else vocab_parallel_logprobs(
-            logits, batch.labels, 1.0, self.rl.logprob_chunk_size)[0]
+    def _ntp(self, logits: torch.Tensor, batch: RLBatch) -> torch.Tensor:
+        """sum over ntp_mask of -log p(label) at temperature 1 (plain language modelling on the chunk)."""
+        logp, _ = vocab_parallel_logprobs(logits, batch.labels, 1.0, self.rl.logprob_chunk_size,
+                                          mask=batch.ntp_mask > 0)
         return -(logp * batch.ntp_mask).sum()
 
     def loss_func(self, batch: RLBatch, logits: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(numerator, count, metrics) of one micro-batch from logits[b, s, V/tp]; see the module docstring."""
         rl = self.rl
-        logp, entropy = vocab_parallel_logprobs(logits, batch.labels, self.temperature, rl.logprob_chunk_size)
         ntp_count = batch.ntp_mask.sum()
         if rl.objective == "ntp":
-            ntp_sum = self._ntp(logits, batch, logp)
+            ntp_sum = self._ntp(logits, batch)
             count = ntp_count.to(torch.int)
             return ntp_sum, count, {"loss": _pair(ntp_sum, count), "ntp_loss": _pair(ntp_sum, ntp_count)}
 
         mask = policy_mask(batch, rl.train_on)
+        # only the policy's tokens: a row is mostly prompt, whose logits this term never reads
+        logp, entropy = vocab_parallel_logprobs(logits, batch.labels, self.temperature, rl.logprob_chunk_size,
+                                                mask=mask > 0)
         terms = policy_terms(logp, batch.old_logprobs, batch.rollout_logprobs, batch.advantages, mask, rl,
                              batch.ref_logprobs)
         token_sum = (terms.loss * mask).sum()
@@ -103,7 +105,7 @@ class RNTPLoss:
                 raise ValueError(f"the mixed objective needs the step-wide counts (global_ntp_tokens="
                                  f"{batch.global_ntp_tokens}, policy count={global_count}): build the batch "
                                  "with rl.batch.with_global_counts")
-            ntp_sum = self._ntp(logits, batch, logp)
+            ntp_sum = self._ntp(logits, batch)
             # w * ntp_sum / N_ntp, expressed in units of the policy count the schedule divides by
             numerator = numerator + self.ntp_weight * ntp_sum * (global_count / batch.global_ntp_tokens)
             metrics["ntp_loss"] = _pair(ntp_sum, ntp_count)

@@ -1,0 +1,91 @@
+"""Step time of the RNTP loss hook vs a plain next-token step on the same tokens and model, side by side.
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_rl_loss.py --repeats 7
+
+Both run megatron's get_forward_backward_func over the same DDP-wrapped GPTModel and micro-batches; the plain
+step uses the model's own fused vocab-parallel cross-entropy (labels=...), the RNTP step rl/loss.RNTPLoss with
+temperature, KL, TIS and entropy metrics on. The two alternate, so drift on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--policy-tokens", type=int, default=96, help="thought+answer tokens at the end of each row")
+    args = ap.parse_args()
+
+    from tests.distributed_harness import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from rntp_megatron.config import build_config
+    from rntp_megatron.lm_loss import lm_batch, lm_forward_step
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.optimizer import wrap_ddp
+    from rntp_megatron.rl.batch import RLBatch, with_global_counts
+    from rntp_megatron.rl.loss import RNTPLoss
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.step import forward_backward
+
+    cfg = build_config({"model": {"card": "tiny", "num_layers": args.layers, "hidden_size": args.hidden,
+                                  "ffn_hidden_size": args.hidden * 11 // 4, "num_attention_heads": 8,
+                                  "num_query_groups": 4, "vocab_size": args.vocab,
+                                  "max_position_embeddings": args.seq},
+                        "rl": {"kl_coef": 0.01, "tis_cap": 2.0}})
+    init_distributed(cfg.parallel)
+    ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg.parallel)
+    n = args.micro_batch * args.micro_batches
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, args.vocab, (n, args.seq + 1), generator=g)
+    plain = [lm_batch(rows[i:i + args.micro_batch]) for i in range(0, n, args.micro_batch)]
+    policy = torch.zeros(n, args.seq)
+    policy[:, -args.policy_tokens:] = 1
+    old = -10.4 + 0.1 * torch.randn(n, args.seq, generator=g)
+    rl_batch = with_global_counts(RLBatch(
+        tokens=rows[:, :-1], position_ids=torch.arange(args.seq).expand(n, -1).contiguous(), labels=rows[:, 1:],
+        thought_mask=policy, answer_mask=torch.zeros_like(policy), ntp_mask=1 - policy, old_logprobs=old,
+        rollout_logprobs=old + 0.05, ref_logprobs=old - 0.05, advantages=torch.randn(n, generator=g),
+        rewards=torch.rand(n, generator=g)), cfg.rl.train_on)
+    rntp = RNTPLoss(cfg.rl, temperature=0.7)
+    steps = {"plain next-token (megatron CE)": (lm_forward_step, plain),
+             "RNTP loss hook": (rntp.forward_step, rl_batch.microbatches(args.micro_batch))}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for rep in range(args.repeats + 1):  # the first round warms up
+        for name, (forward_step, mbs) in steps.items():
+            ddp.zero_grad_buffer()
+            t0 = time.perf_counter()
+            forward_backward([ddp], forward_step, mbs, len(mbs), args.seq, args.micro_batch)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    destroy_distributed()
+    base = statistics.median(times["plain next-token (megatron CE)"])
+    print(f"layers={args.layers} hidden={args.hidden} vocab={args.vocab} seq={args.seq} "
+          f"micro_batch={args.micro_batch} x {args.micro_batches}, median of {args.repeats}, "
+          f"threads={torch.get_num_threads()}")
+    print("| step | median s | min s | ratio to plain |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f} | {statistics.median(ts) / base:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
