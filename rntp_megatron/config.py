@@ -97,6 +97,7 @@ class DataConfig:
     answer_horizon: int = 1
     sites_per_chunk: int = 1
     site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
+    site_classes: list[str] = field(default_factory=list)  # labelled (synthetic) text: only sites of these classes
     entropy_threshold: float = 1.0
     entropy_top_k: int = 16
     logprob_window: tuple[float, float] = (-4.5, -1.0)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from rntp_megatron.config import build_config
 from rntp_megatron.data.episodes import EpisodeBuilder, chunk_tokens
 from rntp_megatron.data.packing import attention_mask, pack_sequences
-from rntp_megatron.data.sites import entropy_sites, logprob_window_sites, topk_entropy, uniform_sites
-from rntp_megatron.data.sources import Document, SkipCounts
+from rntp_megatron.data.sites import draw_sites, entropy_keep, logprob_window_keep, topk_entropy
+from rntp_megatron.data.sources import DataError, Document, SkipCounts
 from rntp_megatron.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -71,6 +71,12 @@ def test_labels_give_the_token_class_of_the_site():
         prefix = TOK.decode(e.context_ids)
         assert e.token_class == labels[len(prefix)], (prefix, e.token_class)
     assert eps[-1].continuation_text == "5" and eps[-1].token_class == "C"
+    only_c = data_cfg(context_len=32, min_context=2, sites_per_chunk=30, site_classes=["C"])
+    eps = EpisodeBuilder(only_c, TOK).episodes(Document("d", text, labels=labels), np.random.default_rng(0),
+                                               SkipCounts())
+    assert [(e.continuation_text, e.token_class) for e in eps] == [("5", "C")]
+    with pytest.raises(DataError, match="needs labelled documents"):
+        EpisodeBuilder(only_c, TOK).episodes(Document("d", text), np.random.default_rng(0), SkipCounts())
 
 
 def test_token_documents_out_of_vocab_are_counted():
@@ -84,11 +90,12 @@ def test_token_documents_out_of_vocab_are_counted():
 def test_site_filters_use_the_scores():
     rng = np.random.default_rng(0)
     ent = np.array([np.nan, 0.1, 2.0, 0.5, 3.0, 2.5, 0.0, 9.0])
-    assert entropy_sites(ent, 1.0, 10, 2, 2, rng) == [2, 4, 5]  # t <= 8 - 2 = 6
+    assert draw_sites(entropy_keep(ent, 1.0), 10, 2, 2, rng) == [2, 4, 5]  # t <= 8 - 2 = 6
     lp = np.array([np.nan, -2.0, -0.5, -3.0, -5.0, -1.0, -4.5, -2.0])
-    assert logprob_window_sites(lp, -4.5, -1.0, 10, 1, 1, rng) == [1, 3, 5, 6, 7]
-    assert len(logprob_window_sites(lp, -4.5, -1.0, 2, 1, 1, rng)) == 2
-    draws = [tuple(uniform_sites(50, 3, 5, 1, np.random.default_rng(s))) for s in range(200)]
+    assert draw_sites(logprob_window_keep(lp, -4.5, -1.0), 10, 1, 1, rng) == [1, 3, 5, 6, 7]
+    assert len(draw_sites(logprob_window_keep(lp, -4.5, -1.0), 2, 1, 1, rng)) == 2
+    assert draw_sites(entropy_keep(ent, 1.0), 10, 0, 1, rng) == [2, 4, 5, 7]  # NaN at 0 is never a site
+    draws = [tuple(draw_sites(np.ones(50, bool), 3, 5, 1, np.random.default_rng(s))) for s in range(200)]
     assert all(5 <= t <= 49 for d in draws for t in d) and len(set(draws)) > 150
 
 

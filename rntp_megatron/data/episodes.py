@@ -15,7 +15,7 @@ import numpy as np
 from rntp_megatron.config import DataConfig
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.sites import ProxyScorer, select_sites
-from rntp_megatron.data.sources import Document, SkipCounts
+from rntp_megatron.data.sources import DataError, Document, SkipCounts
 from rntp_megatron.data.tokenizer import Tokenizer
 
 
@@ -56,8 +56,16 @@ class EpisodeBuilder:
             return []
         cfg = self.cfg
         chunks = chunk_tokens(ids, cfg.context_len, cfg.min_context + cfg.answer_horizon)
+        labels = self.token_labels(doc, ids)
+        allowed = None
+        if cfg.site_classes:
+            if labels is None:
+                raise DataError(f"data.site_classes={cfg.site_classes} needs labelled documents (the synthetic "
+                                f"source); document {doc.doc_id!r} has no labels")
+            allowed = [np.isin(labels[i * cfg.context_len: i * cfg.context_len + len(c)], cfg.site_classes)
+                       for i, c in enumerate(chunks)]
         out = []
-        for ci, (chunk, sites) in enumerate(zip(chunks, select_sites(chunks, cfg, rng, self.scorer))):
+        for ci, (chunk, sites) in enumerate(zip(chunks, select_sites(chunks, cfg, rng, self.scorer, allowed))):
             context_ids = chunk.tolist()
             for t in sites:
                 cont = context_ids[t: t + cfg.answer_horizon]
@@ -68,16 +76,21 @@ class EpisodeBuilder:
                     continuation_text=self.tokenizer.decode(cont),
                     site=t,
                     doc_id=doc.doc_id,
-                    token_class=self._label(doc, ids, ci * cfg.context_len + t),
+                    token_class=None if labels is None else labels[ci * cfg.context_len + t],
                     meta={"chunk": ci},
                 ))
         if not out:
             skips.add("too_short")
         return out
 
-    def _label(self, doc: Document, ids: np.ndarray, position: int) -> Optional[str]:
-        """The per-character label of the first character of token `position` (labelled documents only)."""
-        if doc.labels is None:
+    def token_labels(self, doc: Document, ids: np.ndarray) -> Optional[np.ndarray]:
+        """labels[N]: the per-character label of each token's first character (labelled documents only);
+        tokens are placed in the text by their bytes (token_bytes), characters by their UTF-8 lengths."""
+        if doc.labels is None or doc.text is None:
             return None
-        offset = len(self.tokenizer.decode(ids[:position].tolist()))
-        return str(doc.labels[offset]) if offset < len(doc.labels) else None
+        token_lengths = [len(self.tokenizer.token_bytes(int(i))) for i in ids]
+        token_starts = np.concatenate([[0], np.cumsum(token_lengths)[:-1]]).astype(np.int64)
+        char_starts = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in doc.text])[:-1]])
+        char_index = np.searchsorted(char_starts, token_starts, side="right") - 1
+        by_char = np.asarray(list(doc.labels), dtype=object)
+        return by_char[np.clip(char_index, 0, len(by_char) - 1)]

@@ -4,11 +4,12 @@ A site t needs `min_context` tokens before it and `horizon` tokens from it on: m
 `uniform` draws k of them; `entropy` and `logprob_window` draw k among those a proxy model finds
 interesting, from per-token arrays computed by `ProxyScorer` (a Megatron GPTModel forward at TP1):
 entropy[t] is the top-k renormalized entropy of p(. | x_<t), logprob[t] = log p(x_t | x_<t) (index 0: NaN).
+With data.site_classes, labelled documents (the synthetic corpus) only offer tokens of those classes.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,24 +29,20 @@ def _draw(candidates: np.ndarray, k: int, rng: np.random.Generator) -> list[int]
     return sorted(int(c) for c in candidates)
 
 
-def uniform_sites(n: int, k: int, min_context: int, horizon: int, rng: np.random.Generator) -> list[int]:
-    """k sites drawn uniformly without replacement from [min_context, n - horizon]."""
-    return _draw(np.asarray(candidate_range(n, min_context, horizon)), k, rng)
+def draw_sites(keep: np.ndarray, k: int, min_context: int, horizon: int, rng: np.random.Generator) -> list[int]:
+    """k sites drawn uniformly without replacement among t in [min_context, n - horizon] with keep[t] (keep[n])."""
+    cand = np.asarray(candidate_range(len(keep), min_context, horizon), dtype=np.int64)
+    return _draw(cand[keep[cand]], k, rng)
 
 
-def entropy_sites(entropy: np.ndarray, threshold: float, k: int, min_context: int, horizon: int,
-                  rng: np.random.Generator) -> list[int]:
-    """k sites drawn among candidates t with entropy[t] > threshold (entropy[T], nats)."""
-    cand = np.asarray(candidate_range(len(entropy), min_context, horizon), dtype=np.int64)
-    return _draw(cand[entropy[cand] > threshold], k, rng)
+def entropy_keep(entropy: np.ndarray, threshold: float) -> np.ndarray:
+    """keep[t] = entropy[t] > threshold (entropy[T] in nats; NaN never kept)."""
+    return np.nan_to_num(entropy, nan=-np.inf) > threshold
 
 
-def logprob_window_sites(logprob: np.ndarray, lo: float, hi: float, k: int, min_context: int, horizon: int,
-                         rng: np.random.Generator) -> list[int]:
-    """k sites drawn among candidates t with lo <= logprob[t] <= hi (logprob[T] of the true token)."""
-    cand = np.asarray(candidate_range(len(logprob), min_context, horizon), dtype=np.int64)
-    lp = logprob[cand]
-    return _draw(cand[(lp >= lo) & (lp <= hi)], k, rng)
+def logprob_window_keep(logprob: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """keep[t] = lo <= logprob[t] <= hi (logprob[T] of the true token; NaN never kept)."""
+    return (logprob >= lo) & (logprob <= hi)
 
 
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,15 +96,18 @@ class ProxyScorer:
 
 
 def select_sites(chunks: Sequence[Sequence[int]], cfg: DataConfig, rng: np.random.Generator,
-                 scorer: ProxyScorer | None = None) -> list[list[int]]:
-    """Sites of each chunk by cfg.site_selection (at most cfg.sites_per_chunk each)."""
-    k, lo_ctx, horizon = cfg.sites_per_chunk, cfg.min_context, cfg.answer_horizon
+                 scorer: ProxyScorer | None = None,
+                 allowed: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
+    """Sites of each chunk by cfg.site_selection (at most cfg.sites_per_chunk each), only where allowed[i][t]
+    (a bool mask per chunk, e.g. the token's synthetic class) when given."""
     if cfg.site_selection == "uniform":
-        return [uniform_sites(len(c), k, lo_ctx, horizon, rng) for c in chunks]
-    if scorer is None:
+        keeps = [np.ones(len(c), dtype=bool) for c in chunks]
+    elif scorer is None:
         raise ValueError(f"data.site_selection={cfg.site_selection!r} needs a ProxyScorer (a proxy model)")
-    scores = scorer.score(chunks)
-    if cfg.site_selection == "entropy":
-        return [entropy_sites(e, cfg.entropy_threshold, k, lo_ctx, horizon, rng) for e, _ in scores]
-    lo, hi = cfg.logprob_window
-    return [logprob_window_sites(lp, lo, hi, k, lo_ctx, horizon, rng) for _, lp in scores]
+    elif cfg.site_selection == "entropy":
+        keeps = [entropy_keep(e, cfg.entropy_threshold) for e, _ in scorer.score(chunks)]
+    else:
+        keeps = [logprob_window_keep(lp, *cfg.logprob_window) for _, lp in scorer.score(chunks)]
+    if allowed is not None:
+        keeps = [keep & mask for keep, mask in zip(keeps, allowed)]
+    return [draw_sites(keep, cfg.sites_per_chunk, cfg.min_context, cfg.answer_horizon, rng) for keep in keeps]
