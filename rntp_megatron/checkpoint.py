@@ -65,16 +65,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP: checkpoints carry the model's own names (no `module.` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state(chunks: list[torch.nn.Module], optimizer: Optional[MegatronOptimizer],
                    extra: dict[str, torch.nn.Module], is_loading: bool) -> dict[str, Any]:
-    model_sd = chunks[0].sharded_state_dict() if len(chunks) == 1 else {
-        f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    models = [_unwrapped(c) for c in chunks]
+    model_sd = models[0].sharded_state_dict() if len(models) == 1 else {
+        f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     for name, module in extra.items():
         state[name] = module.sharded_state_dict(prefix=f"{name}.")
     return state
+
+
+def _prestart_writer_queue() -> None:
+    """Create megatron's checkpoint-writer result queue from a forked Manager.
+
+    megatron's torch_dist writer makes it lazily with a *spawned* Manager, which starts a fresh interpreter that
+    re-imports the launching script: 10-30 s per process here, and scripts without a __main__ guard break. A
+    forked Manager only serves the queue and starts in milliseconds. Skipped if megatron renames the cache.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = torch.multiprocessing.get_context("fork").Manager().Queue()
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -98,6 +117,7 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[torch.nn.Module], 
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
         (tmp / "trainer_state").mkdir(parents=True)
     dist.barrier()
+    _prestart_writer_queue()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, extra or {}, is_loading=False), str(tmp))
     torch.save(rank_state, tmp / "trainer_state" / f"rank_{rank:05d}.pt")
     dist.barrier()
@@ -128,10 +148,10 @@ def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: 
     except Exception as e:  # megatron raises many kinds; name the checkpoint and the layout
         raise CheckpointError(f"cannot load {path} at this layout (world size {dist.get_world_size()}): {e}") from e
     if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
+        _unwrapped(chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"model{i}"])
+            _unwrapped(c).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     for name, module in extra.items():

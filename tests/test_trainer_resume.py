@@ -1,0 +1,108 @@
+"""Exact resume: a run killed with SIGKILL at a random step, or preempted with SIGTERM, then restarted, logs the
+same metrics as an uninterrupted run; `latest` never names a partial checkpoint. Real `rntp train` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rntp_megatron.checkpoint import COMPLETE, latest_checkpoint
+from rntp_megatron.trainer import EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.slow]
+
+STEPS = 5
+TIMING = {"step_time_s", "rollout_s"}  # wall-clock values differ between runs by nature
+
+
+def _command(run_dir: Path, objective: str) -> list[str]:
+    overrides = [
+        "model.card=tiny", "model.vocab_size=262", f"rl.objective={objective}", "rl.group_size=4",
+        "schedule.global_batch_size=8", "schedule.micro_batch_size=4", f"schedule.train_steps={STEPS}",
+        "schedule.seq_length=96", "schedule.lr=3e-3", "data.context_len=64", "data.min_context=8",
+        "rollout.max_new_tokens=12", "rollout.temperature=1.0", "reward.name=prob",
+        "checkpoint.save_interval=1", f"logging.dir={run_dir}", "logging.progress=false",
+    ]
+    if objective == "ntp":
+        overrides = [o for o in overrides if not o.startswith(("rl.group", "reward."))]
+    return [sys.executable, "-m", "rntp_megatron.cli", "train"] + [a for o in overrides for a in ("--set", o)]
+
+
+def _env() -> dict[str, str]:
+    from rntp_megatron.runtime.spawn import free_port
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def _run(run_dir: Path, objective: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run_dir, objective), env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def _interrupt(run_dir: Path, objective: str, sig: int, after_steps: int) -> int:
+    """Start a run, send `sig` once `after_steps` steps are logged, return its exit code."""
+    proc = subprocess.Popen(_command(run_dir, objective), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while len(_records(run_dir)) < after_steps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before step {after_steps}: {proc.stderr.read()[-3000:]}"
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module", params=["rntp", "ntp"])
+def uninterrupted(request, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"uninterrupted_{request.param}")
+    out = _run(run_dir, request.param)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == list(range(STEPS))
+    return request.param, records
+
+
+def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
+    objective, reference = uninterrupted
+    kill_after = random.Random().randint(1, STEPS - 1)
+    code = _interrupt(tmp_path, objective, signal.SIGKILL, kill_after)
+    assert code == -signal.SIGKILL
+    # Raises if `latest` names a partial checkpoint; None when the kill came before the first save finished.
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    out = _run(tmp_path, objective)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("resumed from" in out.stdout) == (latest is not None)
+    assert _records(tmp_path) == reference, f"killed after step {kill_after}: metrics differ after resume"
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits_for_requeue(uninterrupted, tmp_path):
+    objective, reference = uninterrupted
+    if objective != "rntp":
+        pytest.skip("one objective is enough for the preemption path")
+    code = _interrupt(tmp_path, objective, signal.SIGTERM, 2)
+    assert code == EXIT_PREEMPTED
+    latest = latest_checkpoint(tmp_path / "checkpoints")
+    saved_step = json.loads((latest / COMPLETE).read_text())["step"]
+    assert saved_step == len(_records(tmp_path)), "the preemption checkpoint is not at the last logged step"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_iter_*")), "a partial checkpoint was left behind"
+    out = _run(tmp_path, objective)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _records(tmp_path) == reference
