@@ -1,0 +1,51 @@
+"""Blockwise FP8 weights for FP8 rollout engines (DeepSeek-V3 / Qwen3-FP8 layout): each 128x128 block of a
+linear weight becomes float8 e4m3 values plus one float32 `weight_scale_inv` (w ~= q * scale_inv)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from rntp_megatron.weights.buckets import NamedTensors
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def quantize_blockwise(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """q[M, N] (float8_e4m3fn) and scale_inv[ceil(M/b), ceil(N/b)] (float32) with w ~= q * scale_inv per b x b block."""
+    if w.dim() != 2:
+        raise ValueError(f"blockwise FP8 takes 2-D weights, got shape {tuple(w.shape)}")
+    m, n = w.shape
+    rows, cols = -(-m // block), -(-n // block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:m, :n] = w.float()
+    blocks = padded.view(rows, block, cols, block)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale_inv = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * block, cols * block)[:m, :n].contiguous(), scale_inv
+
+
+def dequantize_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """float32 w[M, N] = q * scale_inv of each block (inverse of quantize_blockwise up to FP8 rounding)."""
+    scale = scale_inv.repeat_interleave(block, 0).repeat_interleave(block, 1)[: q.shape[0], : q.shape[1]]
+    return q.float() * scale
+
+
+def is_fp8_linear(name: str) -> bool:
+    """Linear layer weights inside decoder layers (projections); embeddings, lm_head and norms stay as they are."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def fp8_buckets(buckets: Iterable[NamedTensors], block: int = 128) -> Iterator[NamedTensors]:
+    """The same buckets with each linear weight replaced by its FP8 values and `<name>_scale_inv`."""
+    for bucket in buckets:
+        out: NamedTensors = []
+        for name, t in bucket:
+            if is_fp8_linear(name):
+                q, s = quantize_blockwise(t, block)
+                out += [(name, q), (name + "_scale_inv", s)]
+            else:
+                out.append((name, t))
+        yield out
