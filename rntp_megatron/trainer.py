@@ -27,7 +27,7 @@ from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.stream import EpisodeStream
-from rntp_megatron.data.tokenizer import Tokenizer, build_tokenizer
+from rntp_megatron.data.tokenizer import Tokenizer, tokenizer_for
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -74,7 +74,7 @@ class Trainer:
             raise ConfigError(f"schedule.global_batch_size: {s.global_batch_size} rollouts over {self.dp} "
                               f"data-parallel ranks give {self.rows_per_rank} per rank, not a multiple of "
                               f"rl.group_size={rl.group_size} (a group must stay on one rank)")
-        self.tokenizer: Tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer: Tokenizer = tokenizer_for(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size} ids, data.tokenizer.kind="

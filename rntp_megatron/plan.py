@@ -1,0 +1,107 @@
+"""`rntp plan`: what an RNTP run costs. For a model card, a cluster, context/thought lengths, a group size and a
+token budget of text: steps, generated tokens, rollout vs training FLOPs, and wall time at a stated MFU and
+decode throughput.
+
+FLOPs per token of a dense decoder with N non-embedding parameters, L layers, hidden h, context s: forward
+2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from rntp_megatron.config import ModelConfig, build_config
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity).
+GPU_PEAK_FLOPS = {"B200": 2.25e15, "H200": 0.989e15, "H100": 0.989e15, "A100": 0.312e15}
+
+
+@dataclass
+class Plan:
+    steps: int
+    sites: float
+    generated_tokens: float
+    trained_tokens: float
+    rollout_flops: float
+    training_flops: float
+    rollout_hours: float
+    training_hours: float
+
+    @property
+    def hours(self) -> float:
+        return self.rollout_hours + self.training_hours
+
+
+def non_embedding_params(m: ModelConfig) -> float:
+    """Attention (q, k, v, o with GQA) + SwiGLU MLP (3 matrices) per layer, times layers."""
+    head = m.kv_channels or m.hidden_size // m.num_attention_heads
+    attn = m.hidden_size * head * (2 * m.num_attention_heads + 2 * m.num_query_groups)
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    return float(m.num_layers * (attn + mlp))
+
+
+def forward_flops_per_token(m: ModelConfig, context: int) -> float:
+    """2 N + 2 V h (output layer) + 4 L h s (attention over a context of s tokens, causal on average s/2 * 2)."""
+    return 2 * non_embedding_params(m) + 2 * m.vocab_size * m.hidden_size + 4 * m.num_layers * m.hidden_size * context
+
+
+def make_plan(m: ModelConfig, gpus: int, gpu: str, context_len: int, thought_len: int, group_size: int,
+              token_budget: float, sites_per_chunk: int, global_batch_size: int, mfu: float,
+              decode_tokens_per_s_per_gpu: float) -> Plan:
+    """Costs of RL over `token_budget` text tokens cut into chunks of context_len with sites_per_chunk sites."""
+    chunks = token_budget / context_len
+    sites = chunks * sites_per_chunk
+    generated = sites * group_size * thought_len
+    rows = sites * group_size
+    trained = rows * (context_len + thought_len)  # every rollout row is forwarded and backpropagated
+    seq = context_len + thought_len
+    rollout_flops = rows * context_len * forward_flops_per_token(m, context_len) / group_size \
+        + generated * forward_flops_per_token(m, seq)  # prefill shared by the group, then decode
+    training_flops = 3 * trained * forward_flops_per_token(m, seq)
+    peak = GPU_PEAK_FLOPS[gpu] * gpus
+    return Plan(
+        steps=int(-(-rows // global_batch_size)),
+        sites=sites, generated_tokens=generated, trained_tokens=trained,
+        rollout_flops=rollout_flops, training_flops=training_flops,
+        rollout_hours=generated / (decode_tokens_per_s_per_gpu * gpus) / 3600,
+        training_hours=training_flops / (peak * mfu) / 3600,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--card", default="qwen3_8b", help="model card name or YAML path")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu", choices=sorted(GPU_PEAK_FLOPS), default="B200")
+    parser.add_argument("--context-len", type=int, default=2048)
+    parser.add_argument("--thought-len", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--sites-per-chunk", type=int, default=1)
+    parser.add_argument("--token-budget", type=float, default=1e12, help="text tokens the run reads")
+    parser.add_argument("--global-batch-size", type=int, default=1024, help="rollouts per optimizer step")
+    parser.add_argument("--mfu", type=float, default=0.4, help="training model-FLOP utilisation")
+    parser.add_argument("--decode-tps", type=float, default=20000.0, help="generated tokens/s per GPU")
+
+
+def run(args: argparse.Namespace) -> int:
+    m = build_config({"model": {"card": args.card}}).model
+    p = make_plan(m, args.gpus, args.gpu, args.context_len, args.thought_len, args.group_size, args.token_budget,
+                  args.sites_per_chunk, args.global_batch_size, args.mfu, args.decode_tps)
+    rows = [
+        ("model", f"{args.card} ({non_embedding_params(m) / 1e9:.2f}B non-embedding params)"),
+        ("cluster", f"{args.gpus} x {args.gpu} ({GPU_PEAK_FLOPS[args.gpu] / 1e15:.2f} PFLOP/s bf16 each)"),
+        ("text tokens", f"{args.token_budget:.3g}"),
+        ("sites (groups)", f"{p.sites:.3g}"),
+        ("optimizer steps", f"{p.steps:,}"),
+        ("generated tokens", f"{p.generated_tokens:.3g}"),
+        ("trained tokens", f"{p.trained_tokens:.3g}"),
+        ("rollout FLOPs", f"{p.rollout_flops:.3g}"),
+        ("training FLOPs", f"{p.training_flops:.3g}"),
+        ("rollout time", f"{p.rollout_hours:,.0f} h at {args.decode_tps:,.0f} tok/s/GPU"),
+        ("training time", f"{p.training_hours:,.0f} h at MFU {args.mfu:.0%}"),
+        ("total", f"{p.hours:,.0f} h = {p.hours / 24:,.1f} days"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
