@@ -78,6 +78,7 @@ class SourceConfig:
     text_unit: Literal["file", "paragraph"] = "file"  # kind text: a document is a file or a paragraph
     split: str = "train"  # kind synthetic: which split of the generator
     seed: int = 0  # kind synthetic: generator seed
+    synthetic: dict[str, Any] = field(default_factory=dict)  # kind synthetic: SyntheticSpec fields and "kinds"
 
 
 @dataclass

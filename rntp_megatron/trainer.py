@@ -89,7 +89,8 @@ class Trainer:
             from rntp_megatron.rollout.megatron_engine import MegatronEngine
 
             self.engine = MegatronEngine(self.model, self.tokenizer)
-        self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens)
+        self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens,
+                             vocab_size=self.tokenizer.vocab_size)
         self.reward_kind = get_reward(cfg.reward.name).kind if rl.objective != "ntp" else "none"
         self.think_close_ids = self.tokenizer.encode(cfg.data.think_close)
         self.answer_open_ids = self.tokenizer.encode(cfg.data.answer_open)
@@ -111,26 +112,29 @@ class Trainer:
         self._stop_signal = signum  # acted on at the next step boundary, on every rank together
 
     def _resume(self) -> None:
-        """Continue from checkpoint.load (a path) or the latest complete checkpoint in checkpoint.dir."""
-        path = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            return
-        state, rank_state = load_checkpoint(path, [self.ddp], self.optimizer)
-        self.weight_version = state["weight_version"]
-        if state.get("objective") == self.cfg.rl.objective and not self.cfg.checkpoint.load:
-            # the same run continuing: step, counters, data cursor and RNG states
-            self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+        """Continue this run from the latest complete checkpoint in checkpoint.dir (model, optimizer, step, data
+        cursor, RNG); else start a new run from the weights of checkpoint.load (model only), if given."""
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
             if rank_state is None:
-                raise ConfigError(f"checkpoint {path} was written by another world size; the data cursor "
-                                  "and RNG states are per rank (set checkpoint.load to start a new run from it)")
+                raise ConfigError(f"checkpoint {latest} was written by another world size: its data cursors and RNG "
+                                  "states are per rank (start a new run from it with checkpoint.load and a new "
+                                  "checkpoint.dir)")
+            self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
+            self.weight_version = state["weight_version"]
             self.stream.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
+        elif self.cfg.checkpoint.load:
+            load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
+        else:
+            return
         if dist.get_rank() == 0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            print(f"resumed from {latest or self.cfg.checkpoint.load} at step {self.step}", flush=True)
 
     def save(self) -> Path:
         state = {"step": self.step, "consumed_tokens": self.consumed_tokens, "weight_version": self.weight_version,
-                 "objective": self.cfg.rl.objective, "config": to_dict(self.cfg)}
+                 "config": to_dict(self.cfg)}
         rank_state = {"data": self.stream.state_dict(), "rng": rng_state()}
         return save_checkpoint(self.ckpt_dir, self.step, [self.ddp], self.optimizer, state, rank_state,
                                self.cfg.checkpoint.keep_last)
@@ -229,8 +233,9 @@ class Trainer:
             mbs, pad = self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id
             policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
             baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
-            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad)
-            base, _ = continuation_logprobs([self.ddp], baseline_prefixes, conts, mbs, pad)
+            vocab = self.tokenizer.vocab_size
+            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
+            base, _ = continuation_logprobs([self.ddp], baseline_prefixes, conts, mbs, pad, vocab_size=vocab)
             likelihood = (logp, mask, base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
                                  self.cfg.rollout.max_new_tokens, likelihood=likelihood)

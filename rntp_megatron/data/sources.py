@@ -309,10 +309,11 @@ def synthetic_reader(src: SourceConfig, dp_rank: int, dp_size: int, max_bytes: i
     with "text" and optional per-character "labels"; `src.seed` and `src.split` choose the stream."""
 
     def read(pos: Position) -> Iterator[tuple[Document, Position]]:
-        from rntp_megatron.data.synthetic import synthetic_documents  # optional module, imported on use
+        from rntp_megatron.data.synthetic import synthetic_documents, synthetic_spec
 
+        spec, kinds = synthetic_spec(src.synthetic)
         start = pos.get("ordinal", 0)
-        for n, item in enumerate(synthetic_documents(src.seed, src.split)):
+        for n, item in enumerate(synthetic_documents(src.seed, src.split, spec, kinds)):
             if n < start or n % dp_size != dp_rank:
                 continue
             text = _text_field(item.get("text") if isinstance(item, dict) else None, skips)

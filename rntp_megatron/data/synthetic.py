@@ -187,6 +187,20 @@ def make_document(rng: random.Random, kind: str, spec: SyntheticSpec) -> dict:
     return {"text": "".join(w.text), "labels": "".join(w.labels), "sites": w.sites, "kind": kind}
 
 
+def synthetic_spec(options: dict) -> tuple[SyntheticSpec, Optional[dict]]:
+    """SyntheticSpec and document kinds from a source's `synthetic:` options (SyntheticSpec fields + "kinds")."""
+    options = dict(options)
+    kinds = options.pop("kinds", None)
+    known = set(SyntheticSpec.__dataclass_fields__)
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"data.sources[].synthetic: unknown options {sorted(unknown)} (known: kinds, "
+                         f"{', '.join(sorted(known))})")
+    if "filler_length" in options:
+        options["filler_length"] = tuple(options["filler_length"])
+    return SyntheticSpec(**options), kinds
+
+
 def synthetic_documents(seed: int, split: str = "train", spec: Optional[SyntheticSpec] = None,
                         kinds: Optional[dict] = None, count: Optional[int] = None) -> Iterator[dict]:
     """Documents i = 0, 1, ... (`count` of them, or endless) of `split`, kinds drawn from `kinds` (default

@@ -8,31 +8,32 @@ The trainer scores [context, thought] prefixes with the policy and [context] pre
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.rl.logprobs import vocab_parallel_logprobs
+from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
 from rntp_megatron.step import forward_backward
 
 
-def _logprob_loss(labels: torch.Tensor, temperature: float, logits: torch.Tensor):
+def _logprob_loss(labels: torch.Tensor, temperature: float, vocab_size: Optional[int], logits: torch.Tensor):
     """Forward-only 'loss': no loss, the log-probs of labels[b, s] under logits[b, s, V/tp] as data."""
-    logp, _ = vocab_parallel_logprobs(logits, labels, temperature)
+    logp, _ = vocab_parallel_logprobs(mask_padded_vocab(logits, vocab_size), labels, temperature)
     return torch.zeros((), dtype=torch.float32), torch.tensor(0, dtype=torch.int), {"logp": logp.detach()}
 
 
-def _logprob_forward_step(temperature: float, data_iterator, model):
+def _logprob_forward_step(temperature: float, vocab_size: Optional[int], data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None)
-    return output, partial(_logprob_loss, batch["labels"], temperature)
+    return output, partial(_logprob_loss, batch["labels"], temperature, vocab_size)
 
 
 def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], micro_batch_size: int, pad_id: int = 0,
-                          temperature: float = 1.0, length_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                          temperature: float = 1.0, length_multiple: int = 1, vocab_size: Optional[int] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[N, K] = log p(continuations[i][k] | prefixes[i], continuations[i][:k]) and mask[N, K] (K = longest
     continuation), on every rank of the pipeline. Rows are right-padded to one length (a multiple of
     `length_multiple`, e.g. TP under sequence parallelism) and N to a multiple of micro_batch_size."""
@@ -51,7 +52,7 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
     positions = torch.arange(length).expand(micro_batch_size, length).contiguous()
     microbatches = [{"tokens": ids[i:i + micro_batch_size, :-1], "labels": ids[i:i + micro_batch_size, 1:],
                      "position_ids": positions} for i in range(0, padded_n, micro_batch_size)]
-    out = forward_backward(chunks, partial(_logprob_forward_step, temperature), microbatches, len(microbatches),
+    out = forward_backward(chunks, partial(_logprob_forward_step, temperature, vocab_size), microbatches, len(microbatches),
                            length, micro_batch_size, forward_only=True)
     all_logp = torch.empty(padded_n, length)
     if parallel_state.is_pipeline_last_stage():

@@ -104,6 +104,22 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+PADDED_LOGIT = -1.0e4  # exp() underflows to 0 in any dtype, and p * logit stays 0 in the entropy (no -inf * 0)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: Optional[int],
+                      group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """logits[..., V/tp] with the columns of ids >= vocab_size (megatron's vocab padding) set to a very low
+    value, so log-probs normalize over the real vocabulary, as the engines that never sample padding do."""
+    _, rank, _ = _tp_group_and_rank(group)
+    local = logits.shape[-1]
+    first_padded = (vocab_size if vocab_size is not None else 1 << 62) - rank * local
+    if first_padded >= local:
+        return logits
+    padded = torch.arange(local, device=logits.device) >= first_padded
+    return logits.masked_fill(padded, PADDED_LOGIT)
+
+
 def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                             chunk_size: int = 1024, group: Optional[dist.ProcessGroup] = None,
                             mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

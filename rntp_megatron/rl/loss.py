@@ -17,14 +17,14 @@ over micro-batches and DP ranks by the trainer (step.reduce_logged).
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.utils import get_model_config
 
 from rntp_megatron.config import RLConfig
 from rntp_megatron.rl.batch import RLBatch, policy_mask
-from rntp_megatron.rl.logprobs import vocab_parallel_logprobs
+from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
 from rntp_megatron.rl.policy_loss import policy_terms
 
 
@@ -35,7 +35,8 @@ def _pair(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
 class RNTPLoss:
     """The RL (or mixed, or plain next-token) objective of one step, as Megatron's forward_step/loss_func."""
 
-    def __init__(self, rl: RLConfig, temperature: float, ntp_weight: float = 0.0, max_response_len: int = 1) -> None:
+    def __init__(self, rl: RLConfig, temperature: float, ntp_weight: float = 0.0, max_response_len: int = 1,
+                 vocab_size: Optional[int] = None) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (the rollout sampling temperature), got {temperature}")
         if rl.objective == "mixed" and ntp_weight <= 0:
@@ -43,6 +44,7 @@ class RNTPLoss:
         if rl.aggregation == "dr_grpo" and max_response_len < 1:
             raise ValueError(f"dr_grpo aggregation needs max_response_len >= 1, got {max_response_len}")
         self.rl, self.temperature, self.ntp_weight, self.max_response_len = rl, temperature, ntp_weight, max_response_len
+        self.vocab_size = vocab_size  # the tokenizer's: ids past it are megatron's vocab padding, never sampled
 
     def forward_step(self, data_iterator: Iterator[RLBatch], model: torch.nn.Module):
         """One micro-batch: vocab-parallel logits[b, s, V/tp] (hidden states off the last stage) and its loss_func."""
@@ -63,6 +65,7 @@ class RNTPLoss:
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(numerator, count, metrics) of one micro-batch from logits[b, s, V/tp]; see the module docstring."""
         rl = self.rl
+        logits = mask_padded_vocab(logits, self.vocab_size)
         ntp_count = batch.ntp_mask.sum()
         if rl.objective == "ntp":
             ntp_sum = self._ntp(logits, batch)
