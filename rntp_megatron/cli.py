@@ -15,6 +15,7 @@ from typing import Optional
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rntp_megatron.train_cmd", "train (ntp, rntp or mixed objective) from a YAML config and overrides"),
     "demo": ("rntp_megatron.demo", "run the embedded default job on a tiny CPU model and print its table"),
+    "eval": ("rntp_megatron.eval_cmd", "held-out accuracy without/with a thought, per class or entropy bucket"),
     "plan": ("rntp_megatron.plan", "steps, tokens, FLOPs and wall time of an RNTP run on a cluster"),
     "prepare-data": ("rntp_megatron.data.prepare", "tokenize text sources into a Megatron .bin/.idx dataset"),
     "convert": ("rntp_megatron.convert", "Megatron dist checkpoint <-> Hugging Face folder (llama, qwen2, qwen3)"),
