@@ -1,0 +1,399 @@
+"""The SGLang rollout engine: a real SGLang server (started as a child process, or attached by URL) behind
+the RolloutEngine contract.
+
+Weights reach the server through one of three channels (rollout.sglang.weight_sync), each inside
+/begin_weight_update ... /end_weight_update and tagged with a weight version:
+- "tensor": same machine; tensors are put in shared memory (torch's file_system strategy) and the server
+  maps them (POST /update_weights_from_tensor). Copies: trainer -> shm, shm -> server params.
+- "distributed": a gloo (CPU) or NCCL (GPU) group of this process (rank 0) and the server's ranks; each bucket
+  is one flat byte buffer broadcast while POST /update_weights_from_distributed (flattened_bucket) receives it.
+- "disk": an HF checkpoint folder written with weights/hf_checkpoint, loaded with /update_weights_from_disk
+  (fallback, and the only channel across clusters).
+`paused()` retracts running requests around an update so weights can change while requests are in flight
+(they finish under the new version). An owned server that dies is restarted with the current weights (the
+last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import secrets
+import threading
+import time
+import urllib.error
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from rntp_megatron.config import SGLangConfig
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
+from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten
+
+CHANNELS = ("tensor", "distributed", "disk")
+
+
+class SGLangEngine(RolloutEngine):
+    """Rollouts from an SGLang server; weights pushed by tensor, distributed (gloo/NCCL) or disk channel."""
+
+    def __init__(self, cfg: SGLangConfig, model_path: Optional[str | Path] = None, run_dir: str | Path = "runs/sglang",
+                 dtype: str = "bfloat16", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 decode: Optional[Callable[[list[int]], str]] = None):
+        if cfg.weight_sync not in CHANNELS:
+            raise ValueError(f"rollout.sglang.weight_sync {cfg.weight_sync!r} is not one of {CHANNELS}")
+        if cfg.url is None and model_path is None:
+            raise ValueError("SGLangEngine needs model_path (an HF folder to start the server) or rollout.sglang.url")
+        self.cfg = cfg
+        self.model_path = str(model_path) if model_path is not None else None
+        self.run_dir = Path(run_dir)
+        self.dtype = dtype
+        self.bucket_bytes = bucket_bytes
+        self.decode = decode
+        self.weight_version = 0
+        self.restarts = 0
+        self.api_key = cfg.api_key or (secrets.token_hex(16) if cfg.url is None else None)
+        self._server: Optional[ServerProcess] = None
+        self._host_copy: dict[str, torch.Tensor] = {}  # the newest pushed tensors, for a restart
+        self._group: Optional[Any] = None
+        self._group_name = ""
+        self._lock = threading.Lock()
+        if cfg.url is not None:
+            self.client = HTTPClient(cfg.url, self.api_key)
+            self.client.call("/health", timeout=30)
+        else:
+            self._start()
+
+    # -------------------------------------------------------------------------------------------
+    # server lifecycle
+
+    def _start(self) -> None:
+        port = self.cfg.port if self.restarts == 0 else _free_port()
+        self._server = ServerProcess(self.cfg.python, self.model_path, self.cfg, self.run_dir, port, self.api_key,
+                                     self.dtype, attempt=self.restarts)
+        self.client = HTTPClient(self._server.url, self.api_key)
+        self.startup_s = self._server.wait_healthy(self.client, self.cfg.startup_timeout_s)
+
+    def server_alive(self) -> bool:
+        """Whether the server answers (an owned server: also whether its process runs)."""
+        if self._server is not None and not self._server.alive():
+            return False
+        try:
+            self.client.call("/health", timeout=10)
+            return True
+        except (SGLangServerError, OSError):
+            return False
+
+    def _restart(self, why: str) -> None:
+        """Start a fresh server and load the current weights into it, or raise once restarts are used up."""
+        if self._server is None:
+            raise SGLangServerError(f"the attached SGLang server at {self.cfg.url} failed ({why}); it is not ours "
+                                    "to restart")
+        if self.restarts >= self.cfg.max_restarts:
+            raise SGLangServerError(f"SGLang server failed ({why}) after {self.restarts} restarts "
+                                    f"(rollout.sglang.max_restarts={self.cfg.max_restarts}); last log "
+                                    f"{self._server.log_path}:\n{self._server.log_tail()}")
+        if self._group is not None:
+            self._leave_group()  # before the peer goes: gloo aborts the process when a live pair loses its peer
+        self._server.stop()
+        self.restarts += 1
+        self._start()
+        if self._host_copy:
+            self._push_tensor(list(bucketed(self._host_copy.items(), self.bucket_bytes)), self.weight_version)
+        else:
+            self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
+
+    def _call(self, path: str, payload: Optional[dict] = None, timeout: float = 600.0) -> Any:
+        """client.call with crash detection: a dead server is restarted (current weights) and the call retried."""
+        for _ in range(self.cfg.max_restarts + 1):
+            try:
+                return self.client.call(path, payload, timeout=timeout)
+            except (OSError, urllib.error.URLError) as e:  # connection refused/reset: did the server die?
+                if self.server_alive():
+                    raise SGLangServerError(f"{path}: {e!r} while the server is alive") from e
+                self._restart(f"{path}: {e!r}")
+        return self.client.call(path, payload, timeout=timeout)
+
+    def close(self) -> None:
+        """Leave the weight-update group and stop an owned server (its process group).
+
+        The torch_shm_manager that the tensor channel starts is left alone: tensors of this process may still
+        live in shared memory, and freeing one after the manager is gone aborts the process (broken pipe)."""
+        if self._group is not None:
+            self._leave_group()
+            with contextlib.suppress(SGLangServerError, OSError):
+                self.client.call("/destroy_weights_update_group", {"group_name": self._group_name}, timeout=30)
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    # -------------------------------------------------------------------------------------------
+    # generation
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per prompt (prompt 0's first), with per-token log-probs and the weight version."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs non-empty prompts (lists of token ids)")
+        # One request per sample, prompts repeated: SGLang's radix cache shares each prompt's prefill.
+        expanded = [p for p in prompts for _ in range(sampling.n)]
+        params: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                  "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                                  "max_new_tokens": sampling.max_new_tokens, "stop": list(sampling.stop),
+                                  "stop_token_ids": list(sampling.stop_token_ids), "skip_special_tokens": False,
+                                  "no_stop_trim": True}
+        if sampling.seed is not None:
+            params["sampling_seed"] = sampling.seed
+        replies = self._call("/generate", {"input_ids": expanded, "sampling_params": params, "return_logprob": True})
+        rollouts = []
+        for i, (prompt, reply) in enumerate(zip(expanded, replies)):
+            meta = reply["meta_info"]
+            finish = (meta.get("finish_reason") or {}).get("type", "length")
+            if finish == "abort":
+                raise SGLangServerError(f"request {i} was aborted by the server: {meta.get('finish_reason')}")
+            tokens = [int(t[1]) for t in meta["output_token_logprobs"]]
+            rollouts.append(Rollout(
+                prompt_ids=list(prompt), token_ids=tokens,
+                text=self.decode(tokens) if self.decode is not None else reply.get("text", ""),
+                logprobs=[float(t[0]) for t in meta["output_token_logprobs"]],
+                finish_reason="stop" if finish == "stop" else "length",
+                weight_version=_version(meta.get("weight_version")), prompt_index=i // sampling.n))
+        return rollouts
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
+        """log p(prompt[t] | prompt[<t]) for t >= 1 of each prompt under the served weights (teacher forcing)."""
+        replies = self._call("/generate", {"input_ids": prompts, "return_logprob": True, "logprob_start_len": 0,
+                                           "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+        return [[float(t[0]) for t in r["meta_info"]["input_token_logprobs"][1:]] for r in replies]
+
+    def server_weight_version(self) -> int:
+        """The weight version the server reports."""
+        return _version(self._call("/get_model_info", timeout=60).get("weight_version"))
+
+    # -------------------------------------------------------------------------------------------
+    # pause / colocation
+
+    def pause(self) -> None:
+        """Stop scheduling and retract running requests (they resume, re-prefilled, after continue_generation)."""
+        self._call("/pause_generation", {"mode": "retract"}, timeout=120)
+
+    def continue_generation(self) -> None:
+        self._call("/continue_generation", {}, timeout=120)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Pause (retract) around a block, e.g. a weight update while requests are in flight."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.continue_generation()
+
+    def flush_cache(self, timeout_s: float = 30.0) -> None:
+        """Drop the prefix (KV) cache; waits up to timeout_s for running requests to drain."""
+        self._call(f"/flush_cache?timeout={timeout_s:g}", {}, timeout=timeout_s + 30)
+
+    def sleep(self) -> None:
+        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see DESIGN.md)."""
+        self._call("/release_memory_occupation", {}, timeout=300)
+
+    def wake(self) -> None:
+        self._call("/resume_memory_occupation", {}, timeout=300)
+
+    # -------------------------------------------------------------------------------------------
+    # weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push full HF-named tensors through rollout.sglang.weight_sync, in buckets; later rollouts report version."""
+        self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version)
+
+    def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int,
+                                    keep_host_copy: bool = True) -> dict[str, float]:
+        """Push buckets (e.g. weights.export.stream_hf_weights) inside one begin/end; seconds spent per phase."""
+        channel = self.cfg.weight_sync
+        if channel == "disk":
+            return self._push_disk(buckets, version)
+        with self._lock:
+            if channel == "tensor":
+                timing = self._push_tensor(buckets, version, keep_host_copy)
+            else:
+                timing = self._push_distributed(buckets, version, keep_host_copy)
+        self.weight_version = version
+        return timing
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into the server."""
+        with self._lock:
+            self._call("/begin_weight_update", {})
+            try:
+                reply = self._call("/update_weights_from_disk", {"model_path": str(path), "weight_version": str(version),
+                                                                 "flush_cache": True})
+                _check(reply, "/update_weights_from_disk")
+            finally:
+                self._call("/end_weight_update", {})
+        self.weight_version = version
+        self.model_path = str(path)  # a restart starts from these weights
+        self._host_copy.clear()
+
+    def _push_disk(self, buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
+        """Write an HF folder (config and tokenizer of the served model) under run_dir, load it, drop the previous."""
+        import json
+        import shutil
+
+        from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+
+        source = Path(self.model_path) if self.model_path else None
+        if source is None or not (source / "config.json").exists():
+            raise SGLangServerError("the disk channel needs the served model's folder (model_path) for config.json")
+        t0 = time.perf_counter()
+        folder = save_hf_checkpoint(buckets, self.run_dir / "weights" / f"v{version}",
+                                    json.loads((source / "config.json").read_text()), tokenizer_dir=source,
+                                    overwrite=True)
+        t1 = time.perf_counter()
+        self.update_weights_from_disk(folder, version)
+        if source.parent == folder.parent and source != folder:
+            shutil.rmtree(source, ignore_errors=True)  # an older pushed version, not the user's folder
+        return {"write_s": t1 - t0, "server_s": time.perf_counter() - t1}
+
+    def _remember(self, bucket: NamedTensors, keep_host_copy: bool) -> None:
+        if keep_host_copy and self._server is not None:
+            for name, t in bucket:
+                self._host_copy[name] = t.detach().to("cpu", copy=True)
+
+    def _push_tensor(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool = False
+                     ) -> dict[str, float]:
+        """Shared-memory tensors via POST /update_weights_from_tensor, one call per bucket."""
+        import torch.multiprocessing as tmp
+        from multiprocessing.reduction import ForkingPickler
+
+        tmp.set_sharing_strategy("file_system")  # fds cannot cross HTTP; named shm files can
+        timing = {"serialize_s": 0.0, "server_s": 0.0}
+        self.client.call("/begin_weight_update", {})
+        try:
+            pending = None
+            for bucket in buckets:
+                if pending is not None:
+                    timing["server_s"] += self._send_tensor_bucket(pending, version, last=False)
+                t0 = time.perf_counter()
+                buf = io.BytesIO()
+                ForkingPickler(buf).dump([(n, t.detach().contiguous()) for n, t in bucket])
+                pending = base64.b64encode(buf.getvalue()).decode()
+                timing["serialize_s"] += time.perf_counter() - t0
+                self._remember(bucket, keep_host_copy)
+            if pending is not None:
+                timing["server_s"] += self._send_tensor_bucket(pending, version, last=True)
+        finally:
+            self.client.call("/end_weight_update", {})
+        return timing
+
+    def _send_tensor_bucket(self, payload: str, version: int, last: bool) -> float:
+        t0 = time.perf_counter()
+        reply = self.client.call("/update_weights_from_tensor", {
+            "serialized_named_tensors": [payload], "flush_cache": last,
+            "weight_version": str(version) if last else None})
+        _check(reply, "/update_weights_from_tensor")
+        return time.perf_counter() - t0
+
+    def _join_group(self) -> None:
+        """Form the weight-update group: this process is rank 0, the server's ranks follow (gloo on CPU)."""
+        port = _free_port()
+        self._group_name = f"rntp-weights-{secrets.token_hex(4)}"
+        backend = "gloo" if not torch.cuda.is_available() else "nccl"
+        info = self._call("/get_server_info", timeout=60) or {}
+        server_ranks = int(info.get("tp_size", 1)) * int(info.get("pp_size", 1)) * int(info.get("dp_size", 1) or 1)
+        payload = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1,
+                   "world_size": 1 + server_ranks, "group_name": self._group_name, "backend": backend}
+        reply: dict[str, Any] = {}
+        joiner = threading.Thread(target=lambda: reply.update(r=self._try_call("/init_weights_update_group", payload)))
+        joiner.start()
+        self._group = _process_group(backend, port, 1 + server_ranks, self._group_name)
+        joiner.join()
+        _check(reply.get("r"), "/init_weights_update_group")
+
+    def _leave_group(self) -> None:
+        """Destroy this process's side of the weight-update group (local; no collective)."""
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(self._group)
+        self._group = None
+
+    def _try_call(self, path: str, payload: dict) -> Any:
+        try:
+            return self.client.call(path, payload)
+        except (SGLangServerError, OSError) as e:
+            return {"success": False, "message": repr(e)}
+
+    def _push_distributed(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
+                          ) -> dict[str, float]:
+        """Each bucket as one flat byte buffer broadcast over the weight-update group (load_format flattened_bucket)."""
+        if self._group is None:
+            self._join_group()
+        timing = {"flatten_s": 0.0, "broadcast_s": 0.0, "server_s": 0.0}
+        self.client.call("/begin_weight_update", {})
+        try:
+            items = iter(buckets)
+            bucket = next(items, None)
+            while bucket is not None:
+                following = next(items, None)
+                t0 = time.perf_counter()
+                flat, metas = flatten(bucket)
+                timing["flatten_s"] += time.perf_counter() - t0
+                payload = {"names": [m.name for m in metas],
+                           "dtypes": [str(m.dtype).replace("torch.", "") for m in metas],
+                           "shapes": [list(m.shape) for m in metas], "group_name": self._group_name,
+                           "load_format": "flattened_bucket", "flush_cache": following is None,
+                           "weight_version": str(version) if following is None else None}
+                reply: dict[str, Any] = {}
+                receiver = threading.Thread(target=lambda: reply.update(
+                    r=self._try_call("/update_weights_from_distributed", payload)))
+                t1 = time.perf_counter()
+                receiver.start()
+                dist.broadcast(flat, src=0, group=self._group)  # this process is rank 0 of the group
+                timing["broadcast_s"] += time.perf_counter() - t1
+                receiver.join()
+                timing["server_s"] += time.perf_counter() - t1
+                _check(reply.get("r"), "/update_weights_from_distributed")
+                self._remember(bucket, keep_host_copy)
+                bucket = following
+        finally:
+            self.client.call("/end_weight_update", {})
+        return timing
+
+
+def _process_group(backend: str, port: int, world_size: int, group_name: str) -> Any:
+    """Rank 0 of a process group outside torch.distributed's default world, formed the way SGLang's
+    init_custom_process_group forms the server's side (tcp rendezvous, store prefixed by the group name)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(minutes=5)
+    store, _, _ = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 0, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    # torch has no public call for a group beside the default one; SGLang uses the same private helper.
+    group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend),
+                                              c10d.PrefixStore(group_name, store), group_name=group_name,
+                                              backend_options=None, timeout=timeout)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _check(reply: Any, path: str) -> None:
+    """Raise when an update call reports failure (HTTP 200 with success false, or a refused call)."""
+    if isinstance(reply, dict) and reply.get("success") is False:
+        raise SGLangServerError(f"{path} failed: {reply.get('message')}")
+
+
+def _version(raw: Any) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return 0  # the server's initial version ("default")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

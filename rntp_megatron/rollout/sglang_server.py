@@ -1,0 +1,129 @@
+"""An SGLang server as a child process: command line, start, health wait, logs in the run folder, stop.
+
+The server runs in its own virtualenv (tools/install_sglang.sh) and its own process group, bound to
+127.0.0.1 with an API key; it is stopped by PID (the whole group), never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rntp_megatron.config import SGLangConfig
+
+
+class SGLangServerError(RuntimeError):
+    """The SGLang server failed, refused a request or could not be (re)started; the message says which."""
+
+
+def on_cpu() -> bool:
+    """Whether the server runs on CPU (no CUDA here): the CPU engine flags of DESIGN.md apply."""
+    return not torch.cuda.is_available()
+
+
+def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, api_key: str,
+                   dtype: str) -> list[str]:
+    """argv of `python -m sglang.launch_server` for the model (CPU flags when there is no GPU)."""
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--host", cfg.host,
+            "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--skip-server-warmup",
+            "--log-level", "info"]
+    if on_cpu():
+        # Measured recipe for SGLang on these CPUs (DESIGN.md, "Platform facts").
+        argv += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+                 "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
+    return argv + list(cfg.extra_args)
+
+
+class HTTPClient:
+    """JSON over HTTP to one SGLang server, with its API key."""
+
+    def __init__(self, url: str, api_key: Optional[str]):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+
+    def call(self, path: str, payload: Optional[dict[str, Any]] = None, timeout: float = 600.0,
+             method: Optional[str] = None) -> Any:
+        """The decoded JSON reply of POST (or GET without payload) url+path; SGLangServerError on HTTP errors."""
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method or ("GET" if data is None else "POST"))
+        req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as e:
+            raise SGLangServerError(f"{path}: HTTP {e.code}: {e.read()[:2000].decode(errors='replace')}") from None
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body.decode(errors="replace")
+
+
+class ServerProcess:
+    """One launched server: its process (own process group), log file and URL."""
+
+    def __init__(self, python: str, model_path: str, cfg: SGLangConfig, run_dir: Path, port: int, api_key: str,
+                 dtype: str, attempt: int):
+        exe = shutil.which(python) if os.sep not in python else str(Path(python).absolute())  # cwd changes below
+        if exe is None or not Path(exe).exists():
+            raise SGLangServerError(f"rollout.sglang.python {python!r} does not exist; install the server with "
+                                    "tools/install_sglang.sh (it creates sglang-venv/)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = run_dir / f"sglang_server.{attempt}.log"
+        self.url = f"http://{cfg.host}:{port}"
+        env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1" if on_cpu() else os.environ.get("SGLANG_USE_CPU_ENGINE", ""))
+        env.pop("PYTHONPATH", None)  # the server imports only its own virtualenv
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(server_command(exe, model_path, cfg, port, api_key, dtype), stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=run_dir,
+                                     start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_healthy(self, client: HTTPClient, timeout_s: float) -> float:
+        """Seconds until GET /health answered 200; SGLangServerError when the process dies or time runs out."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if not self.alive():
+                raise SGLangServerError(f"SGLang server exited with code {self.proc.returncode} while starting; "
+                                        f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                client.call("/health", timeout=5)
+                return time.monotonic() - start
+            except (SGLangServerError, OSError):
+                time.sleep(1.0)
+        self.stop()
+        raise SGLangServerError(f"SGLang server not healthy after {timeout_s:.0f} s (rollout.sglang.startup_timeout_s);"
+                                f" log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL what is left of it after grace_s."""
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=grace_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # children (scheduler, detokenizer) share the group
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        self._log.close()

@@ -1,0 +1,29 @@
+"""rollout/sglang_server: the launch command and clear errors, without starting a server."""
+
+import pytest
+
+from rntp_megatron.config import SGLangConfig
+from rntp_megatron.rollout.sglang_engine import SGLangEngine
+from rntp_megatron.rollout.sglang_server import ServerProcess, SGLangServerError, server_command
+
+
+def test_command_binds_localhost_with_api_key_and_cpu_flags():
+    cfg = SGLangConfig(extra_args=["--max-running-requests", "8"])
+    argv = server_command("/venv/bin/python", "/models/m", cfg, 31000, "secret", "bfloat16")
+    assert argv[:3] == ["/venv/bin/python", "-m", "sglang.launch_server"]
+    flag = {a: b for a, b in zip(argv, argv[1:])}
+    assert flag["--host"] == "127.0.0.1" and flag["--port"] == "31000" and flag["--api-key"] == "secret"
+    assert flag["--device"] == "cpu" and flag["--attention-backend"] == "torch_native"  # no GPU here
+    assert argv[-2:] == ["--max-running-requests", "8"]
+
+
+def test_missing_server_python_is_a_clear_error(tmp_path):
+    with pytest.raises(SGLangServerError, match="install_sglang.sh"):
+        ServerProcess(str(tmp_path / "nope" / "python"), "/m", SGLangConfig(), tmp_path, 31000, "k", "float32", 0)
+
+
+def test_engine_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="weight_sync 'ftp'"):
+        SGLangEngine(SGLangConfig(weight_sync="tensor").__class__(weight_sync="ftp"), model_path=tmp_path)
+    with pytest.raises(ValueError, match="needs model_path"):
+        SGLangEngine(SGLangConfig())
