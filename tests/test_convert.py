@@ -1,0 +1,240 @@
+"""`rntp convert`: Megatron dist checkpoints <-> Hugging Face folders.
+
+- A checkpoint saved at TP2 (and one at PP2) is exported by one process (dist_checkpointing reshards); the
+  folder loads in transformers and its float32 logits match the Megatron model that saved it.
+- An HF folder (llama, qwen2 with tied embeddings, qwen3) imported at TP2 and exported again is bit-exact.
+- Missing or corrupt checkpoints, unsupported architectures and layouts that do not fit fail with errors that
+  say so, and leave no output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rntp_megatron.config import ConfigError
+from tests.distributed_harness import run_ranks
+
+FAMILIES = ("tiny", "tiny_qwen2", "tiny_qwen3")
+TOKENS = [[1, 5, 9, 200, 3, 77, 31, 4], [8, 8, 2, 250, 0, 19, 6, 100]]
+
+
+def _save_random_checkpoint(rank: int, world_size: int, card: str, tp: int, pp: int, root: str) -> list:
+    """Rank's part of a random-init model saved at TP x PP; returns the full float32 logits (last stage, TP rank 0)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from rntp_megatron.checkpoint import save_checkpoint
+    from rntp_megatron.config import build_config
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({"model": {"card": card, "transformer_impl": "local", "init_method_std": 0.2},
+                        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}})
+    init_distributed(cfg.parallel, seed=11)
+    try:
+        model = build_model(cfg.model, cfg.parallel).eval()
+        model_fields = {k: v for k, v in vars(cfg.model).items() if k != "card"}
+        save_checkpoint(root, 3, [model], None, trainer_state={"step": 3, "model": model_fields}, rank_state={})
+        tokens = torch.tensor(TOKENS)
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        outputs = []
+
+        def forward_step(_, m):
+            return m(tokens, positions, None), lambda out: (out.sum(), {"logits": out})
+
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+            seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
+        if parallel_state.is_pipeline_last_stage():
+            logits = losses[0]["logits"].contiguous()
+            if tp > 1:
+                parts = [torch.empty_like(logits) for _ in range(tp)]
+                torch.distributed.all_gather(parts, logits, group=parallel_state.get_tensor_model_parallel_group())
+                logits = torch.cat(parts, dim=-1)
+            outputs = logits[..., :cfg.model.vocab_size].tolist()
+    finally:
+        destroy_distributed()
+    return outputs
+
+
+def _rntp(rank: int, world_size: int, argv: list[str]) -> int:
+    from rntp_megatron.cli import main
+
+    return main(argv)
+
+
+def _rntp_error(rank: int, world_size: int, argv: list[str]) -> str:
+    """The message of the error `rntp argv` raises ('' when it succeeds)."""
+    from rntp_megatron.cli import main
+
+    try:
+        main(argv)
+    except Exception as e:  # noqa: BLE001 - the test inspects the message
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _hf_logits(folder: Path) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("card,tp,pp", [("tiny", 2, 1), ("tiny_qwen3", 1, 2)])
+def test_export_from_any_layout_loads_in_transformers_with_matching_logits(tmp_path, card, tp, pp):
+    import transformers
+
+    ranks = run_ranks(_save_random_checkpoint, tp * pp, (card, tp, pp, str(tmp_path / "ckpt")))
+    megatron_logits = torch.tensor(ranks[-1])  # the last rank is on the last stage
+    out = tmp_path / "hf"
+    # one process: dist_checkpointing reshards the TP2 / PP2 checkpoint to TP1
+    [rc] = run_ranks(_rntp, 1, (["convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)],))
+    assert rc == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+    assert any(n.endswith(".safetensors") for n in names)
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    assert generation.eos_token_id == 0 and generation.do_sample
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer("hi")["input_ids"] == [ord("h"), ord("i")]
+    hf_logits = _hf_logits(out)
+    assert hf_logits.shape == megatron_logits.shape
+    err = (hf_logits - megatron_logits).abs().max().item()
+    assert err < 1e-4, f"{card} saved at TP{tp} PP{pp}: max |HF - Megatron| logit = {err}"
+
+
+def _write_hf_model(card: str, folder: Path, seed: int = 0) -> None:
+    """A random float32 HF model of the card's family, saved with safetensors in several shards."""
+    import transformers
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.model import hf_mapping
+
+    cfg = build_config({"model": {"card": card}}).model
+    config = transformers.AutoConfig.for_model(**hf_mapping.hf_config(cfg, torch_dtype="float32"))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(str(folder), safe_serialization=True, max_shard_size="100KB")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from rntp_megatron.weights.hf_checkpoint import SafetensorsFolder
+
+    st = SafetensorsFolder(folder)
+    return {k: st[k] for k in st}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("card", FAMILIES)
+def test_import_then_export_is_bit_exact(tmp_path, card):
+    from rntp_megatron.model.hf_mapping import model_fields_from_hf
+
+    source, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
+    _write_hf_model(card, source)
+    assert (source / "model.safetensors.index.json").exists()  # sharded input
+    imported = run_ranks(_rntp, 2, (["convert", "from-hf", "--hf", str(source), "--out", str(ckpt), "--tp", "2"],))
+    assert imported == [0, 0] and (ckpt / "latest").read_text().strip() == "iter_0000000"
+    [rc] = run_ranks(_rntp, 1, (["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(back)],))  # at TP1
+    assert rc == 0
+    original, exported = _tensors(source), _tensors(back)
+    assert sorted(original) == sorted(exported)
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
+    src_cfg, out_cfg = (json.loads((d / "config.json").read_text()) for d in (source, back))
+    assert model_fields_from_hf(out_cfg) == model_fields_from_hf(src_cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: clear errors, no output left behind.
+
+
+def _to_hf_args(ckpt: Path, out: Path):
+    return argparse_namespace(direction="to-hf", checkpoint=str(ckpt), out=str(out), config=None, overrides=[],
+                              tokenizer=None, dtype=None, overwrite=False, tp=None, pp=1)
+
+
+def test_missing_and_incomplete_checkpoints_fail_clearly(tmp_path):
+    from rntp_megatron import convert
+
+    out = tmp_path / "hf"
+    with pytest.raises(convert.ConvertError, match="does not exist"):
+        convert.to_hf(_to_hf_args(tmp_path / "nowhere", out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(convert.ConvertError, match="nor a checkpoint directory with a `latest`"):
+        convert.to_hf(_to_hf_args(tmp_path / "empty", out))
+    broken = tmp_path / "broken"
+    (broken / "iter_0000003").mkdir(parents=True)  # a save that died before completing
+    (broken / "latest").write_text("iter_0000003")
+    with pytest.raises(convert.ConvertError, match="iter_0000003.*complete.json"):
+        convert.to_hf(_to_hf_args(broken, out))
+    assert not out.exists()
+
+
+@pytest.mark.distributed
+def test_corrupt_checkpoint_fails_clearly_and_leaves_no_output(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    run_ranks(_save_random_checkpoint, 1, ("tiny", 1, 1, str(ckpt)))
+    shards = list((ckpt / "iter_0000003").glob("*.distcp"))
+    assert shards
+    for f in shards:  # truncated shard files
+        f.write_bytes(f.read_bytes()[:100])
+    [message] = run_ranks(_rntp_error, 1, (["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)],))
+    assert "cannot load" in message and "iter_0000003" in message
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")], "temporary output left behind"
+
+
+def test_unsupported_architecture_and_bad_layout_fail_before_writing(tmp_path, monkeypatch):
+    from rntp_megatron import convert
+
+    source = tmp_path / "gpt2"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                    "n_layer": 2, "n_embd": 64}))
+    args = argparse_namespace(direction="from-hf", hf=str(source), out=str(tmp_path / "out"), tp=None, pp=1,
+                              overwrite=False)
+    with pytest.raises(Exception, match="GPT2LMHeadModel.*not one of"):
+        convert.from_hf(args)
+    assert not (tmp_path / "out").exists()
+
+    llama = tmp_path / "llama"
+    _write_hf_model("tiny", llama)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as under torchrun --nproc_per_node=3
+    with pytest.raises(ConfigError, match=r"TP=3 must divide model.num_attention_heads=4"):
+        convert.from_hf(argparse_namespace(direction="from-hf", hf=str(llama), out=str(tmp_path / "out"), tp=3,
+                                           pp=1, overwrite=False))
+    with pytest.raises(ConfigError, match=r"TP=2 x PP=1 needs 2 processes, this is 3"):
+        convert.from_hf(argparse_namespace(direction="from-hf", hf=str(llama), out=str(tmp_path / "out"), tp=2,
+                                           pp=1, overwrite=False))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"PP=4 must divide model.num_layers=2"):
+        convert.from_hf(argparse_namespace(direction="from-hf", hf=str(llama), out=str(tmp_path / "out"), tp=None,
+                                           pp=4, overwrite=False))
+    assert not (tmp_path / "out").exists()
+    # an existing output is never overwritten silently
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(convert.ConvertError, match="exists and is not empty"):
+        convert.from_hf(argparse_namespace(direction="from-hf", hf=str(llama), out=str(tmp_path / "out"), tp=None,
+                                           pp=1, overwrite=False))
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+
+
+def argparse_namespace(**kwargs):
+    import argparse
+
+    return argparse.Namespace(**kwargs)
