@@ -40,11 +40,16 @@ def as_run_config(value: Any) -> Any:
 
 
 def train(cfg: RunConfig) -> None:
-    """The task every rank runs: re-validate the (possibly edited) config tree and run the trainer."""
-    from rntp_megatron.train_cmd import train as run_trainer
+    """The task every rank runs: re-validate the (possibly edited) config tree and run the trainer; a non-zero
+    trainer exit (75: checkpointed on SIGTERM/SIGUSR1) becomes this process's exit code."""
+    from rntp_megatron.runtime import destroy_distributed
+    from rntp_megatron.trainer import Trainer
 
     validate(cfg)
-    run_trainer(cfg)
+    code = Trainer(cfg).run()
+    destroy_distributed()
+    if code:
+        raise SystemExit(code)
 
 
 def recipe(cfg: RunConfig) -> run.Partial:
@@ -53,15 +58,17 @@ def recipe(cfg: RunConfig) -> run.Partial:
 
 
 def tiny_cpu(run_dir: str, train_steps: int = 3, overrides: list[str] = ()) -> run.Partial:
-    """The tiny CPU model (card `tiny`, byte vocabulary, synthetic corpus, in-process Megatron rollouts)."""
+    """RNTP on the tiny CPU model (card `tiny`, byte tokenizer, synthetic corpus, in-process Megatron rollouts)."""
     cfg = build_config({
-        "model": {"card": "tiny"},
+        "model": {"card": "tiny", "vocab_size": 262},  # byte tokenizer: 256 bytes + tags + eos + pad
         "data": {"context_len": 64, "min_context": 8},
-        "rollout": {"max_new_tokens": 8},
-        "rl": {"group_size": 4},
-        "schedule": {"train_steps": train_steps, "global_batch_size": 8, "micro_batch_size": 4, "seq_length": 96},
-        "checkpoint": {"dir": f"{run_dir}/checkpoints"},
-        "logging": {"dir": f"{run_dir}/logs", "plot": False, "progress": False},
+        "rollout": {"engine": "megatron", "max_new_tokens": 12, "temperature": 1.0},
+        "reward": {"name": "prob"},
+        "rl": {"objective": "rntp", "group_size": 4},
+        "schedule": {"train_steps": train_steps, "global_batch_size": 8, "micro_batch_size": 4, "seq_length": 96,
+                     "lr": 3e-3},
+        "checkpoint": {"dir": f"{run_dir}/checkpoints", "save_interval": 1},
+        "logging": {"dir": run_dir, "progress": False, "plot": False},
     }, list(overrides))
     return recipe(cfg)
 
