@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,37 @@ def argparse_namespace(**kwargs):
     import argparse
 
     return argparse.Namespace(**kwargs)
+
+
+SGLANG_PYTHON = Path(os.environ.get("RNTP_SGLANG_PYTHON", Path(__file__).resolve().parents[1] / "sglang-venv/bin/python"))
+
+
+@pytest.mark.sglang
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sglang_server_serves_the_exported_folder(tmp_path):
+    """A real SGLang server loads the exported folder; its prompt log-probs are the Megatron model's."""
+    if not SGLANG_PYTHON.exists():
+        pytest.skip(f"SGLang server virtualenv missing ({SGLANG_PYTHON}); run tools/install_sglang.sh")
+    from rntp_megatron.config import SGLangConfig
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from tests.distributed_harness import free_port
+
+    ranks = run_ranks(_save_random_checkpoint, 2, ("tiny_qwen2", 2, 1, str(tmp_path / "ckpt")))
+    logits = torch.tensor(ranks[0], dtype=torch.float64)
+    tokens = torch.tensor(TOKENS)
+    # log p(token[t] | token[<t]) for t >= 1 under the Megatron model
+    expected = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    [rc] = run_ranks(_rntp, 1, (["convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                                 str(tmp_path / "hf")],))
+    assert rc == 0
+    engine = SGLangEngine(SGLangConfig(python=str(SGLANG_PYTHON), port=free_port(), max_restarts=0),
+                          model_path=tmp_path / "hf", run_dir=tmp_path / "server", dtype="float32")
+    try:
+        served = engine.prompt_logprobs(TOKENS)
+    finally:
+        engine.close()
+    for row, want in zip(served, expected.tolist()):
+        got = [x for x in row if x is not None][-len(want):]
+        assert len(got) == len(want)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 2e-4, (got, want)
