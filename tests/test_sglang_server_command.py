@@ -4,7 +4,7 @@ import pytest
 
 from rntp_megatron.config import SGLangConfig
 from rntp_megatron.rollout.sglang_engine import SGLangEngine
-from rntp_megatron.rollout.sglang_server import ServerProcess, SGLangServerError, server_command
+from rntp_megatron.rollout.sglang_server import ServerProcess, SGLangServerError, server_command, server_env
 
 
 def test_command_binds_localhost_with_api_key_and_cpu_flags():
@@ -27,3 +27,10 @@ def test_engine_rejects_bad_settings(tmp_path):
         SGLangEngine(SGLangConfig(weight_sync="tensor").__class__(weight_sync="ftp"), model_path=tmp_path)
     with pytest.raises(ValueError, match="needs model_path"):
         SGLangEngine(SGLangConfig())
+
+
+def test_server_does_not_inherit_the_trainers_distributed_world():
+    trainer = {"RANK": "0", "WORLD_SIZE": "4", "MASTER_PORT": "29500", "TORCHELASTIC_USE_AGENT_STORE": "True",
+               "PYTHONPATH": "/work/main", "HOME": "/root", "OMP_NUM_THREADS": "1"}
+    env = server_env(trainer)
+    assert env == {"HOME": "/root", "OMP_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}

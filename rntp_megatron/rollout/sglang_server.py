@@ -15,11 +15,18 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from rntp_megatron.config import SGLangConfig
+
+
+# torch.distributed / torchrun variables of the trainer's own job. Inherited, they make the server's own
+# rendezvous join the trainer's (e.g. TORCHELASTIC_USE_AGENT_STORE turns its TCPStore into a client: a hang).
+TRAINER_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+TRAINER_DIST_ENV_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
 
 
 class SGLangServerError(RuntimeError):
@@ -42,6 +49,15 @@ def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, a
         argv += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                  "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
     return argv + list(cfg.extra_args)
+
+
+def server_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: ours without PYTHONPATH and the trainer's torch.distributed variables."""
+    env = {k: v for k, v in base.items()
+           if k != "PYTHONPATH" and k not in TRAINER_DIST_ENV and not k.startswith(TRAINER_DIST_ENV_PREFIXES)}
+    if on_cpu():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return env
 
 
 class HTTPClient:
@@ -84,8 +100,7 @@ class ServerProcess:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / f"sglang_server.{attempt}.log"
         self.url = f"http://{cfg.host}:{port}"
-        env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1" if on_cpu() else os.environ.get("SGLANG_USE_CPU_ENGINE", ""))
-        env.pop("PYTHONPATH", None)  # the server imports only its own virtualenv
+        env = server_env(os.environ)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(server_command(exe, model_path, cfg, port, api_key, dtype), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=run_dir,
