@@ -71,7 +71,7 @@ start_accounting() {
 
 write_slurm_conf() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=$(nproc --all)  # plain nproc follows OMP_NUM_THREADS, which tests set to 1
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=local
