@@ -65,7 +65,10 @@ def main() -> None:
     if rank == 0:
         tok = write_byte_tokenizer(work / "tok", eos_id=None)
         save_hf_checkpoint(stream(), work / "init", cfg.model, tokenizer_dir=tok)
-        engine = SGLangEngine(SGLangConfig(python=args.python, port=_free_port(), startup_timeout_s=900),
+        # a 1 GB model needs more than the CPU default --mem-fraction-static 0.05 (the last flag wins)
+        server = SGLangConfig(python=args.python, port=_free_port(), startup_timeout_s=900,
+                              extra_args=["--mem-fraction-static", "0.2"])
+        engine = SGLangEngine(server,
                               model_path=work / "init", run_dir=work / "run", dtype="bfloat16",
                               bucket_bytes=bucket_bytes)
         print(f"model {total / 1e9:.2f} GB bf16 (TP2 x PP2), server up in {engine.startup_s:.0f} s", flush=True)
