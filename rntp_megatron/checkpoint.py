@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.optimizer import MegatronOptimizer
 
 LATEST = "latest"
@@ -145,7 +146,7 @@ def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: 
     extra = extra or {}
     try:
         loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, extra, is_loading=True), str(path))
-    except Exception as e:  # megatron raises many kinds; name the checkpoint and the layout
+    except (Exception, CheckpointException) as e:  # megatron and torch raise many kinds (torch's is a BaseException)
         raise CheckpointError(f"cannot load {path} at this layout (world size {dist.get_world_size()}): {e}") from e
     if len(chunks) == 1:
         _unwrapped(chunks[0]).load_state_dict(loaded["model"])

@@ -63,6 +63,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, engine: Optional[RolloutEngine] = None) -> None:
         self.cfg = cfg
+        # first, so that a preemption during start-up still ends in a checkpoint at the first step boundary
+        self._stop_signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.info = init_distributed(cfg.parallel, cfg.seed)
         world = dist.get_world_size()
         validate(cfg, world_size=world)
@@ -103,9 +107,6 @@ class Trainer:
         self._resume()
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
                                      total_steps=self.total_steps, resume_at=self.step)
-        self._stop_signal: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
     # ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
