@@ -368,8 +368,9 @@ def _process_group(backend: str, port: int, world_size: int, group_name: str) ->
     from torch.distributed import distributed_c10d as c10d
 
     timeout = timedelta(minutes=5)
-    store, _, _ = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 0, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    # This process hosts the store. (torch's tcp:// rendezvous would not under torchrun: with
+    # TORCHELASTIC_USE_AGENT_STORE it only connects as a client, and the group never forms.)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
     # torch has no public call for a group beside the default one; SGLang uses the same private helper.
     group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend),
                                               c10d.PrefixStore(group_name, store), group_name=group_name,
