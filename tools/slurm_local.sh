@@ -71,7 +71,10 @@ start_accounting() {
 
 write_slurm_conf() {
     local cpus mem
-    cpus=$(nproc --all)  # plain nproc follows OMP_NUM_THREADS, which tests set to 1
+    # the installed processors (plain nproc follows OMP_NUM_THREADS, which tests set to 1; a CI run once saw
+    # `nproc --all` and slurmd's own detection report 1 on this 2-core machine, so the count comes from
+    # sysconf and slurmd is told to trust the configuration: SlurmdParameters=config_overrides)
+    cpus=$(getconf _NPROCESSORS_CONF)
     mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=local
@@ -104,6 +107,7 @@ SwitchType=switch/none
 SchedulerType=sched/backfill
 # look at pending jobs every few seconds (defaults 60/30 s): a requeued job starts soon after it may
 SchedulerParameters=sched_interval=5,bf_interval=5
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
