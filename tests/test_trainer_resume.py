@@ -56,13 +56,17 @@ def _run(run_dir: Path, objective: str) -> subprocess.CompletedProcess:
 
 def _interrupt(run_dir: Path, objective: str, sig: int, after_steps: int) -> int:
     """Start a run, send `sig` once `after_steps` steps are logged, return its exit code."""
+    # its own session: SIGKILL goes to the whole group, so the checkpoint writer's helper process dies too
     proc = subprocess.Popen(_command(run_dir, objective), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     while len(_records(run_dir)) < after_steps and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, f"run ended before step {after_steps}: {proc.stderr.read()[-3000:]}"
-    proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     try:
         return proc.wait(timeout=300)
     finally:
