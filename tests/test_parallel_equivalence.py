@@ -61,7 +61,7 @@ def run_layout(rank: int, world: int, card: str, parallel: dict, micro_batch_siz
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.optimizer import build_optimizer, wrap_ddp
     from rntp_megatron.runtime import destroy_distributed, init_distributed
-    from rntp_megatron.step import forward_backward, reduce_logged, train_step
+    from rntp_megatron.step import forward_backward, train_step
 
     cfg = build_config({"model": {"card": card}, "parallel": parallel,
                         "schedule": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": micro_batch_size,

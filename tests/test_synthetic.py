@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rntp_megatron.data.synthetic import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, SyntheticSpec,
+from rntp_megatron.data.synthetic import (ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, SyntheticSpec,
                                           synthetic_documents, worked_answer)
 
 SPEC = SyntheticSpec()

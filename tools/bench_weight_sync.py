@@ -99,7 +99,7 @@ def main() -> None:
         src = torch.randint(0, 255, (total,), dtype=torch.uint8)
         dst = torch.empty_like(src)
         memcpy_s = min(_timed(lambda: dst.copy_(src)) for _ in range(3))
-        print(f"\n| channel | sync s | GB/s | x memcpy | where the time goes (s) |\n|---|---|---|---|---|")
+        print("\n| channel | sync s | GB/s | x memcpy | where the time goes (s) |\n|---|---|---|---|---|")
         print(f"| memcpy (1 copy, {total / 1e9:.2f} GB) | {memcpy_s:.3f} | {total / memcpy_s / 1e9:.2f} | 1.0 | |")
         print(f"| gather only (TP gather + PP send) | {gather_s:.3f} | {total / gather_s / 1e9:.2f} | "
               f"{gather_s / memcpy_s:.1f} | |")
