@@ -15,6 +15,8 @@ setup-integration: setup
 	@tools/install_sglang.sh $(SGLANG_VENV)
 	@tools/install_launch.sh $(VENV)
 
+# the demo is one process: let it use both cores
+demo: OMP_NUM_THREADS = 2
 demo: setup
 	$(PY) -m rntp_megatron.cli demo
 
