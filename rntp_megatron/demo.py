@@ -12,7 +12,6 @@ Pass `--set phase.key=value` overrides as `--pretrain-set` / `--rl-set`, e.g. sh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -26,21 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-sites", type=int, default=96, help="held-out sites per evaluation")
 
 
-def heldout_episodes(cfg, tokenizer, count: int):
-    """`count` episodes at T, C and I sites of held-out terse documents (a split never trained on)."""
-    from rntp_megatron.data.stream import EpisodeStream
-
-    heldout = dataclasses.replace(cfg.data, site_classes=["T", "C", "I"], sources=[
-        dataclasses.replace(cfg.data.sources[0], split="heldout", synthetic={"kinds": {"terse": 1}})])
-    return EpisodeStream(heldout, tokenizer).take(count)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from rntp_megatron.checkpoint import latest_checkpoint
     from rntp_megatron.config import load_config
-    from rntp_megatron.evaluate import evaluate, format_table, save_table
+    from rntp_megatron.data.stream import EpisodeStream
+    from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
     from rntp_megatron.metrics import plot_curves, read_metrics
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
@@ -54,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     rl_cfg = load_config(RECIPES / "demo_rl.yaml", [
         f"logging.dir={run_dir / 'rl'}", f"checkpoint.load={latest_checkpoint(pretrain.ckpt_dir)}", *args.rl_set])
     rl = Trainer(rl_cfg)
-    episodes = heldout_episodes(rl_cfg, rl.tokenizer, args.eval_sites)
+    episodes = EpisodeStream(heldout_synthetic(rl_cfg.data), rl.tokenizer).take(args.eval_sites)
     max_new = rl_cfg.rollout.max_new_tokens
     tables = {"before RL": evaluate(rl.engine, [rl.ddp], rl.tokenizer, rl_cfg.data, episodes, max_new)}
     if rl.run():

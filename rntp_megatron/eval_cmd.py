@@ -7,7 +7,6 @@ text is bucketed by the model's own next-token entropy at the site (RPT protocol
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 
@@ -26,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from rntp_megatron.config import load_config
     from rntp_megatron.data.sites import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
-    from rntp_megatron.evaluate import evaluate, format_table, save_table
+    from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
@@ -39,9 +38,7 @@ def run(args: argparse.Namespace) -> int:
     data = cfg.data
     synthetic = all(s.kind == "synthetic" for s in data.sources)
     if synthetic:
-        data = dataclasses.replace(data, site_classes=["T", "C", "I"], sources=[
-            dataclasses.replace(s, split="heldout", synthetic={**s.synthetic, "kinds": {"terse": 1}})
-            for s in data.sources])
+        data = heldout_synthetic(data)
     episodes = EpisodeStream(data, trainer.tokenizer).take(args.sites)
     entropies = None
     if not synthetic:

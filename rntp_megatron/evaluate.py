@@ -14,6 +14,7 @@ model's own next-token entropy at the site (> 0.5, > 1.0, > 1.5 nats: the RPT pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -32,6 +33,13 @@ from rntp_megatron.rollout.engine import RolloutEngine, SamplingParams
 
 ENTROPY_BUCKETS = (0.5, 1.0, 1.5)
 METRICS = ("n", "no_thought", "thought", "swap", "info_gain", "thought_len", "format_ok")
+
+
+def heldout_synthetic(data: DataConfig) -> DataConfig:
+    """The synthetic sources' held-out split, terse documents only (no thoughts shown), sites of every class."""
+    return dataclasses.replace(data, site_classes=["T", "C", "I"], sources=[
+        dataclasses.replace(s, split="heldout", synthetic={**s.synthetic, "kinds": {"terse": 1}})
+        for s in data.sources])
 
 
 def buckets_of(episode: Episode, entropy: Optional[float]) -> list[str]:
