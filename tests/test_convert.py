@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rntp_megatron.config import ConfigError
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 FAMILIES = ("tiny", "tiny_qwen2", "tiny_qwen3")
 TOKENS = [[1, 5, 9, 200, 3, 77, 31, 4], [8, 8, 2, 250, 0, 19, 6, 100]]
@@ -253,7 +253,7 @@ def test_sglang_server_serves_the_exported_folder(tmp_path):
         pytest.skip(f"SGLang server virtualenv missing ({SGLANG_PYTHON}); run tools/install_sglang.sh")
     from rntp_megatron.config import SGLangConfig
     from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from tests.distributed_harness import free_port
+    from rntp_megatron.runtime.spawn import free_port
 
     ranks = run_ranks(_save_random_checkpoint, 2, ("tiny_qwen2", 2, 1, str(tmp_path / "ckpt")))
     logits = torch.tensor(ranks[0], dtype=torch.float64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 
 def _model_checks(rank: int, world_size: int) -> dict:

@@ -13,7 +13,7 @@ from rntp_megatron.config import build_config
 from rntp_megatron.data.sources import DataError
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import ByteTokenizer
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 TOK = ByteTokenizer()
 

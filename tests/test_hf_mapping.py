@@ -15,7 +15,7 @@ import torch
 from rntp_megatron.config import build_config
 from rntp_megatron.model import hf_mapping
 from rntp_megatron.weights.buckets import bucketed, flatten, nbytes, unflatten
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 FAMILIES = ("tiny", "tiny_qwen2", "tiny_qwen3")
 

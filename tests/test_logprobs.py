@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rntp_megatron.rl.logprobs import vocab_parallel_logprobs
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 ROWS, VOCAB, TEMPERATURE = 13, 96, 0.7
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 PROMPTS = ["#ab;c?<think>", "#xy;z?<think>", "hello world", "#ab;c?<think>"]  # two lengths, one repeated
 

@@ -8,7 +8,7 @@ import torch
 from rntp_megatron.config import build_config
 from rntp_megatron.model.provider import padded_vocab_size, transformer_config
 from rntp_megatron.model.spec import transformer_engine_available
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 
 @pytest.mark.parametrize("vocab, tp, padded", [(256, 1, 256), (257, 1, 384), (151936, 8, 152576), (128256, 4, 128512)])

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 pytestmark = [pytest.mark.distributed]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rntp_megatron.config import SGLangConfig, build_config
-from tests.distributed_harness import run_ranks
+from rntp_megatron.runtime.spawn import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SGLANG_PYTHON = Path(os.environ.get("RNTP_SGLANG_PYTHON", ROOT / "sglang-venv" / "bin" / "python"))
@@ -167,7 +167,7 @@ def engine(workdir, initial):
 
 
 def _port() -> int:
-    from tests.distributed_harness import free_port
+    from rntp_megatron.runtime.spawn import free_port
 
     return free_port()
 

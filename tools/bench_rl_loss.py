@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--policy-tokens", type=int, default=96, help="thought+answer tokens at the end of each row")
     args = ap.parse_args()
 
-    from tests.distributed_harness import free_port
+    from rntp_megatron.runtime.spawn import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from rntp_megatron.config import build_config
