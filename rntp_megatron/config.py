@@ -152,6 +152,7 @@ class RewardConfig:
     length_cost: float = 0.0
     overlong_buffer: int = 0
     ntp_weight: float = 0.0
+    shuffle: bool = False  # control run: each rollout gets another rollout's reward (no information left)
 
 
 @dataclass

@@ -239,7 +239,8 @@ class Trainer:
             base, _ = continuation_logprobs([self.ddp], baseline_prefixes, conts, mbs, pad, vocab_size=vocab)
             likelihood = (logp, mask, base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
-                                 self.cfg.rollout.max_new_tokens, likelihood=likelihood)
+                                 self.cfg.rollout.max_new_tokens, likelihood=likelihood,
+                                 shuffle_seed=step_seed(self.cfg.seed, self.step, self.dp_rank))
         return shaped, likelihood
 
     def _thought_ids(self, rollout: Rollout) -> list[int]:

@@ -168,6 +168,25 @@ def test_compute_rewards_with_shaping():
         compute_rewards([ep], rollouts, tok, RewardConfig(name="loglik"), DATA, 12)
 
 
+def test_shuffled_rewards_are_a_seeded_permutation():
+    """The shuffled-reward control keeps the batch's rewards but detaches them from their rollouts."""
+    tok = ByteTokenizer()
+    eps = [Episode(prompt_ids=tok.encode("x<think>"), context_ids=tok.encode("x"), continuation_ids=tok.encode(d),
+                   continuation_text=d, site=1) for d in "0123456789"]
+    answers = "01234xxxxx"  # the first five right, the last five wrong
+    rollouts = [Rollout(prompt_ids=eps[i].prompt_ids, token_ids=tok.encode(t), text=t, logprobs=[0.0] * len(t),
+                        finish_reason="stop", prompt_index=i)
+                for i, t in enumerate(f"</think><answer>{a}</answer>" for a in answers)]
+    plain = compute_rewards(eps, rollouts, tok, RewardConfig(), DATA, 16).total
+    assert plain.tolist() == [1.0] * 5 + [0.0] * 5
+    shuffled = [compute_rewards(eps, rollouts, tok, RewardConfig(shuffle=True), DATA, 16, shuffle_seed=s).total
+                for s in (1, 1, 2)]
+    assert sorted(shuffled[0].tolist()) == sorted(plain.tolist()) and shuffled[0].tolist() != plain.tolist()
+    assert shuffled[0].tolist() == shuffled[1].tolist() and shuffled[0].tolist() != shuffled[2].tolist()
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        compute_rewards(eps, rollouts, tok, RewardConfig(shuffle=True), DATA, 16)
+
+
 def test_overlong_penalty_edges():
     assert [overlong_penalty(n, 10, 4) for n in (6, 7, 8, 10, 11)] == pytest.approx([0, -0.25, -0.5, -1, -1])
     assert overlong_penalty(100, 10, 0) == 0

@@ -18,12 +18,13 @@ from rntp_megatron.rollout.engine import Rollout
 
 def compute_rewards(episodes: Sequence[Episode], rollouts: Sequence[Rollout], tokenizer: Tokenizer,
                     reward: RewardConfig, data: DataConfig, max_new_tokens: int,
-                    likelihood: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
-                    ) -> ShapedReward:
+                    likelihood: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+                    shuffle_seed: Optional[int] = None) -> ShapedReward:
     """Shaped rewards[N] for rollouts[N] (rollout i answers episodes[rollout.prompt_index]).
 
     String rewards read the parsed answer; likelihood rewards take `likelihood` = (logp[N, K], mask[N, K],
-    baseline[N, K] or None) from rewards/scoring.py, computed by the trainer.
+    baseline[N, K] or None) from rewards/scoring.py, computed by the trainer. With `reward.shuffle` the base
+    rewards are permuted across the batch by `shuffle_seed` (the shuffled-reward control of ALGORITHMS.md 5).
     """
     spec = get_reward(reward.name)
     eps = [episodes[r.prompt_index] for r in rollouts]
@@ -36,6 +37,10 @@ def compute_rewards(episodes: Sequence[Episode], rollouts: Sequence[Rollout], to
                              "log-probs (rewards.scoring.continuation_logprobs)")
         logp, mask, baseline = likelihood
         base = spec.fn(logp, mask, baseline, reward.params)
+    if reward.shuffle:
+        if shuffle_seed is None:
+            raise ValueError("reward.shuffle=True needs a shuffle_seed (the trainer's step seed)")
+        base = base[torch.randperm(len(base), generator=torch.Generator().manual_seed(shuffle_seed))]
     close = tokenizer.encode(data.think_close)
     thought_lengths = []
     for r in rollouts:
