@@ -128,7 +128,13 @@ class SGLangConfig:
 
 @dataclass
 class RolloutConfig:
-    """Who writes the thoughts, and how they are sampled."""
+    """Who writes the thoughts, where it runs, and how they are sampled.
+
+    placement: `colocated` (the engine shares the trainer's devices and sleeps while it trains; the
+    in-process megatron engine always is) or `separate` (an SGLang server on devices of its own, serving
+    while the trainer trains). off_policy_steps: 0 (each step's rollouts come from the newest weights) or
+    1 (the rollouts of step n+1 are generated while step n trains, from weights one version older; needs
+    `separate` and a TIS or icepop correction, see rollout/prefetch.py)."""
 
     engine: Literal["megatron", "sglang"] = "megatron"
     placement: Literal["colocated", "separate"] = "colocated"
@@ -438,8 +444,33 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(bool(cfg.data.sources), "data.sources", "needs at least one source")
     for i, src in enumerate(cfg.data.sources):
         need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+    validate_rollout(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
              f"{s.global_batch_size} is not divisible by micro_batch_size * data-parallel size = "
              f"{s.micro_batch_size} * {dp}")
+
+
+def validate_rollout(cfg: RunConfig) -> None:
+    """The rollout placement, channel and off-policy rules (rollout/placement.py, rollout/prefetch.py)."""
+    r = cfg.rollout
+    if r.off_policy_steps not in (0, 1):
+        raise ConfigError(f"rollout.off_policy_steps: must be 0 or 1, got {r.off_policy_steps}")
+    if r.engine == "megatron" and r.placement != "colocated":
+        raise ConfigError(f"rollout.placement: {r.placement!r} needs rollout.engine='sglang'; the in-process "
+                          "megatron engine samples from the trainer's own module, so it is colocated by nature")
+    if r.off_policy_steps and r.placement != "separate":
+        raise ConfigError(f"rollout.off_policy_steps: 1 needs rollout.placement='separate', got {r.placement!r} "
+                          f"(rollout.engine={r.engine!r}): a colocated engine cannot generate while the trainer "
+                          "trains, so rollouts one step ahead would only be staler, never overlapped")
+    if r.off_policy_steps and cfg.rl.tis_cap is None and cfg.rl.icepop is None:
+        raise ConfigError("rollout.off_policy_steps: 1 trains on rollouts of weights one version older; set "
+                          "rl.tis_cap (truncated importance sampling, e.g. 2.0) or rl.icepop to correct for them")
+    if r.engine != "sglang":
+        return
+    channels = {"colocated": ("tensor", "disk"), "separate": ("distributed", "disk")}[r.placement]
+    if r.sglang.weight_sync not in channels:
+        raise ConfigError(f"rollout.sglang.weight_sync: {r.sglang.weight_sync!r} does not fit rollout.placement="
+                          f"{r.placement!r}, which takes one of {list(channels)} (tensor: shared memory with a "
+                          "colocated server; distributed: a gloo/NCCL group with a server on devices of its own)")

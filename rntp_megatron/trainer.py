@@ -8,6 +8,12 @@ Objectives: `ntp` (plain next-token pretraining on chunks), `rntp` (RL on sites)
 next-token loss on each episode's context). Every rank runs the same loop; a data-parallel rank draws its own
 episodes, the ranks of one model-parallel group share them. Everything random in a step is seeded by
 (seed, step, DP rank), so a run resumed from a checkpoint repeats the uninterrupted run exactly.
+
+Where the engine runs (rollout.placement: colocated, the engine sleeping while the trainer trains, or
+separate) is rollout/placement.py's concern. With rollout.off_policy_steps=1 (rollout/prefetch.py) the
+generation of step n+1 overlaps the training of step n; the loss then anchors its PPO ratio at the trainer's
+own log-probs before the update and corrects for the one-version-old rollouts by TIS (rl.tis_cap) against
+the rollout log-probs. The metric rollout_staleness is the version trained minus the rollouts' version.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
 from rntp_megatron.rl.batch import pack_rollouts, with_global_counts
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.placement import EnginePlacement
+from rntp_megatron.rollout.prefetch import RolloutPrefetcher
 from rntp_megatron.runtime import init_distributed
 from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
 from rntp_megatron.step import train_step
@@ -88,11 +96,6 @@ class Trainer:
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
         builder = ChunkBuilder(cfg.data, self.tokenizer, s.seq_length + 1) if rl.objective == "ntp" else None
         self.stream = EpisodeStream(cfg.data, self.tokenizer, self.dp_rank, self.dp, builder=builder)
-        self.engine = engine
-        if rl.objective != "ntp" and engine is None:
-            from rntp_megatron.rollout.megatron_engine import MegatronEngine
-
-            self.engine = MegatronEngine(self.model, self.tokenizer)
         self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens,
                              vocab_size=self.tokenizer.vocab_size)
         self.reward_kind = get_reward(cfg.reward.name).kind if rl.objective != "ntp" else "none"
@@ -104,7 +107,16 @@ class Trainer:
         if s.token_budget:
             self.total_steps = steps_for_token_budget(s.token_budget, s.global_batch_size * s.seq_length)
         self.step, self.consumed_tokens, self.weight_version = 0, 0, 0
-        self._resume()
+        self.placement: Optional[EnginePlacement] = None
+        self.engine: Optional[RolloutEngine] = None
+        self.rollouts: Optional[RolloutPrefetcher] = None
+        pending = self._resume()
+        if rl.objective != "ntp":  # after the resume: a server starts from the weights it trains on
+            self.placement = EnginePlacement(cfg, self.model, self.tokenizer, self.run_dir, engine)
+            self.engine = self.placement.engine
+            self.rollouts = RolloutPrefetcher(self.engine, self._plan_rollouts, cfg.rollout.off_policy_steps,
+                                              share=self.placement.share)
+            self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
                                      total_steps=self.total_steps, resume_at=self.step)
 
@@ -112,10 +124,12 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signum  # acted on at the next step boundary, on every rank together
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict[str, Any]:
         """Continue this run from the latest complete checkpoint in checkpoint.dir (model, optimizer, step, data
-        cursor, RNG); else start a new run from the weights of checkpoint.load (model only), if given."""
+        cursor, RNG); else start a new run from the weights of checkpoint.load (model only), if given. Returns
+        the checkpoint's batch of rollouts generated ahead ({} when none)."""
         latest = latest_checkpoint(self.ckpt_dir)
+        pending: dict[str, Any] = {}
         if latest is not None:
             state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
             if rank_state is None:
@@ -126,24 +140,35 @@ class Trainer:
             self.weight_version = state["weight_version"]
             self.stream.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
+            pending = rank_state.get("rollouts_ahead", {})
         elif self.cfg.checkpoint.load:
             load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
         else:
-            return
+            return pending
         if dist.get_rank() == 0:
             print(f"resumed from {latest or self.cfg.checkpoint.load} at step {self.step}", flush=True)
+        return pending
 
     def save(self) -> Path:
         state = {"step": self.step, "consumed_tokens": self.consumed_tokens, "weight_version": self.weight_version,
                  "config": to_dict(self.cfg)}
         rank_state = {"data": self.stream.state_dict(), "rng": rng_state()}
+        if self.rollouts is not None:  # the batch generated ahead was drawn before the saved data cursor
+            rank_state["rollouts_ahead"] = self.rollouts.state_dict()
         return save_checkpoint(self.ckpt_dir, self.step, [self.ddp], self.optimizer, state, rank_state,
                                self.cfg.checkpoint.keep_last)
+
+    def close(self) -> None:
+        """Stop what the trainer started for its rollouts (an SGLang server; an engine passed in stays open)."""
+        if self.placement is not None:
+            self.placement.close()
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Train to total_steps; 0 when done, EXIT_PREEMPTED after saving on SIGTERM/SIGUSR1."""
         interval = self.cfg.checkpoint.save_interval
+        if self.placement is not None:  # the engine serves the weights this run starts from, as their version
+            self.placement.push_weights(self.weight_version)
         while self.step < self.total_steps:
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
@@ -180,47 +205,64 @@ class Trainer:
         self.consumed_tokens += int(tokens.item())
         return {"loss": out.pop("lm loss"), **out, "consumed_tokens": self.consumed_tokens}
 
+    def _plan_rollouts(self, step: int) -> tuple[list[Episode], SamplingParams]:
+        """This DP rank's next rows_per_rank / G episodes and the sampling of `step` (seeded by the step)."""
+        r, G = self.cfg.rollout, self.cfg.rl.group_size
+        episodes = self.stream.take(self.rows_per_rank // G)
+        # Stop strings that are one token are also passed by id: an engine whose own tokenizer lacks the
+        # special tokens (an SGLang server on a byte vocabulary) still stops on them.
+        single = [ids[0] for ids in map(self.tokenizer.encode, r.stop) if len(ids) == 1]
+        sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_new_tokens, stop=list(r.stop),
+                                  stop_token_ids=[self.tokenizer.eos_id, *single], n=G,
+                                  seed=step_seed(self.cfg.seed, step, self.dp_rank))
+        return episodes, sampling
+
     def _rl_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rl.group_size
-        episodes = self.stream.take(self.rows_per_rank // G)
-        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                  stop=list(cfg.rollout.stop), stop_token_ids=[self.tokenizer.eos_id], n=G,
-                                  seed=step_seed(cfg.seed, self.step, self.dp_rank))
         t0 = time.monotonic()
-        rollouts = self.engine.generate([ep.prompt_ids for ep in episodes], sampling)
-        rollout_s = time.monotonic() - t0
+        ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
+        rollout_s = time.monotonic() - t0  # what the step waited for (less than the generation when ahead)
+        episodes, rollouts = ahead.episodes, ahead.rollouts
         shaped, likelihood = self._rewards(episodes, rollouts)
         rewards = shaped.total
         advantages = compute_advantages(rewards, G, cfg.rl.advantage)
         groups = zero_variance_filter(rewards, G)
         batch = pack_rollouts(episodes, rollouts, advantages, rewards, self.think_close_ids,
-                              cfg.schedule.seq_length, self.tokenizer.pad_id)
+                              cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
         batch = with_global_counts(batch, cfg.rl.train_on, parallel_state.get_data_parallel_group())
-        out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
-                         batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
-                         cfg.schedule.micro_batch_size)
+        with self.placement.training():
+            out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
+                             batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
+                             cfg.schedule.micro_batch_size)
+        t0 = time.monotonic()
+        self.rollouts.wait()  # the batch generated ahead is all of the weights it started under
+        rollout_s += time.monotonic() - t0
+        trained_version = self.weight_version
         self.weight_version += 1
-        self.engine.update_weights(self._weights_for_engine(), self.weight_version)
+        self.placement.push_weights(self.weight_version)
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
         out.update(self._rollout_metrics(episodes, rollouts, shaped.terms["reward_base"], rewards,
-                                         groups.zero_variance_fraction, likelihood))
+                                         groups.zero_variance_fraction, likelihood, trained_version))
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         return out
 
-    def _weights_for_engine(self):
-        """The colocated in-process engine shares the module (nothing to send); others get the HF stream."""
-        from rntp_megatron.rollout.megatron_engine import MegatronEngine
+    def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:
+        """One step ahead: log pi_trainer(token | prefix) of each generated token at the rollout temperature
+        under the weights about to be updated (the PPO anchor; TIS then weighs pi_trainer / pi_rollout).
+        On-policy: None (the rollout's own log-probs anchor the ratio)."""
+        if not self.cfg.rollout.off_policy_steps:
+            return None
+        from rntp_megatron.rewards.scoring import continuation_logprobs
 
-        if isinstance(self.engine, MegatronEngine):
-            return iter(())
-        from rntp_megatron.weights.export import stream_hf_weights
-
-        bucket_bytes = self.cfg.rollout.weight_bucket_mb << 20
-        return (item for bucket in stream_hf_weights(self.model, self.cfg.model, bucket_bytes) for item in bucket)
+        logp, _ = continuation_logprobs([self.ddp], [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
+                                        self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id,
+                                        temperature=self.cfg.rollout.temperature,
+                                        vocab_size=self.tokenizer.vocab_size)
+        return [row[:len(r.token_ids)].tolist() for row, r in zip(logp, rollouts)]
 
     def _rewards(self, episodes: list[Episode], rollouts: list[Rollout]):
         """Shaped rewards; likelihood rewards score [prompt, thought, <answer>] -> true continuation here."""
@@ -258,10 +300,13 @@ class Trainer:
         return int(t.item())
 
     def _rollout_metrics(self, episodes: list[Episode], rollouts: list[Rollout], base: torch.Tensor,
-                         total: torch.Tensor, zero_variance: float, likelihood) -> dict[str, float]:
-        """Reward, per-class reward, thought length, format rate, info gain: [sum, count] over DP -> means."""
+                         total: torch.Tensor, zero_variance: float, likelihood, trained_version: int
+                         ) -> dict[str, float]:
+        """Reward, per-class reward, thought length, format rate, info gain, and rollout_staleness (the
+        version trained minus the version each rollout was generated with): [sum, count] over DP -> means."""
         pairs: dict[str, tuple[float, float]] = {
             "reward": (total.sum().item(), total.numel()),
+            "rollout_staleness": (float(sum(trained_version - r.weight_version for r in rollouts)), len(rollouts)),
             "reward_base": (base.sum().item(), base.numel()),
             "zero_variance_groups": (zero_variance, 1.0),
         }

@@ -1,0 +1,134 @@
+"""Where the rollout engine runs relative to the trainer (rollout.placement), and what that means around a step.
+
+colocated: the engine shares the trainer's devices. The in-process MegatronEngine samples from the trainer's
+  own module, so there is nothing to send and nothing to free. An SGLang server sleeps while the trainer
+  trains (/release_memory_occupation before the train step, /resume_memory_occupation after it) and receives
+  the new weights through the tensor channel (shared memory).
+separate: an SGLang server on devices of its own keeps serving while the trainer trains (this is what lets
+  rollouts run one step ahead, rollout/prefetch.py); weights go through the distributed channel (a gloo group
+  on CPU, NCCL on GPU).
+config.validate_rollout refuses the combinations that make no sense (a separate in-process engine, one step
+ahead while colocated, a channel that does not fit the placement).
+
+Ranks, for an engine other than the in-process one: global rank 0 owns it (starts the server from the
+trainer's current weights, or attaches to rollout.sglang.url; pushes weights; puts it to sleep). The first
+rank of each model-parallel group sends its data-parallel rank's prompts (to rank 0's server, attached by
+URL) and broadcasts the rollouts to the other ranks of its group, which share its episodes. The in-process
+engine runs on every rank (its sampling is a TP collective).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from rntp_megatron.config import RunConfig
+from rntp_megatron.data.tokenizer import Tokenizer
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine
+from rntp_megatron.weights.export import stream_hf_weights
+
+
+class EnginePlacement:
+    """This rank's rollout engine (or None) and the placement's duties around a train step."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, tokenizer: Tokenizer, run_dir: Path,
+                 engine: Optional[RolloutEngine] = None) -> None:
+        from rntp_megatron.rollout.megatron_engine import MegatronEngine
+
+        self.cfg, self.model = cfg, model
+        self.colocated = cfg.rollout.placement == "colocated"
+        self.owned = engine is None  # an engine the caller passed in is the caller's to close
+        if engine is None and cfg.rollout.engine == "megatron":
+            engine = MegatronEngine(model, tokenizer)
+        self.in_process = isinstance(engine, MegatronEngine)
+        self.mp_group = parallel_state.get_model_parallel_group()
+        self.mp_source = dist.get_global_rank(self.mp_group, 0)
+        if engine is None:
+            engine = self._start_sglang(tokenizer, run_dir)
+        self.engine = engine  # on every rank in-process; else on the ranks that generate (None elsewhere)
+
+    def _start_sglang(self, tokenizer: Tokenizer, run_dir: Path) -> Optional[RolloutEngine]:
+        """Rank 0 starts the server from the trainer's current weights (or attaches to its URL); the other
+        model-parallel sources attach to it by URL. Every rank takes part in the weight export's gathers."""
+        from rntp_megatron.rollout.sglang_engine import SGLangEngine
+
+        sg = self.cfg.rollout.sglang
+        folder = None if sg.url is not None else self._export_initial(tokenizer, run_dir / "sglang")
+        engine = None
+        if dist.get_rank() == 0:
+            engine = SGLangEngine(sg, model_path=folder, run_dir=run_dir / "sglang",
+                                  dtype=self.cfg.model.params_dtype, bucket_bytes=self._bucket_bytes(),
+                                  decode=tokenizer.decode)
+            atexit.register(engine.close)  # the server is a process group of its own: never leave it behind
+        address = [(engine.client.url, engine.api_key) if engine is not None else None]
+        dist.broadcast_object_list(address, src=0)
+        if engine is None and dist.get_rank() == self.mp_source:
+            url, key = address[0]
+            engine = SGLangEngine(dataclasses.replace(sg, url=url, api_key=key), decode=tokenizer.decode)
+        return engine
+
+    def _export_initial(self, tokenizer: Tokenizer, folder: Path) -> Optional[Path]:
+        """The trainer's current weights as an HF folder with a tokenizer (rank 0; None elsewhere)."""
+        from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+        from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+
+        stream = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
+        if dist.get_rank() != 0:
+            for _ in stream:  # the gathers need every rank
+                pass
+            return None
+        # A byte-vocabulary server needs tokenizer files only to start: the trainer sends token ids, passes
+        # its stop tokens by id and decodes the replies itself (specials live above the 256 bytes).
+        tok_dir = self.cfg.data.tokenizer.path or write_byte_tokenizer(folder / "tokenizer", eos_id=None)
+        return save_hf_checkpoint(stream, folder / "initial", self.cfg.model, tokenizer_dir=tok_dir, overwrite=True)
+
+    def _bucket_bytes(self) -> int:
+        return self.cfg.rollout.weight_bucket_mb << 20
+
+    # ---------------------------------------------------------------------------------------------
+    def share(self, rollouts: Optional[list[Rollout]]) -> list[Rollout]:
+        """The model-parallel group's rollouts on each of its ranks (the source's, broadcast when needed)."""
+        if self.in_process or dist.get_world_size(self.mp_group) == 1:
+            return rollouts
+        box = [rollouts]
+        dist.broadcast_object_list(box, src=self.mp_source, group=self.mp_group)
+        return box[0]
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Around a train step: a colocated server sleeps, once no rank is generating any more."""
+        asleep = self.colocated and not self.in_process
+        if asleep:
+            dist.barrier()  # every rank's prompts are answered (releasing under a running request kills it)
+            if dist.get_rank() == 0:
+                self.engine.sleep()
+        try:
+            yield
+        finally:
+            if asleep and dist.get_rank() == 0:
+                self.engine.wake()
+
+    def push_weights(self, version: int) -> None:
+        """The trainer's weights to the engine, tagged `version`; no rank generates again before it is served."""
+        if self.in_process:  # it samples from the trainer's module: only the version to record
+            self.engine.update_weights(iter(()), version)
+            return
+        buckets = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
+        if dist.get_rank() == 0:
+            self.engine.update_weights((item for bucket in buckets for item in bucket), version)
+        else:
+            for _ in buckets:
+                pass
+        dist.barrier()
+
+    def close(self) -> None:
+        """Stop an engine this placement started (an SGLang server); one passed in stays the caller's."""
+        if self.owned and self.engine is not None:
+            self.engine.close()
