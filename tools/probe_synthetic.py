@@ -90,7 +90,7 @@ def thought_prompt(doc: dict, site: dict, marker: str = "#") -> list[int]:
 
 @torch.no_grad()
 def lookup_accuracy(model, c_sites) -> dict:
-    """Teacher-forced accuracy of each hop of textbook thoughts: letter->letter hops and the final letter->digit."""
+    """Teacher-forced accuracy of the lookups inside textbook thoughts: letter values and the final digit."""
     model.eval()
     rows, spans = [], []
     for d, s in c_sites:
@@ -101,9 +101,11 @@ def lookup_accuracy(model, c_sites) -> dict:
     pred = model(tokens, positions(tokens), None).argmax(-1)
     letter, digit = [], []
     for i, (start, n) in enumerate(spans):
-        for j in range(1, n):  # predicting thought char j from chars < j
-            ok = int(pred[i, start + j - 1]) == rows[i][start + j]
-            (digit if j == n - 1 else letter).append(ok)
+        thought = c_sites[i][1]["thought"]
+        for j in range(1, n):  # lookups: the value after each key (upper case) of the thought
+            if thought[j - 1].isupper():
+                ok = int(pred[i, start + j - 1]) == rows[i][start + j]
+                (digit if j == n - 1 else letter).append(ok)
     model.train()
     return {"hop_letter": sum(letter) / len(letter), "hop_digit": sum(digit) / len(digit)}
 

@@ -1,10 +1,12 @@
 """The synthetic RNTP corpus: lookup-chain documents whose next tokens are labelled T, C or I.
 
-A document binds variables in shuffled `name value;` pairs, e.g. `x7;mx;qm;kq;z4;`, where `mx` means
-m = x. Bindings form `n_chains` chains of `hops` letter-to-letter links ending in a digit, plus
+A document binds variables in shuffled `NAME value;` pairs, e.g. `X7;Mx;Qm;Kq;Z4;`, where `Mx` means
+m = x. A name is written in upper case where it is bound and in lower case where it is used (as a value, a
+query or in a thought), so each hop of a lookup is one unambiguous copy: find the binding of `x` (`X`) and copy
+the character after it. Bindings form `n_chains` chains of `hops` letter-to-letter links ending in a digit, plus
 `n_distractors` unreferenced digit bindings. A query `k?` asks the digit at the end of k's chain:
 
-    T trivial    `;` after each binding, `?` after a query name (fixed by the local format)
+    T trivial    the digit answering a query asked again: a copy of its earlier answer in the document
     C computable the digit answering a query: determined by the context, but only after `hops` serial
                  lookups, which a small model cannot do in one forward pass
     I impossible the digit of a root or distractor binding: fresh random, chance 1/10
@@ -12,14 +14,17 @@ m = x. Bindings form `n_chains` chains of `hops` letter-to-letter links ending i
 A query is written in one of three forms (the thought format is exactly what the RL policy writes):
 
     terse   `k?7 `
-    worked  `k?<think>kqmx7</think><answer>7</answer> `   (each hop copies one binding's value)
-    filler  `k?<think>...</think><answer>7</answer> `     (no working; fillers never start with a letter)
+    worked  `k?<think>Kq;Qm;Mx;X7</think><answer>7</answer> `  (each binding of the chain copied in order)
+    filler  `k?<think>..</think><answer>7</answer> `        (no working, 0-5 characters that are never letters)
 
 Document kinds, told apart by their first character:
 
     `%` textbook  every query worked (the marker lets a prompt ask for working before RL)
     `#` plain     queries mixed: mostly filler or terse, a few worked (what RL starts from)
-    `*` drill     the bindings, then every chain chased at once `|kqmx7,dzp3,...` (trains the lookups)
+    `*` drill     the bindings, then every chain chased at once `|Kq;Qm;Mx;X7,Dz;Zp;P3,...` (trains the lookups)
+    `@` repeat    a random word repeated, `@x7Kb.x7Kb.x7Kb.` (no sites): the in-context copying it teaches at
+                  once is the induction a lookup needs (find the earlier `Q`, copy what followed); without it,
+                  a tiny model sat for thousands of steps at unigram statistics on lookups alone
     `#` terse     plain documents with every query terse (RL and evaluation sites; no thoughts shown)
 
 Every document carries `labels` (one of "T", "C", "I", "." per character of `text`) and `sites`
@@ -36,11 +41,12 @@ from typing import Iterator, Optional
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-MARKERS = {"textbook": "%", "plain": "#", "terse": "#", "drill": "*"}
+MARKERS = {"textbook": "%", "plain": "#", "terse": "#", "drill": "*", "repeat": "@"}
 SPLITS = ("train", "heldout")
-KINDS = ("textbook", "plain", "drill", "terse")
+KINDS = ("textbook", "plain", "drill", "terse", "repeat")
 FILLER_CHARS = ".-"  # never a letter: a filler thought cannot be mistaken for the start of working
 NAMES = string.ascii_lowercase
+REPEAT_CHARS = string.ascii_letters + string.digits + ";?.-"
 DIGITS = string.digits
 
 
@@ -54,10 +60,13 @@ class SyntheticSpec:
     max_hops: int = 4
     n_distractors: int = 2
     queries: int = 2  # per document, each on a different chain (<= n_chains)
-    kind_weights: dict = field(default_factory=lambda: {"textbook": 0.25, "plain": 0.2, "drill": 0.45,
-                                                        "terse": 0.1})
+    repeats: int = 1  # queries asked again after them (T sites; <= queries)
+    kind_weights: dict = field(default_factory=lambda: {"textbook": 0.2, "plain": 0.15, "drill": 0.3,
+                                                        "terse": 0.05, "repeat": 0.3})
     plain_forms: dict = field(default_factory=lambda: {"filler": 0.55, "terse": 0.3, "worked": 0.15})
-    filler_length: tuple = (3, 6)
+    filler_length: tuple = (0, 5)
+    repeat_word: tuple = (3, 12)  # length range of a repeat document's word
+    repeat_length: int = 48  # characters of a repeat document after its marker
 
     def validate(self) -> None:
         """Raise ValueError naming the knob that cannot make documents."""
@@ -66,6 +75,8 @@ class SyntheticSpec:
                              f"max_hops={self.max_hops}")
         if not 1 <= self.queries <= self.n_chains:
             raise ValueError(f"need 1 <= queries <= n_chains, got queries={self.queries} n_chains={self.n_chains}")
+        if not 0 <= self.repeats <= self.queries:
+            raise ValueError(f"need 0 <= repeats <= queries, got repeats={self.repeats} queries={self.queries}")
         names_needed = self.n_chains * (self.max_hops + 1) + self.n_distractors
         if names_needed > len(NAMES):
             raise ValueError(f"n_chains={self.n_chains} x (max_hops={self.max_hops} + 1) + n_distractors="
@@ -86,8 +97,10 @@ class Chain:
 
     @property
     def thought(self) -> str:
-        """The worked thought: every name of the chain, then its digit (`kqmx7`)."""
-        return "".join(self.names) + self.digit
+        """The worked thought: the chain's bindings in order, exactly as written in the context (`Kq;Qm;Mx;X7`),
+        so that each lookup matches the binding's text (`;Q` -> `m`) like the copying of repeat documents."""
+        values = self.names[1:] + (self.digit,)
+        return ";".join(name.upper() + value for name, value in zip(self.names, values))
 
 
 class _Writer:
@@ -134,30 +147,29 @@ def make_chains(rng: random.Random, spec: SyntheticSpec) -> tuple[list[Chain], l
 
 def _write_bindings(w: _Writer, rng: random.Random, chains: list[Chain], distractors: list[tuple[str, str]],
                     ) -> None:
-    """Shuffled `name value;` bindings; digit values are I sites, the `;` are T sites."""
+    """Shuffled `NAME value;` bindings; digit values are I sites."""
     bindings = [(c.names[i], c.names[i + 1]) for c in chains for i in range(len(c.names) - 1)]
     bindings += [(c.names[-1], c.digit) for c in chains] + distractors
     rng.shuffle(bindings)
     for name, value in bindings:
-        w.put(name)
+        w.put(name.upper())
         if value in DIGITS:
             w.site(value, "I")
         else:
             w.put(value)
-        w.site(";", "T")
+        w.put(";")
 
 
-def _write_query(w: _Writer, chain: Chain, form: str, rng: random.Random, spec: SyntheticSpec) -> None:
-    """`name?` then the answer in `form` (terse, worked or filler); the answer digit is a C site."""
-    w.put(chain.names[0])
-    w.site("?", "T")
+def _write_query(w: _Writer, chain: Chain, form: str, rng: random.Random, spec: SyntheticSpec, cls: str) -> None:
+    """`name?` then the answer in `form` (terse, worked or filler); the answer digit is a site of class `cls`."""
+    w.put(chain.names[0] + "?")
     if form == "terse":
-        w.site(chain.digit, "C", chain.thought, chain.names[0])
+        w.site(chain.digit, cls, chain.thought, chain.names[0])
     else:
         body = chain.thought if form == "worked" else "".join(
             rng.choice(FILLER_CHARS) for _ in range(rng.randint(*spec.filler_length)))
         w.put(THINK_OPEN + body + THINK_CLOSE + ANSWER_OPEN)
-        w.site(chain.digit, "C", chain.thought, chain.names[0])
+        w.site(chain.digit, cls, chain.thought, chain.names[0])
         w.put(ANSWER_CLOSE)
     w.put(" ")
 
@@ -171,18 +183,23 @@ def make_document(rng: random.Random, kind: str, spec: SyntheticSpec) -> dict:
     """One document of `kind`: {"text", "labels", "sites", "kind"} (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    chains, distractors = make_chains(rng, spec)
     w = _Writer()
     w.put(MARKERS[kind])
+    if kind == "repeat":
+        word = "".join(rng.choice(REPEAT_CHARS) for _ in range(rng.randint(*spec.repeat_word)))
+        w.put((word * (spec.repeat_length // len(word) + 1))[:spec.repeat_length] + "\n")
+        return {"text": "".join(w.text), "labels": "".join(w.labels), "sites": w.sites, "kind": kind}
+    chains, distractors = make_chains(rng, spec)
     _write_bindings(w, rng, chains, distractors)
     if kind == "drill":
         w.put("|")
         for chain in rng.sample(chains, len(chains)):
             w.put(chain.thought + ",")
     else:
-        for chain in rng.sample(chains, spec.queries):
+        asked = rng.sample(chains, spec.queries)
+        for chain, cls in [(c, "C") for c in asked] + [(c, "T") for c in rng.sample(asked, spec.repeats)]:
             form = {"textbook": "worked", "terse": "terse"}.get(kind) or _pick(rng, spec.plain_forms)
-            _write_query(w, chain, form, rng, spec)
+            _write_query(w, chain, form, rng, spec, cls)
     w.put("\n")
     return {"text": "".join(w.text), "labels": "".join(w.labels), "sites": w.sites, "kind": kind}
 
