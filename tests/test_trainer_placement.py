@@ -162,6 +162,75 @@ def test_prefetcher_raises_a_failed_generation_in_the_main_thread():
 
 
 # --------------------------------------------------------------------------------------------------
+# exact resume one step ahead (a stand-in engine beside the trainer, no server)
+
+
+class WeightHashEngine(RolloutEngine):
+    """A deterministic engine beside the trainer: tokens drawn from (seed, a checksum of the pushed weights),
+    so a batch regenerated from newer weights differs from the one generated ahead."""
+
+    def __init__(self) -> None:
+        self.checksum, self.weight_version = 0, 0
+
+    def update_weights(self, named_tensors, version):
+        self.checksum = int(sum(t.double().abs().sum().item() for _, t in named_tensors) * 1e6) % (2**31)
+        self.weight_version = version
+
+    def generate(self, prompts, sampling):
+        gen = torch.Generator().manual_seed(sampling.seed * 7919 + self.checksum)
+        return [Rollout(prompt_ids=p, token_ids=(ids := torch.randint(0, 256, (sampling.max_new_tokens,),
+                                                                      generator=gen).tolist()),
+                        text=bytes(ids).decode("utf-8", errors="replace"), logprobs=[-5.0] * len(ids),
+                        finish_reason="length", weight_version=self.weight_version, prompt_index=i)
+                for i, p in enumerate(prompts) for _ in range(sampling.n)]
+
+
+def _resume_runs(rank: int, world_size: int, base: list[str], root: str) -> list[list[dict]]:
+    """Metrics of an uninterrupted 3-step run, and of one preempted after step 1 and resumed (same process)."""
+    import signal
+
+    from rntp_megatron.runtime import destroy_distributed
+    from rntp_megatron.trainer import EXIT_PREEMPTED, Trainer
+
+    def trainer(name: str) -> Trainer:
+        return Trainer(build_config({}, [*base, f"logging.dir={root}/{name}"]), engine=WeightHashEngine())
+
+    try:
+        assert trainer("whole").run() == 0
+        preempted = trainer("resumed")
+        push = preempted.placement.push_weights
+
+        def push_then_preempt(version):
+            push(version)
+            if version == 2:  # after step 1: the batch of step 2 was generated ahead from version 1
+                preempted._stop_signal = signal.SIGTERM
+
+        preempted.placement.push_weights = push_then_preempt
+        assert preempted.run() == EXIT_PREEMPTED
+        resumed = trainer("resumed")
+        assert resumed.step == 2 and resumed.rollouts.wait().step == 2  # the batch ahead came back
+        assert resumed.run() == 0
+    finally:
+        destroy_distributed()
+    return [[{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "rollout_s")}
+             for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            for name in ("whole", "resumed")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_one_step_off_resumes_exactly_with_the_batch_generated_ahead(tmp_path):
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    base = [o for o in _overrides(tmp_path, []) if not o.startswith(("rollout.sglang.python", "logging.dir"))]
+    base += ["rollout.placement=separate", "rollout.sglang.weight_sync=distributed", "rollout.off_policy_steps=1",
+             "rl.tis_cap=2.0", "checkpoint.save_interval=1"]
+    [(whole, resumed)] = run_ranks(_resume_runs, 1, (base, str(tmp_path)), timeout_s=600)
+    assert [m["step"] for m in whole] == [0, 1, 2] and [m["rollout_staleness"] for m in whole] == [0, 1, 1]
+    assert resumed == whole
+
+
+# --------------------------------------------------------------------------------------------------
 # the trainer with a real SGLang server
 
 STEPS = 3

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.config import RunConfig
+from rntp_megatron.config import ConfigError, RunConfig
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine
 from rntp_megatron.weights.export import stream_hf_weights
@@ -48,6 +48,9 @@ class EnginePlacement:
         if engine is None and cfg.rollout.engine == "megatron":
             engine = MegatronEngine(model, tokenizer)
         self.in_process = isinstance(engine, MegatronEngine)
+        if self.in_process and not self.colocated:  # e.g. passed in under a config written for a server
+            raise ConfigError(f"rollout.placement: {cfg.rollout.placement!r} with an in-process MegatronEngine, "
+                              "which samples from the trainer's own module and is colocated by nature")
         self.mp_group = parallel_state.get_model_parallel_group()
         self.mp_source = dist.get_global_rank(self.mp_group, 0)
         if engine is None:
