@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -40,7 +39,6 @@ class RolloutBatch:
     episodes: list[Episode]
     rollouts: list[Rollout]
     seed: Optional[int]  # the sampling seed it was generated with
-    generate_s: float  # wall time of the engine call (0 on ranks that only receive the rollouts)
 
 
 class _Generation:
@@ -51,7 +49,6 @@ class _Generation:
         self.step, self.episodes, self.sampling = step, episodes, sampling
         self.rollouts: Optional[list[Rollout]] = None
         self.error: Optional[BaseException] = None
-        self.seconds = 0.0
         self._thread: Optional[threading.Thread] = None
         if engine is None:  # a rank that receives its group's rollouts
             return
@@ -63,19 +60,17 @@ class _Generation:
             self._run(engine)
 
     def _run(self, engine: RolloutEngine) -> None:
-        t0 = time.monotonic()
         try:
             self.rollouts = engine.generate([ep.prompt_ids for ep in self.episodes], self.sampling)
         except BaseException as e:  # re-raised in the main thread by result()
             self.error = e
-        self.seconds = time.monotonic() - t0
 
     def result(self, share: Share) -> RolloutBatch:
         if self._thread is not None:
             self._thread.join()
         if self.error is not None:
             raise RuntimeError(f"generating the rollouts of step {self.step} failed: {self.error!r}") from self.error
-        return RolloutBatch(self.step, self.episodes, share(self.rollouts), self.sampling.seed, self.seconds)
+        return RolloutBatch(self.step, self.episodes, share(self.rollouts), self.sampling.seed)
 
 
 def _same(rollouts: Optional[list[Rollout]]) -> list[Rollout]:
@@ -133,4 +128,4 @@ class RolloutPrefetcher:
         self._ready = None
         if state:
             self._ready = RolloutBatch(state["step"], [Episode(**e) for e in state["episodes"]],
-                                       [Rollout(**r) for r in state["rollouts"]], state["seed"], 0.0)
+                                       [Rollout(**r) for r in state["rollouts"]], state["seed"])
