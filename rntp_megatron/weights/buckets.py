@@ -2,17 +2,20 @@
 
 The flat form is the tensors' raw bytes back to back in list order, with no padding: the layout SGLang's
 `load_format: "flattened_bucket"` reads, so the same buffer serves a pipeline-stage send and an engine push.
+A bucket whose tensors already are such views of one buffer (what `packed` and the weight stream make)
+flattens without a copy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
+Item = TypeVar("Item")
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -20,18 +23,20 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def bucketed(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[NamedTensors]:
-    """Consecutive groups of (name, tensor) of at most bucket_bytes each (a larger tensor travels alone)."""
+def bucketed(items: Iterable[Item], bucket_bytes: int,
+             size: Callable[[Item], int] = lambda item: nbytes(item[1])) -> Iterator[list[Item]]:
+    """Consecutive groups of items whose size(item) sum to at most bucket_bytes (a larger item travels alone);
+    items are (name, tensor) pairs sized by the tensor's bytes unless `size` says otherwise."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    bucket: NamedTensors = []
-    size = 0
-    for name, t in named:
-        if bucket and size + nbytes(t) > bucket_bytes:
+    bucket: list[Item] = []
+    total = 0
+    for item in items:
+        if bucket and total + size(item) > bucket_bytes:
             yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes(t)
+            bucket, total = [], 0
+        bucket.append(item)
+        total += size(item)
     if bucket:
         yield bucket
 
@@ -47,24 +52,73 @@ class TensorMeta:
     nbytes: int
 
 
-def flatten(bucket: NamedTensors) -> tuple[torch.Tensor, list[TensorMeta]]:
-    """One uint8 buffer[sum of bytes] holding every tensor's bytes in order, and each tensor's place in it."""
+def layout(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> list[TensorMeta]:
+    """Each tensor's place in the flat buffer (bytes back to back in list order), as `dtype` when given."""
     metas, offset = [], 0
     for name, t in bucket:
-        metas.append(TensorMeta(name, t.dtype, tuple(t.shape), offset, nbytes(t)))
-        offset += nbytes(t)
-    flat = torch.empty(offset, dtype=torch.uint8)
+        out_dtype = dtype or t.dtype
+        size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
+        metas.append(TensorMeta(name, out_dtype, tuple(t.shape), offset, size))
+        offset += size
+    return metas
+
+
+def flatten(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, list[TensorMeta]]:
+    """One uint8 buffer[sum of bytes] holding every tensor's bytes in order (cast to dtype when given), and each
+    tensor's place in it. One copy per tensor (it also makes strided views contiguous and casts), none at all
+    when the tensors already lie back to back in one buffer of the right dtype."""
+    metas = layout(bucket, dtype)
+    ready = _shared_buffer(bucket, metas)
+    return (ready if ready is not None else _copied(bucket, metas)), metas
+
+
+def packed(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> NamedTensors:
+    """The bucket copied into one fresh flat buffer (cast to dtype when given), as views of it; always a copy,
+    so the result never aliases the tensors it came from (e.g. a model's parameters)."""
+    metas = layout(bucket, dtype)
+    return unflatten(_copied(bucket, metas), metas)
+
+
+def _copied(bucket: NamedTensors, metas: list[TensorMeta]) -> torch.Tensor:
+    """A fresh uint8 buffer holding the bucket's tensors at metas' offsets, cast to metas' dtypes."""
+    flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8)
     for (_, t), m in zip(bucket, metas):
-        flat[m.offset: m.offset + m.nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
-    return flat, metas
+        target = _typed_view(flat, m)
+        if target is not None:
+            target.copy_(t)
+        else:  # an offset not aligned to the dtype's size: go through bytes
+            flat[m.offset: m.offset + m.nbytes].copy_(t.to(m.dtype).contiguous().reshape(-1).view(torch.uint8))
+    return flat
 
 
 def unflatten(flat: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
     """The bucket's tensors as views into the flat uint8 buffer (inverse of flatten; no copy when aligned)."""
     out = []
     for m in metas:
-        raw = flat[m.offset: m.offset + m.nbytes]
-        if m.offset % torch.empty((), dtype=m.dtype).element_size():
-            raw = raw.clone()  # a byte view can only widen to a dtype at an offset aligned to its size
-        out.append((m.name, raw.view(m.dtype).reshape(m.shape)))
+        view = _typed_view(flat, m)
+        if view is None:  # a byte view can only widen to a dtype at an offset aligned to its size
+            view = flat[m.offset: m.offset + m.nbytes].clone().view(m.dtype).reshape(m.shape)
+        out.append((m.name, view))
     return out
+
+
+def _typed_view(flat: torch.Tensor, m: TensorMeta) -> Optional[torch.Tensor]:
+    """flat's bytes of m as a tensor of m.dtype and m.shape, or None when m.offset is not aligned to the dtype."""
+    if (flat.storage_offset() + m.offset) % torch.empty((), dtype=m.dtype).element_size():
+        return None
+    return flat[m.offset: m.offset + m.nbytes].view(m.dtype).reshape(m.shape)
+
+
+def _shared_buffer(bucket: NamedTensors, metas: list[TensorMeta]) -> Optional[torch.Tensor]:
+    """The uint8 buffer that the bucket's tensors tile exactly (contiguous, in order, dtypes as in metas), else None."""
+    if not bucket:
+        return None
+    storage = bucket[0][1].untyped_storage()
+    start = bucket[0][1].storage_offset() * bucket[0][1].element_size()
+    for (_, t), m in zip(bucket, metas):
+        if (t.dtype != m.dtype or t.device.type != "cpu" or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.storage_offset() * t.element_size() != start + m.offset):
+            return None
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    return whole[start: start + sum(m.nbytes for m in metas)]

@@ -1,11 +1,16 @@
 """Hugging Face checkpoint folders: write (safetensors shards + index + config.json + tokenizer) atomically,
-read lazily, and load into a sharded Megatron model; names and layouts come from model/hf_mapping."""
+read lazily, and load into a sharded Megatron model; names and layouts come from model/hf_mapping.
+
+A shard is written straight from its bucket's flat buffer (buckets.flatten: the weight stream's buckets need no
+copy): the safetensors data section is exactly that buffer, so a shard costs one write of its bytes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
@@ -13,12 +18,11 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 from megatron.core import parallel_state
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rntp_megatron.config import ModelConfig
 from rntp_megatron.model import hf_mapping
 from rntp_megatron.model.provider import padded_vocab_size
-from rntp_megatron.weights.buckets import NamedTensors, nbytes
+from rntp_megatron.weights.buckets import NamedTensors, TensorMeta, flatten
 from rntp_megatron.weights.export import global_named_parameters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -43,12 +47,13 @@ def save_hf_checkpoint(buckets: Iterable[NamedTensors], out_dir: str | Path, cfg
         shards = []
         for i, bucket in enumerate(buckets):
             shard = f"part-{i:05d}.safetensors"
-            save_file({n: t.contiguous() for n, t in bucket}, str(tmp / shard), metadata={"format": "pt"})
+            flat, metas = flatten(bucket)
+            write_safetensors(tmp / shard, flat, metas)
             shards.append(shard)
-            for n, t in bucket:
-                weight_map[n] = shard
-                total += nbytes(t)
-                dtypes.add(str(t.dtype).replace("torch.", ""))
+            for m in metas:
+                weight_map[m.name] = shard
+                total += m.nbytes
+                dtypes.add(str(m.dtype).replace("torch.", ""))
         if not shards:
             raise ValueError("save_hf_checkpoint: the weight stream was empty (call it on global rank 0)")
         final = (["model.safetensors"] if len(shards) == 1 else
@@ -78,6 +83,31 @@ def save_hf_checkpoint(buckets: Iterable[NamedTensors], out_dir: str | Path, cfg
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | Path, flat: torch.Tensor, metas: list[TensorMeta]) -> None:
+    """A .safetensors file of the tensors laid out in flat (uint8[sum of bytes], metas' offsets): an 8-byte
+    little-endian header length, the JSON header (space-padded to 8 bytes), then flat's bytes as they are."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    for m in metas:
+        if m.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{m.name}: dtype {m.dtype} has no safetensors name (known: {list(SAFETENSORS_DTYPES)})")
+        header[m.name] = {"dtype": SAFETENSORS_DTYPES[m.dtype], "shape": list(m.shape),
+                          "data_offsets": [m.offset, m.offset + m.nbytes]}
+    covered = sum(m.nbytes for m in metas)
+    if covered != flat.numel():
+        raise ValueError(f"{path}: the tensors cover {covered} bytes but the flat buffer has {flat.numel()}")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(memoryview(flat.numpy()))
 
 
 class SafetensorsFolder(Mapping[str, torch.Tensor]):
