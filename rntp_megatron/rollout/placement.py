@@ -93,6 +93,7 @@ class EnginePlacement:
         return save_hf_checkpoint(stream, folder / "initial", self.cfg.model, tokenizer_dir=tok_dir, overwrite=True)
 
     def _bucket_bytes(self) -> int:
+        """rollout.weight_bucket_mb in bytes: the largest piece of the weight stream held at once."""
         return self.cfg.rollout.weight_bucket_mb << 20
 
     # ---------------------------------------------------------------------------------------------

@@ -60,12 +60,14 @@ class _Generation:
             self._run(engine)
 
     def _run(self, engine: RolloutEngine) -> None:
+        """sampling.n rollouts per episode prompt from the engine (any error kept for the main thread)."""
         try:
             self.rollouts = engine.generate([ep.prompt_ids for ep in self.episodes], self.sampling)
         except BaseException as e:  # re-raised in the main thread by result()
             self.error = e
 
     def result(self, share: Share) -> RolloutBatch:
+        """Join the call, re-raise its error, and share its rollouts over the model-parallel group."""
         if self._thread is not None:
             self._thread.join()
         if self.error is not None:
@@ -74,6 +76,7 @@ class _Generation:
 
 
 def _same(rollouts: Optional[list[Rollout]]) -> list[Rollout]:
+    """The default `share`: every rank generates its own rollouts, so there is nothing to receive."""
     if rollouts is None:
         raise ValueError("this rank generated no rollouts and no `share` was given to receive them")
     return rollouts
