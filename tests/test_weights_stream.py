@@ -1,6 +1,6 @@
 """weights/buckets, weights/export and weights/hf_checkpoint: packed buckets flatten without a copy, shards are
-written straight from the flat buffer, and a TP2 x PP2 export moves each group of parameters with one
-send per TP rank (not one transfer per parameter) while giving the same tensors as gathering every parameter on its own."""
+written straight from the flat buffer, and a TP2 x PP2 export moves each group of parameters with one send
+per TP rank (not one transfer per parameter) while giving the same tensors as gathering each parameter alone."""
 
 from __future__ import annotations
 

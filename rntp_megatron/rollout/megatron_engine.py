@@ -34,6 +34,8 @@ def vocab_parallel_logprob(scores: torch.Tensor, token_ids: torch.Tensor, vocab_
     vocab_start), token_ids[N] global ids -> [N]. All-reduces the row max, the sum of exps and the picked
     score (each rank contributes only where it owns the token)."""
     group = _tp_group()
+    if dist.get_world_size(group) == 1:  # the whole vocab is here: no collective
+        return scores.log_softmax(dim=-1).gather(1, token_ids[:, None])[:, 0]
     row_max = scores.max(dim=-1).values
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     sum_exp = (scores - row_max[:, None]).exp().sum(dim=-1)
@@ -55,6 +57,8 @@ def gumbel_argmax(scores: torch.Tensor, vocab_start: int, generator: Optional[to
         scores = scores - (-uniform.log()).log()
     best, idx = scores.max(dim=-1)
     world = dist.get_world_size(_tp_group())
+    if world == 1:
+        return idx + vocab_start
     pairs = torch.stack([best, (idx + vocab_start).to(best.dtype)], dim=-1)  # [N, 2]
     gathered = [torch.empty_like(pairs) for _ in range(world)]
     dist.all_gather(gathered, pairs, group=_tp_group())
@@ -182,7 +186,7 @@ class MegatronEngine(RolloutEngine):
         generated: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
         finish = ["length"] * rows
-        active = torch.ones(rows, dtype=torch.bool)
+        active = list(range(rows))  # rows still decoding
         for step in range(sampling.max_new_tokens):
             scores = logits.float().masked_fill(~real_vocab, float("-inf"))
             if sampling.temperature > 0:
@@ -192,13 +196,15 @@ class MegatronEngine(RolloutEngine):
             else:
                 next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
             next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
-            for r in active.nonzero()[:, 0].tolist():
-                tok = int(next_ids[r])
+            ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
+            for r in active:
+                tok = ids_now[r]
                 generated[r].append(tok)
-                logprobs[r].append(float(next_lp[r]))
+                logprobs[r].append(lps_now[r])
                 if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
-                    finish[r], active[r] = "stop", False
-            if not active.any() or step == sampling.max_new_tokens - 1:
+                    finish[r] = "stop"
+            active = [r for r in active if finish[r] == "length"]
+            if not active or step == sampling.max_new_tokens - 1:
                 break
             position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
             logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
