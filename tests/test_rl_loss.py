@@ -1,5 +1,6 @@
 """Each loss variant of RNTPLoss.loss_func (objective = numerator / count, as finalize_model_grads divides)
-matches an independent float64 reference, value and gradient with respect to the logits."""
+matches an independent float64 reference on the logits hidden @ W^T, value and gradients with respect to the
+hidden states and the output weight."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 
 from rntp_megatron.config import RLConfig
 from rntp_megatron.rl.batch import RLBatch, with_global_counts
-from rntp_megatron.rl.loss import RNTPLoss
+from rntp_megatron.rl.loss import OutputLayerInput, RNTPLoss
 
-B, S, V = 4, 7, 11
+B, S, V, H = 4, 7, 11, 6
 TEMPERATURE = 0.7
 MAX_LEN = 6
 
@@ -34,6 +35,19 @@ def make_batch(seed: int = 0, with_ref: bool = True) -> RLBatch:
                    rollout_logprobs=old + 0.4 * torch.randn(B, S, generator=g),
                    advantages=torch.tensor([1.5, -0.7, 0.3, -2.0]), rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
                    ref_logprobs=(old + 0.3 * torch.randn(B, S, generator=g)) if with_ref else None)
+
+
+def make_head(seed: int = 1, dtype: torch.dtype = torch.float32) -> OutputLayerInput:
+    """Megatron-layout hidden[S, B, H] and output weight[V, H] (leaves that require grad)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(S, B, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.8).to(dtype).requires_grad_(True)
+    return OutputLayerInput(hidden, weight)
+
+
+def head_logits(head: OutputLayerInput) -> torch.Tensor:
+    """logits[B, S, V] = hidden @ weight^T, differentiable in both."""
+    return torch.einsum("sbh,vh->bsv", head.hidden, head.weight)
 
 
 def reference_objective(z: torch.Tensor, b: RLBatch, cfg: RLConfig, ntp_weight: float) -> torch.Tensor:
@@ -105,42 +119,44 @@ VARIANTS = {
 def test_variant_matches_float64_reference(variant):
     cfg = RLConfig(logprob_chunk_size=5, **VARIANTS[variant])
     batch = with_global_counts(make_batch(), cfg.train_on)
-    z64 = torch.randn(B, S, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
-    ref_z = z64.clone().requires_grad_(True)
-    ref = reference_objective(ref_z, batch, cfg, ntp_weight=0.3)
+    ref_head = make_head(dtype=torch.float64)
+    ref = reference_objective(head_logits(ref_head), batch, cfg, ntp_weight=0.3)
     ref.backward()
-    z = z64.float().requires_grad_(True)
-    numerator, count, metrics = RNTPLoss(cfg, TEMPERATURE, ntp_weight=0.3, max_response_len=MAX_LEN).loss_func(batch, z)
+    head = make_head()
+    loss = RNTPLoss(cfg, TEMPERATURE, ntp_weight=0.3, max_response_len=MAX_LEN)
+    numerator, count, metrics = loss.loss_func(batch, head)
     (numerator / count).backward()
     assert count.dtype == torch.int32
     torch.testing.assert_close((numerator / count).double(), ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(z.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.hidden.grad.double(), ref_head.hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad.double(), ref_head.weight.grad, rtol=1e-4, atol=1e-6)
     assert torch.isclose(metrics["loss"][0] / metrics["loss"][1], ref.detach(), rtol=1e-5)
 
 
 def test_variants_exercise_their_branch():
     """Guard against a vacuous variant: clipping, dual clip, TIS caps and icepop masks actually fire here."""
     batch = with_global_counts(make_batch(), "thought_and_answer")
-    z = torch.randn(B, S, V, generator=torch.Generator().manual_seed(1)) * 2
+    head = make_head()
 
     def metric(name, **kw):
-        m = RNTPLoss(RLConfig(**kw), TEMPERATURE).loss_func(batch, z)[2][name]
+        m = RNTPLoss(RLConfig(**kw), TEMPERATURE).loss_func(batch, head)[2][name]
         return (m[0] / m[1]).item()
 
     assert 0 < metric("pg_clipfrac", clip_eps_low=0.1, clip_eps_high=0.28) < 1
     assert metric("is_weight", tis_cap=1.2) < metric("is_weight")
     assert 0 < metric("is_weight", icepop=(0.8, 1.25)) < 1
-    plain = RNTPLoss(RLConfig(clip_eps_low=0.05, clip_eps_high=0.05), TEMPERATURE).loss_func(batch, z)[0]
-    dual = RNTPLoss(RLConfig(clip_eps_low=0.05, clip_eps_high=0.05, dual_clip_c=1.5), TEMPERATURE).loss_func(batch, z)[0]
+    plain = RNTPLoss(RLConfig(clip_eps_low=0.05, clip_eps_high=0.05), TEMPERATURE).loss_func(batch, head)[0]
+    dual = RNTPLoss(RLConfig(clip_eps_low=0.05, clip_eps_high=0.05, dual_clip_c=1.5), TEMPERATURE).loss_func(batch, head)[0]
     assert dual < plain
 
 
 def test_metrics_report_mismatch_entropy_and_kl():
     batch = with_global_counts(make_batch(), "thought_and_answer")
-    z = torch.randn(B, S, V, generator=torch.Generator().manual_seed(1))
-    _, _, m = RNTPLoss(RLConfig(), TEMPERATURE).loss_func(batch, z)
+    head = make_head()
+    _, _, m = RNTPLoss(RLConfig(), TEMPERATURE).loss_func(batch, head)
     mask = (batch.thought_mask + batch.answer_mask) > 0
-    logp = torch.log_softmax(z.double() / TEMPERATURE, -1).gather(-1, batch.labels[..., None]).squeeze(-1)
+    logits = head_logits(head).detach().double()
+    logp = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, batch.labels[..., None]).squeeze(-1)
     expected = (logp - batch.rollout_logprobs.double()).abs()[mask].mean()
     assert torch.isclose(m["logp_abs_diff_rollout"][0] / m["logp_abs_diff_rollout"][1], expected, rtol=1e-5)
     assert {"kl", "entropy", "pg_clipfrac", "reward", "advantage"} <= set(m)
@@ -149,13 +165,13 @@ def test_metrics_report_mismatch_entropy_and_kl():
 
 def test_configuration_errors_name_the_field():
     batch = make_batch(with_ref=False)
-    z = torch.randn(B, S, V)
+    head = make_head()
     with pytest.raises(ValueError, match="rl.kl_coef=0.1 needs reference log-probs"):
-        RNTPLoss(RLConfig(kl_coef=0.1), 1.0).loss_func(batch, z)
+        RNTPLoss(RLConfig(kl_coef=0.1), 1.0).loss_func(batch, head)
     with pytest.raises(ValueError, match="needs reward.ntp_weight > 0"):
         RNTPLoss(RLConfig(objective="mixed"), 1.0)
     with pytest.raises(ValueError, match="with_global_counts"):
-        RNTPLoss(RLConfig(objective="mixed"), 1.0, ntp_weight=0.5).loss_func(batch, z)
+        RNTPLoss(RLConfig(objective="mixed"), 1.0, ntp_weight=0.5).loss_func(batch, head)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         RNTPLoss(RLConfig(), 0.0)
     assert dataclasses.replace(batch).num_rows == B

@@ -1,5 +1,6 @@
 """The RNTP loss hook through megatron's real get_forward_backward_func: loss and gradients of one step are the
-same (fp32, relative 1e-5) in one micro-batch, in four, over two DP ranks, at TP2 and at PP2 (1F1B).
+same (fp32, relative 1e-5) in one micro-batch, in four, over two DP ranks, at TP2 (with and without sequence
+parallelism) and at PP2 (1F1B).
 
 The objective exercises every cross-micro-batch dependency at once: the mixed objective (token-mean policy
 loss plus a next-token term, rescaled by step-wide counts), KL to a reference, TIS, and a sampling temperature.
@@ -115,8 +116,10 @@ def test_loss_and_grads_are_split_invariant(tmp_path):
     assert one_mb["metrics"]["pg_clipfrac"] > 0, "no token clipped: the test would not see clipping"
     assert one_mb["metrics"]["ntp_loss"] > 0 and one_mb["metrics"]["kl"] != 0
     _assert_same(four_mb, one_mb, "4 micro-batches")
-    layouts = [({}, 2), ({"tensor_model_parallel_size": 2}, 4), ({"pipeline_model_parallel_size": 2}, 2)]
-    names = ["DP2", "TP2", "PP2"]
+    layouts = [({}, 2), ({"tensor_model_parallel_size": 2}, 4),
+               ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, 4),
+               ({"pipeline_model_parallel_size": 2}, 2)]
+    names = ["DP2", "TP2", "TP2 sequence parallel", "PP2"]
     per_rank = run_ranks(run_layouts, 2, args=(layouts, ckpt, False))
     for i, name in enumerate(names):
         for rank, results in enumerate(per_rank):

@@ -3,8 +3,11 @@
     OMP_NUM_THREADS=1 .venv/bin/python tools/bench_rl_loss.py --repeats 7
 
 Both run megatron's get_forward_backward_func over the same DDP-wrapped GPTModel and micro-batches; the plain
-step uses the model's own fused vocab-parallel cross-entropy (labels=...), the RNTP step rl/loss.RNTPLoss with
-temperature, KL, TIS and entropy metrics on. The two alternate, so drift on a shared machine hits both alike.
+step uses the model's own fused vocab-parallel cross-entropy (labels=...) on every token, the RNTP step
+rl/loss.RNTPLoss with temperature, KL, TIS and entropy metrics on, once with the thought+answer tokens at the end
+of each row as policy tokens (the rest is context) and once with every token a policy token (the plain step's
+token count). The three alternate, so drift on a shared machine hits all alike; each is timed in process CPU
+time (robust to other processes on a shared machine, the run being one thread) and in wall time.
 """
 
 from __future__ import annotations
@@ -56,34 +59,47 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, args.vocab, (n, args.seq + 1), generator=g)
     plain = [lm_batch(rows[i:i + args.micro_batch]) for i in range(0, n, args.micro_batch)]
-    policy = torch.zeros(n, args.seq)
-    policy[:, -args.policy_tokens:] = 1
     old = -10.4 + 0.1 * torch.randn(n, args.seq, generator=g)
-    rl_batch = with_global_counts(RLBatch(
-        tokens=rows[:, :-1], position_ids=torch.arange(args.seq).expand(n, -1).contiguous(), labels=rows[:, 1:],
-        thought_mask=policy, answer_mask=torch.zeros_like(policy), ntp_mask=1 - policy, old_logprobs=old,
-        rollout_logprobs=old + 0.05, ref_logprobs=old - 0.05, advantages=torch.randn(n, generator=g),
-        rewards=torch.rand(n, generator=g)), cfg.rl.train_on)
+    advantages, rewards = torch.randn(n, generator=g), torch.rand(n, generator=g)
+
+    def rl_microbatches(policy_tokens: int) -> list[RLBatch]:
+        """The plain step's rows as RL micro-batches whose last `policy_tokens` tokens are the policy's."""
+        policy = torch.zeros(n, args.seq)
+        policy[:, args.seq - policy_tokens:] = 1
+        batch = with_global_counts(RLBatch(
+            tokens=rows[:, :-1], position_ids=torch.arange(args.seq).expand(n, -1).contiguous(),
+            labels=rows[:, 1:], thought_mask=policy, answer_mask=torch.zeros_like(policy), ntp_mask=1 - policy,
+            old_logprobs=old, rollout_logprobs=old + 0.05, ref_logprobs=old - 0.05, advantages=advantages,
+            rewards=rewards), cfg.rl.train_on)
+        return batch.microbatches(args.micro_batch)
+
     rntp = RNTPLoss(cfg.rl, temperature=0.7)
-    steps = {"plain next-token (megatron CE)": (lm_forward_step, plain),
-             "RNTP loss hook": (rntp.forward_step, rl_batch.microbatches(args.micro_batch))}
-    times: dict[str, list[float]] = {k: [] for k in steps}
+    plain_name = "plain next-token (megatron CE, all tokens)"
+    steps = {plain_name: (lm_forward_step, plain),
+             f"RNTP loss hook ({args.policy_tokens} policy tokens a row)":
+                 (rntp.forward_step, rl_microbatches(args.policy_tokens)),
+             f"RNTP loss hook (all {args.seq} tokens policy tokens)": (rntp.forward_step, rl_microbatches(args.seq))}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    wall: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(args.repeats + 1):  # the first round warms up
         for name, (forward_step, mbs) in steps.items():
             ddp.zero_grad_buffer()
-            t0 = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             forward_backward([ddp], forward_step, mbs, len(mbs), args.seq, args.micro_batch)
             if rep:
-                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
     destroy_distributed()
-    base = statistics.median(times["plain next-token (megatron CE)"])
+    base_med, base_min = statistics.median(cpu[plain_name]), min(cpu[plain_name])
     print(f"layers={args.layers} hidden={args.hidden} vocab={args.vocab} seq={args.seq} "
-          f"micro_batch={args.micro_batch} x {args.micro_batches}, median of {args.repeats}, "
+          f"micro_batch={args.micro_batch} x {args.micro_batches}, {args.repeats} repeats, "
           f"threads={torch.get_num_threads()}")
-    print("| step | median s | min s | ratio to plain |")
-    print("|---|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f} | {statistics.median(ts) / base:.3f} |")
+    print("| step | median CPU s | min CPU s | median wall s | ratio (median CPU) | ratio (min CPU) |")
+    print("|---|---|---|---|---|---|")
+    for name in steps:
+        med, low = statistics.median(cpu[name]), min(cpu[name])
+        print(f"| {name} | {med:.3f} | {low:.3f} | {statistics.median(wall[name]):.3f} | {med / base_med:.3f} "
+              f"| {low / base_min:.3f} |")
     return 0
 
 

@@ -12,24 +12,50 @@ the gradient is a global ratio, the same however the step is split. Aggregations
 The optional next-token term w * sum(-log p) / global ntp tokens is rescaled into the same numerator by the
 step-wide counts the batch carries (batch.with_global_counts). Every metric is a [sum, count] pair, summed
 over micro-batches and DP ranks by the trainer (step.reduce_logged).
+
+The model stops before its output layer (megatron's `output_processor` hook): the last stage hands the loss the
+final hidden states and the vocab-parallel output weight, and rl/logprobs.output_layer_logprobs computes logits
+only at the tokens that carry a loss, chunk by chunk, never forming [b, s, V] logits or their gradient.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from megatron.core.utils import get_model_config
 
 from rntp_megatron.config import RLConfig
 from rntp_megatron.rl.batch import RLBatch, policy_mask
-from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
+from rntp_megatron.rl.logprobs import output_layer_logprobs
 from rntp_megatron.rl.policy_loss import policy_terms
 
 
 def _pair(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
     return torch.stack([total.detach().double().reshape(()), torch.as_tensor(count, dtype=torch.float64).reshape(())])
+
+
+@dataclass
+class OutputLayerInput:
+    """What the last pipeline stage hands the loss: final hidden[s(/tp under sequence parallel), b, h] and the
+    output layer's vocab-parallel weight[V/tp, h]."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    sequence_parallel: bool = False
+
+
+def output_layer_input(*, hidden_states: torch.Tensor, output_layer: torch.nn.Module,
+                       output_weight: Optional[torch.Tensor], config: Any, **_: Any) -> OutputLayerInput:
+    """GPTModel's output_processor: the hidden states and the output weight (the tied embedding when shared),
+    instead of the logits. Not a tensor, so Float16Module leaves the bf16 hidden states as they are."""
+    if config.use_mup:
+        raise ValueError("RNTPLoss computes logits from hidden @ W^T and does not apply MuP's output scaling: "
+                         "use_mup=True is not supported")
+    weight = output_layer.weight if output_weight is None else output_weight
+    return OutputLayerInput(hidden_states, weight, bool(output_layer.sequence_parallel))
 
 
 class RNTPLoss:
@@ -47,35 +73,41 @@ class RNTPLoss:
         self.vocab_size = vocab_size  # the tokenizer's: ids past it are megatron's vocab padding, never sampled
 
     def forward_step(self, data_iterator: Iterator[RLBatch], model: torch.nn.Module):
-        """One micro-batch: vocab-parallel logits[b, s, V/tp] (hidden states off the last stage) and its loss_func."""
+        """One micro-batch: the model up to its output layer (an OutputLayerInput on the last stage, hidden states
+        elsewhere) and its loss_func."""
         if not get_model_config(model).calculate_per_token_loss:
             raise ValueError("RNTPLoss returns per-token sums: set config.calculate_per_token_loss=True "
                              "(rntp_megatron.optimizer.wrap_ddp does)")
         batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, None)
+        output = model(batch.tokens, batch.position_ids, None, output_processor=output_layer_input)
         return output, partial(self.loss_func, batch)
 
-    def _ntp(self, logits: torch.Tensor, batch: RLBatch) -> torch.Tensor:
+    def _logprobs(self, head: OutputLayerInput, labels: torch.Tensor, temperature: float, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(labels[b, s]) and entropy[b, s] at `temperature`, computed only where mask[b, s] > 0."""
+        return output_layer_logprobs(head.hidden, head.weight, labels, temperature, self.rl.logprob_chunk_size,
+                                     mask=mask > 0, vocab_size=self.vocab_size,
+                                     sequence_parallel=head.sequence_parallel)
+
+    def _ntp(self, head: OutputLayerInput, batch: RLBatch) -> torch.Tensor:
         """sum over ntp_mask of -log p(label) at temperature 1 (plain language modelling on the chunk)."""
-        logp, _ = vocab_parallel_logprobs(logits, batch.labels, 1.0, self.rl.logprob_chunk_size,
-                                          mask=batch.ntp_mask > 0)
+        logp, _ = self._logprobs(head, batch.labels, 1.0, batch.ntp_mask)
         return -(logp * batch.ntp_mask).sum()
 
-    def loss_func(self, batch: RLBatch, logits: torch.Tensor
+    def loss_func(self, batch: RLBatch, head: OutputLayerInput
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(numerator, count, metrics) of one micro-batch from logits[b, s, V/tp]; see the module docstring."""
+        """(numerator, count, metrics) of one micro-batch from the last stage's hidden states and output weight;
+        see the module docstring."""
         rl = self.rl
-        logits = mask_padded_vocab(logits, self.vocab_size)
         ntp_count = batch.ntp_mask.sum()
         if rl.objective == "ntp":
-            ntp_sum = self._ntp(logits, batch)
+            ntp_sum = self._ntp(head, batch)
             count = ntp_count.to(torch.int)
             return ntp_sum, count, {"loss": _pair(ntp_sum, count), "ntp_loss": _pair(ntp_sum, ntp_count)}
 
         mask = policy_mask(batch, rl.train_on)
         # only the policy's tokens: a row is mostly prompt, whose logits this term never reads
-        logp, entropy = vocab_parallel_logprobs(logits, batch.labels, self.temperature, rl.logprob_chunk_size,
-                                                mask=mask > 0)
+        logp, entropy = self._logprobs(head, batch.labels, self.temperature, mask)
         terms = policy_terms(logp, batch.old_logprobs, batch.rollout_logprobs, batch.advantages, mask, rl,
                              batch.ref_logprobs)
         token_sum = (terms.loss * mask).sum()
@@ -108,7 +140,7 @@ class RNTPLoss:
                 raise ValueError(f"the mixed objective needs the step-wide counts (global_ntp_tokens="
                                  f"{batch.global_ntp_tokens}, policy count={global_count}): build the batch "
                                  "with rl.batch.with_global_counts")
-            ntp_sum = self._ntp(logits, batch)
+            ntp_sum = self._ntp(head, batch)
             # w * ntp_sum / N_ntp, expressed in units of the policy count the schedule divides by
             numerator = numerator + self.ntp_weight * ntp_sum * (global_count / batch.global_ntp_tokens)
             metrics["ntp_loss"] = _pair(ntp_sum, ntp_count)
