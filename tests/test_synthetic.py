@@ -71,7 +71,8 @@ def test_answers_and_thoughts_follow_the_bindings():
 
 
 def test_query_forms_by_kind():
-    kinds = {k: [d for d in docs(400) if d["kind"] == k] for k in ("textbook", "plain", "drill", "terse", "repeat")}
+    every = {k: 1 for k in ("textbook", "plain", "drill", "terse", "repeat")}
+    kinds = {k: [d for d in docs(400, kinds=every) if d["kind"] == k] for k in every}
     assert all(kinds.values()), {k: len(v) for k, v in kinds.items()}
     for d in kinds["textbook"]:
         assert d["text"][0] == "%"
@@ -120,7 +121,7 @@ def test_difficulty_knobs_and_errors():
     for doc in synthetic_documents(1, "heldout", hard, kinds={"terse": 1}, count=20):
         assert len(bindings_of(doc["text"])) == 4 * 6 + 1
         assert all(len(s["thought"]) == 17 for s in doc["sites"] if s["cls"] == "C")
-    with pytest.raises(ValueError, match="queries=4 n_chains=3"):
+    with pytest.raises(ValueError, match="queries=4 n_chains=2"):
         next(synthetic_documents(0, "train", SyntheticSpec(queries=4)))
     with pytest.raises(ValueError, match="repeats=3 queries=2"):
         next(synthetic_documents(0, "train", SyntheticSpec(repeats=3)))

@@ -55,14 +55,14 @@ class SyntheticSpec:
     """Difficulty and mix of the corpus. `kind_weights` are the document kinds' shares of a training
     stream; `plain_forms` the shares of query forms inside plain documents."""
 
-    n_chains: int = 3
+    n_chains: int = 2
     min_hops: int = 2
-    max_hops: int = 4
-    n_distractors: int = 2
+    max_hops: int = 2
+    n_distractors: int = 1
     queries: int = 2  # per document, each on a different chain (<= n_chains)
     repeats: int = 1  # queries asked again after them (T sites; <= queries)
-    kind_weights: dict = field(default_factory=lambda: {"textbook": 0.2, "plain": 0.15, "drill": 0.3,
-                                                        "terse": 0.05, "repeat": 0.3})
+    kind_weights: dict = field(default_factory=lambda: {"repeat": 0.5, "drill": 0.3, "textbook": 0.15,
+                                                        "plain": 0.05})
     plain_forms: dict = field(default_factory=lambda: {"filler": 0.55, "terse": 0.3, "worked": 0.15})
     filler_length: tuple = (0, 5)
     repeat_word: tuple = (3, 12)  # length range of a repeat document's word
