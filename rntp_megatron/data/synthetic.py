@@ -120,6 +120,10 @@ class _Writer:
         self.length += len(piece)
         return start
 
+    def document(self, kind: str) -> dict:
+        """The text written so far as a document of `kind`: {"text", "labels", "sites", "kind"}."""
+        return {"text": "".join(self.text), "labels": "".join(self.labels), "sites": self.sites, "kind": kind}
+
     def site(self, piece: str, cls: str, thought: str = "", query: str = "") -> None:
         """Append a one-character labelled token and record it as a site."""
         pos = self.put(piece, cls)
@@ -188,7 +192,7 @@ def make_document(rng: random.Random, kind: str, spec: SyntheticSpec) -> dict:
     if kind == "repeat":
         word = "".join(rng.choice(REPEAT_CHARS) for _ in range(rng.randint(*spec.repeat_word)))
         w.put((word * (spec.repeat_length // len(word) + 1))[:spec.repeat_length] + "\n")
-        return {"text": "".join(w.text), "labels": "".join(w.labels), "sites": w.sites, "kind": kind}
+        return w.document(kind)
     chains, distractors = make_chains(rng, spec)
     _write_bindings(w, rng, chains, distractors)
     if kind == "drill":
@@ -201,7 +205,7 @@ def make_document(rng: random.Random, kind: str, spec: SyntheticSpec) -> dict:
             form = {"textbook": "worked", "terse": "terse"}.get(kind) or _pick(rng, spec.plain_forms)
             _write_query(w, chain, form, rng, spec, cls)
     w.put("\n")
-    return {"text": "".join(w.text), "labels": "".join(w.labels), "sites": w.sites, "kind": kind}
+    return w.document(kind)
 
 
 def synthetic_spec(options: dict) -> tuple[SyntheticSpec, Optional[dict]]:
