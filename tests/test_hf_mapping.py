@@ -212,3 +212,36 @@ def test_save_hf_checkpoint_is_atomic_and_loads_in_transformers(tmp_path):
         save_hf_checkpoint(failing(), out, cfg, overwrite=True)
     assert (out / "model.safetensors.index.json").exists()  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("family,tp", [("tiny", 2), ("tiny_qwen2", 2), ("tiny_qwen3", 2), ("tiny_qwen2", 1)])
+def test_shard_pieces_tile_the_hf_tensors(family, tp):
+    """Each TP shard written in place through shard_to_hf rebuilds exactly to_hf of the merged tensor."""
+    cfg = card(family, vocab_size=250)  # not a multiple of the padded vocab: the last shard is trimmed
+    torch.manual_seed(0)
+    for name in hf_mapping.megatron_names(cfg, fused_norms=False) + ["output_layer.weight"]:
+        full = _random_full(name, cfg, padded_vocab=256)
+        expected = dict(hf_mapping.to_hf(name, full, cfg))
+        built = {n: torch.full_like(t, float("nan")) for n, t in expected.items()}
+        for rank in range(tp):
+            shard = hf_mapping.split_tp_shard(name, full, tp, rank)
+            for piece in hf_mapping.shard_to_hf(name, shard, cfg, tp, rank):
+                target = built[piece.name] if piece.dim is None else built[piece.name].narrow(
+                    piece.dim, piece.start, piece.piece.shape[piece.dim])
+                assert not torch.isnan(target).logical_not().any(), f"{piece.name} written twice"
+                target.copy_(piece.piece)
+        for n, t in expected.items():
+            assert torch.equal(built[n], t), f"{name} -> {n} differs at TP={tp}"
+
+
+def _random_full(name: str, cfg, padded_vocab: int) -> torch.Tensor:
+    """A random full megatron tensor of the parameter's shape (vocab params padded to padded_vocab rows)."""
+    h, d = cfg.hidden_size, hf_mapping.head_dim(cfg)
+    qkv_rows = cfg.num_query_groups * (cfg.num_attention_heads // cfg.num_query_groups + 2) * d
+    shapes = {"word_embeddings.weight": (padded_vocab, h), "output_layer.weight": (padded_vocab, h),
+              "linear_qkv.weight": (qkv_rows, h), "linear_qkv.bias": (qkv_rows,),
+              "linear_proj.weight": (h, cfg.num_attention_heads * d),
+              "linear_fc1.weight": (2 * cfg.ffn_hidden_size, h), "linear_fc2.weight": (h, cfg.ffn_hidden_size),
+              "q_layernorm.weight": (d,), "k_layernorm.weight": (d,)}
+    shape = next((s for suffix, s in shapes.items() if name.endswith(suffix)), (h,))
+    return torch.randn(shape)

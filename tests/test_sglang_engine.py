@@ -212,6 +212,56 @@ def test_pushed_weights_match_trainer_forward(engine, trained, initial, channel,
     assert max_gap(engine.prompt_logprobs(PROMPTS), hf_logprobs(initial)) < LOGPROB_TOL
 
 
+def _mirror_push(rank: int, world_size: int, init: dict, url: str, api_key: str, version: int, out_file: str
+                 ) -> None:
+    """TP2 x PP2 ranks change the initial weights, then push them from a SharedHFMirror to the server (attached
+    by URL on rank 0, tensor channel); rank 0 saves the transfer stream's HF tensors as the reference."""
+    from safetensors.torch import save_file
+
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights.export import gather_hf_state_dict
+    from rntp_megatron.weights.hf_checkpoint import load_hf_weights
+    from rntp_megatron.weights.shared_mirror import shared_mirror
+
+    cfg = model_cfg()
+    parallel = build_config({"parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}}).parallel
+    init_distributed(parallel, seed=3)
+    try:
+        model = build_model(cfg, parallel)
+        load_hf_weights(model, init, cfg)
+        torch.manual_seed(11)  # the same change on every TP rank, so replicated norms stay replicas
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        state = gather_hf_state_dict(model, cfg)
+        mirror = shared_mirror(model, cfg, bucket_bytes=48 * 1024)
+        assert mirror is not None
+        if rank == 0:
+            attached = SGLangEngine(SGLangConfig(url=url, api_key=api_key, weight_sync="tensor"))
+            attached.update_weights_from_buckets(mirror.stream(), version)
+            save_file(state, out_file)
+        else:
+            list(mirror.stream())
+    finally:
+        destroy_distributed()
+
+
+def test_tp2_pp2_shared_mirror_pushes_into_the_server(engine, workdir, initial):
+    from safetensors.torch import load_file
+
+    path, version = str(workdir / "mirror.safetensors"), engine.weight_version + 1
+    run_ranks(_mirror_push, 4, (initial, engine.client.url, engine.api_key, version, path))
+    state = load_file(path)
+    reference = hf_logprobs(state)
+    assert max_gap(hf_logprobs(initial), reference) > 50 * LOGPROB_TOL  # the change shows in the log-probs
+    assert max_gap(engine.prompt_logprobs(PROMPTS), reference) < LOGPROB_TOL
+    assert engine.server_weight_version() == version
+    engine.weight_version = version
+    engine.update_weights(initial.items(), version + 1)
+
+
 def test_update_while_a_request_is_in_flight(engine, trained, initial):
     from rntp_megatron.rollout.engine import SamplingParams
 

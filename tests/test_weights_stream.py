@@ -113,3 +113,49 @@ def test_tp2_pp2_export_gathers_once_per_group_and_matches_per_parameter_gathers
     for r in reports:  # one TP transfer per rank and stage (send, or receive on TP rank 0), not one per parameter
         assert r["tp_transfers"] == 1 < r["local_params"], reports
     assert all(r["buckets"] == 0 for r in reports[1:])
+
+
+def _mirror_syncs(rank: int, world_size: int) -> dict:
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights.export import gather_hf_state_dict
+    from rntp_megatron.weights.shared_mirror import SharedHFMirror
+
+    # vocab 250 is padded to 256 over TP2: the last TP shard of the embedding is trimmed
+    cfg = build_config({"model": {"card": "tiny_qwen2", "transformer_impl": "local", "vocab_size": 250},
+                        "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}})
+    init_distributed(cfg.parallel, seed=5)
+    try:
+        model = build_model(cfg.model, cfg.parallel)
+        mirror = SharedHFMirror(model, cfg.model, bucket_bytes=64 * 1024)
+        report: dict = {"syncs": []}
+        for sync in range(2):
+            reference = gather_hf_state_dict(model, cfg.model)  # weights/export's transfer-and-merge stream
+            buckets = list(mirror.stream())
+            if rank == 0:
+                got = {n: t.clone() for b in buckets for n, t in b}
+                report["syncs"].append({
+                    "same_names": sorted(got) == sorted(reference),
+                    "equal": all(torch.equal(got[n], reference[n]) for n in reference),
+                    "shared": all(t.is_shared() for b in buckets for _, t in b),
+                    "sizes": [sum(nbytes(t) for _, t in b) for b in buckets],
+                    "buffers": [b[0][1].data_ptr() for b in buckets]})
+            else:
+                report["syncs"].append(len(buckets))
+            with torch.no_grad():  # a training step's worth of change before the next sync
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+        return report
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.distributed
+def test_shared_mirror_tp2_pp2_equals_the_transfer_stream_and_is_rewritten_in_place():
+    reports = run_ranks(_mirror_syncs, 4, ())
+    first, second = reports[0]["syncs"]
+    for sync in (first, second):
+        assert sync["same_names"] and sync["equal"] and sync["shared"], sync
+        assert len(sync["sizes"]) > 2 and max(sync["sizes"]) <= 64 * 1024, sync["sizes"]
+    assert second["buffers"] == first["buffers"]  # the same shared buffers, rewritten
+    assert all(r["syncs"] == [0, 0] for r in reports[1:])  # only global rank 0 receives buckets

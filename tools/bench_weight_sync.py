@@ -3,9 +3,11 @@ through each channel (tensor, distributed, disk), side by side with one plain me
 
     .venv/bin/torchrun --nproc-per-node 4 tools/bench_weight_sync.py [--layers 10] [--repeats 2]
 
-Every rank runs weights.export.stream_hf_weights (TP gather + PP send to rank 0); rank 0 owns the server and
-pushes the buckets. Printed: seconds per sync (best of --repeats), GB/s, ratio to the memcpy, and for each
-channel where its time goes (gather, serialize/flatten, broadcast, server load, disk write).
+Two sources of the HF buckets, every rank taking part: weights.export.stream_hf_weights (TP gather + merge +
+PP send to rank 0) and weights.shared_mirror (each rank writes its shards in place into shared memory); rank 0
+owns the server and pushes the buckets. Printed: seconds per sync (best of --repeats), GB/s, ratio to the
+memcpy, and for each channel x source where its time goes (wait: for the source's next bucket; serialize /
+flatten, broadcast, server: the load calls; write: the HF folder).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.weights.export import stream_hf_weights
     from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+    from rntp_megatron.weights.shared_mirror import SharedHFMirror
 
     h = args.hidden
     cfg = build_config({
@@ -54,17 +57,21 @@ def main() -> None:
     bucket_bytes = args.bucket_mb << 20
     work = Path(tempfile.mkdtemp(prefix="rntp-bench-sync-")) if rank == 0 else None
 
-    def stream():
-        return stream_hf_weights(model, cfg.model, bucket_bytes=bucket_bytes)
+    mirror = SharedHFMirror(model, cfg.model, bucket_bytes=bucket_bytes)
+    sources = {"transfer": lambda: stream_hf_weights(model, cfg.model, bucket_bytes=bucket_bytes),
+               "mirror": mirror.stream}
+    stream = sources["transfer"]
 
-    # Gather alone (consumer does nothing; best of --repeats, like the channels), and the total bytes.
-    gather_s = float("inf")
-    for _ in range(args.repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        total = sum(t.numel() * t.element_size() for b in stream() for _, t in b)
-        dist.barrier()
-        gather_s = min(gather_s, time.perf_counter() - t0)
+    # Each source alone (the consumer does nothing; best of --repeats, like the channels), and the total bytes.
+    source_s = {}
+    for source, make in sources.items():
+        source_s[source] = float("inf")
+        for _ in range(args.repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            total = sum(t.numel() * t.element_size() for b in make() for _, t in b)
+            dist.barrier()
+            source_s[source] = min(source_s[source], time.perf_counter() - t0)
     engine = None
     if rank == 0:
         tok = write_byte_tokenizer(work / "tok", eos_id=None)
@@ -83,36 +90,54 @@ def main() -> None:
     rows = []
     version = 0
     for channel in args.channels.split(","):
-        best = None
-        for _ in range(args.repeats):
-            version += 1
-            dist.barrier()
-            t0 = time.perf_counter()
+        for source, make in sources.items():
+            best = None
+            for _ in range(args.repeats):
+                version += 1
+                dist.barrier()
+                t0 = time.perf_counter()
+                if rank == 0:
+                    engine.cfg.weight_sync = channel
+                    waited = {"wait_s": 0.0}
+                    parts = engine.update_weights_from_buckets(_waits(make(), waited), version,
+                                                               keep_host_copy=False)
+                    parts = {**waited, **parts}
+                else:
+                    list(make())
+                dist.barrier()
+                took = time.perf_counter() - t0
+                if rank == 0 and (best is None or took < best[0]):
+                    best = (took, parts)
             if rank == 0:
-                engine.cfg.weight_sync = channel
-                parts = engine.update_weights_from_buckets(stream(), version, keep_host_copy=False)
-            else:
-                list(stream())
-            dist.barrier()
-            took = time.perf_counter() - t0
-            if rank == 0 and (best is None or took < best[0]):
-                best = (took, parts)
-        if rank == 0:
-            rows.append((channel, *best))
+                rows.append((f"{channel} <- {source}", *best))
     if rank == 0:
         src = torch.randint(0, 255, (total,), dtype=torch.uint8)
         dst = torch.empty_like(src)
         memcpy_s = min(_timed(lambda: dst.copy_(src)) for _ in range(3))
         print("\n| channel | sync s | GB/s | x memcpy | where the time goes (s) |\n|---|---|---|---|---|")
         print(f"| memcpy (1 copy, {total / 1e9:.2f} GB) | {memcpy_s:.3f} | {total / memcpy_s / 1e9:.2f} | 1.0 | |")
-        print(f"| gather only (TP gather + PP send) | {gather_s:.3f} | {total / gather_s / 1e9:.2f} | "
-              f"{gather_s / memcpy_s:.1f} | |")
+        for source, label in (("transfer", "transfer stream alone (TP gather + merge + PP send)"),
+                              ("mirror", "shared mirror alone (each rank writes its shards)")):
+            took = source_s[source]
+            print(f"| {label} | {took:.3f} | {total / took / 1e9:.2f} | {took / memcpy_s:.1f} | |")
         for channel, took, parts in rows:
             detail = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in parts.items())
             print(f"| {channel} | {took:.3f} | {total / took / 1e9:.2f} | {took / memcpy_s:.1f} | {detail} |")
         engine.close()
         shutil.rmtree(work, ignore_errors=True)
     destroy_distributed()
+
+
+def _waits(buckets, waited: dict[str, float]):
+    """The buckets, adding to waited["wait_s"] the time the consumer spends waiting for each one."""
+    items = iter(buckets)
+    while True:
+        t0 = time.perf_counter()
+        bucket = next(items, None)
+        waited["wait_s"] += time.perf_counter() - t0
+        if bucket is None:
+            return
+        yield bucket
 
 
 def _timed(fn) -> float:

@@ -8,13 +8,15 @@ Qwen3ForCausalLM. Layouts that differ:
 - the vocabulary is padded to a multiple of make_vocab_size_divisible_by * TP; HF tensors have the true vocab.
 - tied embeddings: output_layer.weight (a copy on the last pipeline stage) has no HF tensor.
 - the TE spec fuses the pre-attention / pre-MLP norms into linear_qkv / linear_fc1 (`layer_norm_weight`).
-Everything here works on full (TP-merged) tensors with global layer numbers; weights/ does the collectives.
+Everything here works on full (TP-merged) tensors with global layer numbers, except shard_to_hf, which places
+one TP shard inside the full HF tensors; weights/ does the collectives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -154,6 +156,38 @@ def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, 
     if ".experts." in rest or ".router." in rest:
         raise MappingError(f"{name!r}: mixture-of-experts weights are not mapped (no MoE family is supported yet)")
     raise MappingError(f"no HF name for megatron parameter {name!r}")
+
+
+class HFPiece(NamedTuple):
+    """Part of one HF tensor held by a TP shard: hf[name].narrow(dim, start, piece.shape[dim]) == piece
+    (dim None: piece is the whole tensor)."""
+
+    name: str
+    dim: Optional[int]
+    start: int
+    piece: torch.Tensor
+
+
+def shard_to_hf(name: str, shard: torch.Tensor, cfg: ModelConfig, tp_size: int, tp_rank: int) -> list[HFPiece]:
+    """Where TP rank tp_rank's shard of megatron `name` (global layer number) lands in the full HF tensors, so
+    each rank can write its part in place with no merge; a replicated parameter is reported by TP rank 0 only.
+    A partitioned shard is itself the full tensor of a model with 1/tp of the query groups and heads, so
+    to_hf maps it, and its HF parts are the tp_rank-th blocks along the partition dim (the vocab trimmed)."""
+    name = strip_wrappers(name)
+    dim = tp_partition_dim(name)
+    if dim is None or tp_size == 1:
+        return [HFPiece(n, None, 0, t) for n, t in to_hf(name, shard, cfg)] if tp_rank == 0 else []
+    if name in _VOCAB_PARAMS:
+        if name == "output_layer.weight" and cfg.tie_word_embeddings:
+            return []
+        start = tp_rank * shard.shape[0]
+        keep = min(shard.shape[0], cfg.vocab_size - start)
+        return [HFPiece(_TOP_NAMES[name], 0, start, shard[:keep])] if keep > 0 else []
+    if cfg.num_query_groups % tp_size:
+        raise MappingError(f"num_query_groups={cfg.num_query_groups} does not split over TP={tp_size}")
+    local = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // tp_size,
+                                num_query_groups=cfg.num_query_groups // tp_size, kv_channels=head_dim(cfg))
+    return [HFPiece(n, dim, tp_rank * t.shape[dim], t) for n, t in to_hf(name, shard, local)]
 
 
 def megatron_names(cfg: ModelConfig, fused_norms: bool) -> list[str]:

@@ -45,6 +45,12 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Load full (unsharded) HF-named tensors; later rollouts report `version`."""
 
+    def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int
+                                    ) -> dict[str, float]:
+        """Load a weight stream's buckets (weights/: unchanged until the next update); seconds per phase."""
+        self.update_weights((item for bucket in buckets for item in bucket), version)
+        return {}
+
     def sleep(self) -> None:
         """Free memory for the trainer (colocated placement); a no-op where nothing can be freed."""
 

@@ -33,6 +33,7 @@ from rntp_megatron.config import ConfigError, RunConfig
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine
 from rntp_megatron.weights.export import stream_hf_weights
+from rntp_megatron.weights.shared_mirror import shared_mirror
 
 
 class EnginePlacement:
@@ -55,6 +56,8 @@ class EnginePlacement:
         self.mp_source = dist.get_global_rank(self.mp_group, 0)
         if engine is None:
             engine = self._start_sglang(tokenizer, run_dir)
+        # one host, CPU shards: each rank writes its shards in place into shared memory (no shard transfers)
+        self._mirror = None if self.in_process else shared_mirror(model, cfg.model, self._bucket_bytes())
         self.engine = engine  # on every rank in-process; else on the ranks that generate (None elsewhere)
 
     def _start_sglang(self, tokenizer: Tokenizer, run_dir: Path) -> Optional[RolloutEngine]:
@@ -124,9 +127,12 @@ class EnginePlacement:
         if self.in_process:  # it samples from the trainer's module: only the version to record
             self.engine.update_weights(iter(()), version)
             return
-        buckets = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
+        if self._mirror is None:
+            buckets = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
+        else:
+            buckets = self._mirror.stream()
         if dist.get_rank() == 0:
-            self.engine.update_weights((item for bucket in buckets for item in bucket), version)
+            self.engine.update_weights_from_buckets(buckets, version)
         else:
             for _ in buckets:
                 pass

@@ -207,12 +207,17 @@ class SGLangEngine(RolloutEngine):
     # weights
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Push full HF-named tensors through rollout.sglang.weight_sync, in buckets; later rollouts report version."""
+        """Push full HF-named tensors through rollout.sglang.weight_sync, in buckets; later rollouts report version.
+        The caller's tensors may change afterwards, so an owned server's restart copy is a copy."""
+        if self._server is not None:
+            named_tensors = ((name, t.detach().to("cpu", copy=True)) for name, t in named_tensors)
         self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version)
 
     def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int,
                                     keep_host_copy: bool = True) -> dict[str, float]:
-        """Push buckets (e.g. weights.export.stream_hf_weights) inside one begin/end; seconds spent per phase."""
+        """Push buckets (weights.export.stream_hf_weights, SharedHFMirror.stream) inside one begin/end; seconds
+        spent per phase. The buckets must stay unchanged until the next update (true of weights/' streams: fresh
+        buffers, or the mirror that only the next sync rewrites): an owned server's restart copy refers to them."""
         channel = self.cfg.weight_sync
         if channel == "disk":
             return self._push_disk(buckets, version)
@@ -260,31 +265,32 @@ class SGLangEngine(RolloutEngine):
 
     def _remember(self, bucket: NamedTensors, keep_host_copy: bool) -> None:
         if keep_host_copy and self._server is not None:
-            for name, t in bucket:
-                self._host_copy[name] = t.detach().to("cpu", copy=True)
+            self._host_copy.update((name, t.detach()) for name, t in bucket)
 
     def _push_tensor(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool = False
                      ) -> dict[str, float]:
-        """Shared-memory tensors via POST /update_weights_from_tensor, one call per bucket."""
+        """Shared-memory tensors via POST /update_weights_from_tensor, one call per bucket as it arrives, then an
+        empty call that flushes the cache and sets the version (no lookahead: a bucket never waits for the next)."""
         import torch.multiprocessing as tmp
         from multiprocessing.reduction import ForkingPickler
 
         tmp.set_sharing_strategy("file_system")  # fds cannot cross HTTP; named shm files can
+
+        def serialized(bucket: NamedTensors) -> str:
+            buf = io.BytesIO()  # a tensor already in shared memory (SharedHFMirror) pickles as its name alone
+            ForkingPickler(buf).dump([(n, t.detach().contiguous()) for n, t in bucket])
+            return base64.b64encode(buf.getvalue()).decode()
+
         timing = {"serialize_s": 0.0, "server_s": 0.0}
         self.client.call("/begin_weight_update", {})
         try:
-            pending = None
             for bucket in buckets:
-                if pending is not None:
-                    timing["server_s"] += self._send_tensor_bucket(pending, version, last=False)
                 t0 = time.perf_counter()
-                buf = io.BytesIO()
-                ForkingPickler(buf).dump([(n, t.detach().contiguous()) for n, t in bucket])
-                pending = base64.b64encode(buf.getvalue()).decode()
+                payload = serialized(bucket)
                 timing["serialize_s"] += time.perf_counter() - t0
+                timing["server_s"] += self._send_tensor_bucket(payload, version, last=False)
                 self._remember(bucket, keep_host_copy)
-            if pending is not None:
-                timing["server_s"] += self._send_tensor_bucket(pending, version, last=True)
+            timing["server_s"] += self._send_tensor_bucket(serialized([]), version, last=True)
         finally:
             self.client.call("/end_weight_update", {})
         return timing
