@@ -68,3 +68,30 @@ def test_redirects_are_listed_and_recorded(tmp_path):
     assert "torch.cuda.current_device" in hits
     assert set(hits) <= set(cpu_compat.REDIRECTS), set(hits) - set(cpu_compat.REDIRECTS)
     assert any(site.startswith("core/") for site in sites), sites
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is inactive where CUDA exists")
+def test_redirects_paused_lifts_only_the_mode_and_restores_it():
+    """Inside cuda_redirects_paused() a device='cuda' literal is no longer rewritten (torch's own error) while
+    the patched torch.cuda functions still answer; the mode is back after the block, also after an error,
+    and a mode entered above it is left alone."""
+    from torch.overrides import TorchFunctionMode
+
+    cpu_compat.install()
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+    with cpu_compat.cuda_redirects_paused():
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+            torch.zeros(1, device="cuda")
+        assert torch.cuda.current_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="inside"):
+        with cpu_compat.cuda_redirects_paused():
+            raise ValueError("inside")
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        with cpu_compat.cuda_redirects_paused():  # the compat mode is not innermost: nothing is lifted
+            assert torch.zeros(1, device="cuda").device.type == "cpu"

@@ -76,6 +76,10 @@ def _engine_checks(rank: int, world_size: int, tp: int) -> dict:
     g2 = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=16, n=2))
     out["greedy_same"] = [r.token_ids for r in g1] == [r.token_ids for r in g2[::2]] == [r.token_ids for r in g2[1::2]]
     out["repeat_prompt_same"] = g1[0].token_ids == g1[3].token_ids
+    # Decode forwards run under inference_mode: the rotary table megatron caches per length (called here as
+    # GPTModel calls it) comes from the prefill and must stay a normal tensor, since training reuses it.
+    rotary = model.rotary_pos_emb(len(prompts[0]) + greedy.max_new_tokens, packed_seq=False, cp_group=None)
+    out["rotary_is_inference_tensor"] = rotary.is_inference()
     # stop token: the 4th greedy token of prompt 0 ends generation at its first occurrence
     ids = g1[0].token_ids
     stop_id = ids[3]
@@ -105,6 +109,7 @@ def test_engine_matches_full_forward(tp):
         assert out[key] < 1e-4, f"{key}: engine log-probs differ from the full forward by {out[key]}"
     assert out["distinct"] > 1
     assert out["greedy_same"] and out["repeat_prompt_same"]
+    assert not out["rotary_is_inference_tensor"]
     assert out["stop_token"] == (True, "stop")
     assert out["stop_string"] == (True, "stop", True)
     assert out["length"] == (16, "length")

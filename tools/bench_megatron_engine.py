@@ -9,6 +9,11 @@ same prompts, n rows a prompt, exactly --new tokens (no early stop), one thread,
 the table gives generated tokens per second and each side's speed relative to HF generate. The recompute
 side must produce the engine's tokens (asserted); the share of HF's tokens equal to the engine's is printed
 (float32 on both sides, so a near-tie in the logits is the only way they can part).
+
+On CPU the project's compat layer (runtime/cpu_compat) keeps a TorchFunctionMode on every torch call of the
+process; the engine lifts it around its decode forwards, so HF generate, which needs none of its redirects
+(asserted), runs with it lifted too. The row "HF generate, compat mode on" is HF under the mode, as a plain
+process with the layer installed would run it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from rntp_megatron.data.tokenizer import ByteTokenizer  # noqa: E402
 from rntp_megatron.model.provider import build_model  # noqa: E402
 from rntp_megatron.rollout.engine import SamplingParams  # noqa: E402
 from rntp_megatron.rollout.megatron_engine import MegatronEngine  # noqa: E402
-from rntp_megatron.runtime import init_distributed  # noqa: E402
+from rntp_megatron.runtime import cpu_compat, init_distributed  # noqa: E402
 from rntp_megatron.weights.export import stream_hf_weights  # noqa: E402
 from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint  # noqa: E402
 
@@ -67,6 +72,15 @@ def hf_greedy(hf_model, prompts: list[list[int]], n: int, new: int) -> list[list
     return [r for i in range(len(prompts)) for r in rows[i]]
 
 
+def hf_greedy_unredirected(hf_model, prompts: list[list[int]], n: int, new: int) -> list[list[int]]:
+    """hf_greedy with the CPU compat mode lifted; asserts that no redirect was needed (hits() unchanged)."""
+    before = cpu_compat.hits()
+    with cpu_compat.cuda_redirects_paused():
+        tokens = hf_greedy(hf_model, prompts, n, new)
+    assert cpu_compat.hits() == before, f"HF generate hit CUDA redirects: {cpu_compat.hits()} (before: {before})"
+    return tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16)
@@ -89,7 +103,7 @@ def main() -> None:
     engine = MegatronEngine(model, tok)
     with tempfile.TemporaryDirectory(prefix="rntp-bench-engine-") as tmp:
         folder = save_hf_checkpoint(stream_hf_weights(model, cfg.model), Path(tmp) / "hf", cfg.model)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     # prompts of mixed lengths, as RL sites are: terse documents cut at their C sites
     prompts = []
     for doc in synthetic_documents(0, "heldout", kinds={"terse": 1}):
@@ -99,7 +113,8 @@ def main() -> None:
     prompts = prompts[:args.prompts]
     sampling = SamplingParams(temperature=0.0, n=args.n, max_new_tokens=args.new)
     sides = {"engine (KV cache)": lambda: [r.token_ids for r in engine.generate(prompts, sampling)],
-             "HF generate (KV cache)": lambda: hf_greedy(hf_model, prompts, args.n, args.new)}
+             "HF generate (KV cache)": lambda: hf_greedy_unredirected(hf_model, prompts, args.n, args.new),
+             "HF generate, compat mode on": lambda: hf_greedy(hf_model, prompts, args.n, args.new)}
     if not args.no_recompute:
         sides["full recompute"] = lambda: recompute_greedy(model, prompts, args.n, args.new, tok.vocab_size)
     times: dict[str, list[float]] = {name: [] for name in sides}
@@ -113,17 +128,18 @@ def main() -> None:
     if "full recompute" in tokens_of:
         assert tokens_of["full recompute"] == engine_tokens, "the engine and the full recompute disagree"
     hf_tokens = tokens_of["HF generate (KV cache)"]
+    assert tokens_of["HF generate, compat mode on"] == hf_tokens, "HF generate changed with the compat mode"
     same = sum(a == b for x, y in zip(engine_tokens, hf_tokens) for a, b in zip(x, y))
     tokens = len(prompts) * args.n * args.new
     base = min(times["HF generate (KV cache)"])
     print(f"{len(prompts)} prompts (lengths {min(map(len, prompts))}-{max(map(len, prompts))}) x n={args.n} x "
           f"{args.new} new tokens, {args.layers} layers, hidden {args.hidden}, float32, 1 thread; best of "
           f"{args.repeats}; HF tokens equal to the engine's: {same}/{tokens}")
-    print(f"| {'method':<22} | {'seconds':>8} | {'tokens/s':>9} | {'vs HF':>7} |")
-    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")
+    print(f"| {'method':<27} | {'seconds':>8} | {'tokens/s':>9} | {'vs HF':>7} |")
+    print(f"|{'-' * 29}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")
     for name, ts in times.items():
         best = min(ts)
-        print(f"| {name:<22} | {best:8.2f} | {tokens / best:9.0f} | {base / best:6.2f}x |")
+        print(f"| {name:<27} | {best:8.3f} | {tokens / best:9.0f} | {base / best:6.2f}x |")
 
 
 if __name__ == "__main__":

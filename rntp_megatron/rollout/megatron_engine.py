@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.runtime.cpu_compat import cuda_redirects_paused
 
 
 def _tp_group():
@@ -207,7 +208,12 @@ class MegatronEngine(RolloutEngine):
             if not active or step == sampling.max_new_tokens - 1:
                 break
             position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
-            logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
+            # A one-token forward reaches none of megatron's device='cuda' literals (the prefill's causal
+            # mask does), so on CPU it runs without the compat mode's hop on each of its ~570 torch calls.
+            # inference_mode only here, not in the prefill: the rotary table megatron caches per length is
+            # made by the prefill and reused by training forwards, so it must stay a normal tensor.
+            with cuda_redirects_paused(), torch.inference_mode():
+                logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
             context.sequence_len_offset += 1
         return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
                         text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],

@@ -8,15 +8,20 @@ megatron-core release it was not checked against (TESTED_MEGATRON), and tests/te
 when the set of CUDA call sites in the modules we use changes (tests/data/megatron_cuda_calls.json).
 
 On a machine with CUDA, `install()` does nothing.
+
+The device rewrite is a TorchFunctionMode, so every torch call in the installing thread pays a Python hop
+through it; `cuda_redirects_paused()` lifts it around code known not to need it (the in-process engine's
+decode forwards), where that hop is a large share of a small model's step.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -46,13 +51,19 @@ REDIRECTS: dict[str, str] = {
 _HITS: collections.Counter = collections.Counter()
 _LOCK = threading.Lock()
 _INSTALLED = False
+_MODE: Optional["_CudaToCpu"] = None  # the process-wide mode install() entered (in the installing thread)
 
 
 def _megatron_site() -> str:
     """file:line of the innermost megatron frame on the stack (the caller being redirected)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/megatron/" in frame.filename:
-            return f"{frame.filename.split('/megatron/', 1)[1]}:{frame.lineno}"
+    # A frame walk, not traceback.extract_stack: that reads every frame's source line, and prefill forwards
+    # record a hit per layer.
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if "/megatron/" in filename:
+            return f"{filename.split('/megatron/', 1)[1]}:{frame.f_lineno}"
+        frame = frame.f_back
     return "outside megatron"
 
 
@@ -191,6 +202,27 @@ def install() -> bool:
         return name
 
     torch.Tensor.type = tensor_type
-    _CudaToCpu().__enter__()  # process-wide: stays active for the life of the process
+    global _MODE
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()  # stays active in this thread for the life of the process
     _INSTALLED = True
     return True
+
+
+@contextlib.contextmanager
+def cuda_redirects_paused() -> Iterator[None]:
+    """Lift the device='cuda' -> 'cpu' TorchFunctionMode for the block, then restore it.
+
+    Only the mode is lifted: the torch.cuda functions and Tensor.cuda / Tensor.type stay redirected. A
+    device='cuda' literal reached inside the block raises torch's own "not compiled with CUDA" error, so
+    use it around code whose hits() stay unchanged. Where the mode is not the innermost one of this thread
+    (install() inactive, another mode entered above it, or another thread), the block runs unchanged.
+    """
+    if _MODE is None or torch.overrides._get_current_function_mode() is not _MODE:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()
