@@ -159,3 +159,40 @@ def test_shared_mirror_tp2_pp2_equals_the_transfer_stream_and_is_rewritten_in_pl
         assert len(sync["sizes"]) > 2 and max(sync["sizes"]) <= 64 * 1024, sync["sizes"]
     assert second["buffers"] == first["buffers"]  # the same shared buffers, rewritten
     assert all(r["syncs"] == [0, 0] for r in reports[1:])  # only global rank 0 receives buckets
+
+
+def _mirror_or_fallback(rank: int, world_size: int) -> dict:
+    import os
+    import warnings
+
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights import shared_mirror as module
+
+    cfg = build_config({"model": {"card": "tiny_qwen2", "transformer_impl": "local"}})
+    init_distributed(cfg.parallel, seed=5)
+    try:
+        model = build_model(cfg.model, cfg.parallel)
+        usable = module.shared_mirror(model, cfg.model) is not None
+        real = os.statvfs
+
+        class Full:  # a /dev/shm with 4 KiB free: a fault this machine cannot be made to show
+            f_bavail, f_frsize = 1, 4096
+
+        module.os.statvfs = lambda path: Full() if path == "/dev/shm" else real(path)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                full = module.shared_mirror(model, cfg.model)
+        finally:
+            module.os.statvfs = real
+        return {"usable": usable, "full": full, "warned": [str(w.message) for w in caught]}
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.distributed
+def test_shared_mirror_falls_back_when_dev_shm_cannot_hold_the_model():
+    [report] = run_ranks(_mirror_or_fallback, 1, ())
+    assert report["usable"] and report["full"] is None, report
+    assert any("/dev/shm has 4096 free" in w for w in report["warned"]), report["warned"]

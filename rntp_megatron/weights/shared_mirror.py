@@ -22,8 +22,10 @@ are still being written.
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -126,11 +128,21 @@ class SharedHFMirror:
 
 def shared_mirror(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                   dtype: Optional[torch.dtype] = None) -> Optional[SharedHFMirror]:
-    """A SharedHFMirror when the model-parallel group's shards are CPU tensors on one host, else None (GPU shards
-    travel over NCCL / CUDA IPC instead); a collective over the model-parallel group of every replica."""
+    """A SharedHFMirror when the model-parallel group's shards are CPU tensors on one host whose /dev/shm can hold
+    them, else None (GPU shards travel over NCCL / CUDA IPC instead; a full tmpfs would kill a writer with
+    SIGBUS); a collective over the model-parallel group of every replica."""
+    group = parallel_state.get_model_parallel_group()
     device = next(model.parameters()).device.type
-    where: list = [None] * dist.get_world_size(parallel_state.get_model_parallel_group())
-    dist.all_gather_object(where, (socket.gethostname(), device), group=parallel_state.get_model_parallel_group())
-    if len(set(where)) != 1 or device != "cpu":
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    mine = (socket.gethostname(), device, sum(p.numel() * p.element_size() for p in model.parameters()),
+            shm.f_bavail * shm.f_frsize if shm else 0)
+    ranks: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, mine, group=group)  # every rank decides from the same list
+    if len({(host, dev) for host, dev, _, _ in ranks}) != 1 or device != "cpu":
+        return None
+    needed, free = sum(r[2] for r in ranks), min(r[3] for r in ranks)  # replicated norms counted per rank: a bound
+    if needed > free:
+        warnings.warn(f"weight sync without the shared-memory mirror: it needs up to {needed} bytes, /dev/shm has "
+                      f"{free} free; shards go through the transfer stream instead")
         return None
     return SharedHFMirror(model, cfg, bucket_bytes, dtype)
