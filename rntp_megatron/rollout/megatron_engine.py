@@ -182,39 +182,39 @@ class MegatronEngine(RolloutEngine):
         logits = logits.repeat_interleave(n, dim=0)
         context.sequence_len_offset = length
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-        real_vocab = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device) < self.tokenizer.vocab_size
+        padding = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device) >= self.tokenizer.vocab_size
         stop_ids = set(sampling.stop_token_ids)
         generated: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
         finish = ["length"] * rows
         active = list(range(rows))  # rows still decoding
-        for step in range(sampling.max_new_tokens):
-            scores = logits.float().masked_fill(~real_vocab, float("-inf"))
-            if sampling.temperature > 0:
-                scores = scores / sampling.temperature
-            if sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1.0):
-                next_ids = truncated_sample(scores, vocab_start, sampling.top_k, sampling.top_p, shared)
-            else:
-                next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
-            next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
-            ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
-            for r in active:
-                tok = ids_now[r]
-                generated[r].append(tok)
-                logprobs[r].append(lps_now[r])
-                if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
-                    finish[r] = "stop"
-            active = [r for r in active if finish[r] == "length"]
-            if not active or step == sampling.max_new_tokens - 1:
-                break
-            position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
-            # A one-token forward reaches none of megatron's device='cuda' literals (the prefill's causal
-            # mask does), so on CPU it runs without the compat mode's hop on each of its ~570 torch calls.
-            # inference_mode only here, not in the prefill: the rotary table megatron caches per length is
-            # made by the prefill and reused by training forwards, so it must stay a normal tensor.
-            with cuda_redirects_paused(), torch.inference_mode():
+        # The decode steps reach none of megatron's device='cuda' literals (the prefill's causal mask does),
+        # so on CPU they run without the compat mode's hop on each of a forward's ~570 torch calls. They run
+        # under inference_mode, the prefill not: the rotary table megatron caches per length is made by the
+        # prefill and reused by training forwards, so it must stay a normal tensor.
+        with cuda_redirects_paused(), torch.inference_mode():
+            for step in range(sampling.max_new_tokens):
+                scores = logits.float().masked_fill(padding, float("-inf"))
+                if sampling.temperature > 0:
+                    scores = scores / sampling.temperature
+                if sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1.0):
+                    next_ids = truncated_sample(scores, vocab_start, sampling.top_k, sampling.top_p, shared)
+                else:
+                    next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
+                next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
+                ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
+                for r in active:
+                    tok = ids_now[r]
+                    generated[r].append(tok)
+                    logprobs[r].append(lps_now[r])
+                    if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
+                        finish[r] = "stop"
+                active = [r for r in active if finish[r] == "length"]
+                if not active or step == sampling.max_new_tokens - 1:
+                    break
+                position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
                 logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
-            context.sequence_len_offset += 1
+                context.sequence_len_offset += 1
         return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
                         text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],
                         finish_reason=finish[r], weight_version=self.weight_version) for r in range(rows)]
