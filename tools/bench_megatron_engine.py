@@ -11,9 +11,9 @@ side must produce the engine's tokens (asserted); the share of HF's tokens equal
 (float32 on both sides, so a near-tie in the logits is the only way they can part).
 
 On CPU the project's compat layer (runtime/cpu_compat) keeps a TorchFunctionMode on every torch call of the
-process; the engine lifts it around its decode forwards, so HF generate, which needs none of its redirects
-(asserted), runs with it lifted too. The row "HF generate, compat mode on" is HF under the mode, as a plain
-process with the layer installed would run it.
+process; the engine lifts it around its decode loop, which runs under inference_mode, so HF generate, which
+needs none of the redirects (asserted), runs the same way. The row "HF generate, compat mode on" is plain HF
+generate (no_grad) under the mode, as a process with the layer installed runs it by default.
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ def hf_greedy(hf_model, prompts: list[list[int]], n: int, new: int) -> list[list
     return [r for i in range(len(prompts)) for r in rows[i]]
 
 
-def hf_greedy_unredirected(hf_model, prompts: list[list[int]], n: int, new: int) -> list[list[int]]:
-    """hf_greedy with the CPU compat mode lifted; asserts that no redirect was needed (hits() unchanged)."""
+def hf_greedy_engine_settings(hf_model, prompts: list[list[int]], n: int, new: int) -> list[list[int]]:
+    """hf_greedy as the engine's decode loop runs: CPU compat mode lifted, under inference_mode; asserts that
+    no redirect was needed (hits() unchanged)."""
     before = cpu_compat.hits()
-    with cpu_compat.cuda_redirects_paused():
+    with cpu_compat.cuda_redirects_paused(), torch.inference_mode():
         tokens = hf_greedy(hf_model, prompts, n, new)
     assert cpu_compat.hits() == before, f"HF generate hit CUDA redirects: {cpu_compat.hits()} (before: {before})"
     return tokens
@@ -113,7 +114,7 @@ def main() -> None:
     prompts = prompts[:args.prompts]
     sampling = SamplingParams(temperature=0.0, n=args.n, max_new_tokens=args.new)
     sides = {"engine (KV cache)": lambda: [r.token_ids for r in engine.generate(prompts, sampling)],
-             "HF generate (KV cache)": lambda: hf_greedy_unredirected(hf_model, prompts, args.n, args.new),
+             "HF generate (KV cache)": lambda: hf_greedy_engine_settings(hf_model, prompts, args.n, args.new),
              "HF generate, compat mode on": lambda: hf_greedy(hf_model, prompts, args.n, args.new)}
     if not args.no_recompute:
         sides["full recompute"] = lambda: recompute_greedy(model, prompts, args.n, args.new, tok.vocab_size)
