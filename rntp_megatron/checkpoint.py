@@ -116,10 +116,11 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[torch.nn.Module], 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-        (tmp / "trainer_state").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: megatron warns "overwriting old incomplete checkpoint" otherwise
     dist.barrier()
     _prestart_writer_queue()
     dist_checkpointing.save(_sharded_state(chunks, optimizer, extra or {}, is_loading=False), str(tmp))
+    (tmp / "trainer_state").mkdir(exist_ok=True)
     torch.save(rank_state, tmp / "trainer_state" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
