@@ -177,12 +177,10 @@ def shard_to_hf(name: str, shard: torch.Tensor, cfg: ModelConfig, tp_size: int, 
     dim = tp_partition_dim(name)
     if dim is None or tp_size == 1:
         return [HFPiece(n, None, 0, t) for n, t in to_hf(name, shard, cfg)] if tp_rank == 0 else []
-    if name in _VOCAB_PARAMS:
-        if name == "output_layer.weight" and cfg.tie_word_embeddings:
-            return []
+    if name in _VOCAB_PARAMS:  # rows [start, start + rows) of the padded vocab: to_hf trims them at the true one
         start = tp_rank * shard.shape[0]
-        keep = min(shard.shape[0], cfg.vocab_size - start)
-        return [HFPiece(_TOP_NAMES[name], 0, start, shard[:keep])] if keep > 0 else []
+        local = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size - start, 0))
+        return [HFPiece(n, 0, start, t) for n, t in to_hf(name, shard, local) if t.shape[0]]
     if cfg.num_query_groups % tp_size:
         raise MappingError(f"num_query_groups={cfg.num_query_groups} does not split over TP={tp_size}")
     local = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // tp_size,

@@ -61,11 +61,14 @@ class SharedHFMirror:
         if len(hosts) > 1:
             raise ValueError(f"SharedHFMirror needs the model-parallel group on one host; its ranks run on {hosts}")
         hf_tensors = self._hf_meta(ranks)
-        out_size = (lambda item: item[1].numel() * torch.empty((), dtype=dtype).element_size()) if dtype else None
-        groups = bucketed(hf_tensors, bucket_bytes, **({"size": out_size} if out_size else {}))
+
+        def sent_bytes(item: tuple[str, torch.Tensor]) -> int:  # a tensor's bytes as it goes out (cast to dtype)
+            return item[1].numel() * (dtype or item[1].dtype).itemsize
+
+        groups = bucketed(hf_tensors, bucket_bytes, size=sent_bytes)
         self.metas: list[list[TensorMeta]] = [layout(group, dtype) for group in groups]
         for m in (m for metas in self.metas for m in metas):  # a shard is written through a typed view
-            if m.offset % torch.empty((), dtype=m.dtype).element_size():
+            if m.offset % m.dtype.itemsize:
                 raise ValueError(f"{m.name} ({m.dtype}) would start at byte {m.offset} of its bucket, not aligned "
                                  "to its element size: give all parameters one dtype, or pass dtype")
         self.place = {m.name: (i, m) for i, metas in enumerate(self.metas) for m in metas}
