@@ -102,14 +102,7 @@ def _check_world(cfg: RunConfig) -> None:
 def _init(cfg: RunConfig) -> None:
     from rntp_megatron.runtime import init_distributed
 
-    env = dict(os.environ)
-    if "WORLD_SIZE" not in env:  # one process: a free port, so concurrent conversions do not collide
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    init_distributed(cfg.parallel, cfg.seed, env=env)
+    init_distributed(cfg.parallel, cfg.seed)
 
 
 def _token_ids(tokenizer_dir: Path) -> dict[str, int]:

@@ -45,9 +45,6 @@ def test_redirects_are_listed_and_recorded(tmp_path):
 
     script = (
         "import os, torch\n"
-        "os.environ.update(MASTER_PORT='0')\n"
-        "from rntp_megatron.runtime.spawn import free_port\n"
-        "os.environ['MASTER_PORT'] = str(free_port())\n"
         "from rntp_megatron.config import build_config\n"
         "from rntp_megatron.runtime import init_distributed, destroy_distributed, cpu_compat\n"
         "from rntp_megatron.model.provider import build_model\n"

@@ -19,14 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.learning]
 EVAL_SITES = 192  # ~66 C sites: a 0.3 gain is > 4 standard errors
 
 
-def _env(threads: int) -> dict[str, str]:
-    from rntp_megatron.runtime.spawn import free_port
-
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MASTER_PORT": str(free_port())}
-
-
 def _start(args: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rntp_megatron.cli", *args], env=_env(threads),
+    return subprocess.Popen([sys.executable, "-m", "rntp_megatron.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -1,6 +1,11 @@
-"""Rank discovery from torchrun and Slurm variables."""
+"""Rank discovery from torchrun and Slurm variables; rendezvous that no other process can take a port from."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -31,3 +36,33 @@ def test_slurm_variables():
 def test_single_process_default():
     info = rank_info({})
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+
+
+def test_single_process_needs_no_port(tmp_path):
+    """A single-process run initialises even when MASTER_PORT is taken (side-by-side runs never collide)."""
+    script = ("from rntp_megatron.config import ParallelConfig\n"
+              "from rntp_megatron.runtime import init_distributed, destroy_distributed\n"
+              "init_distributed(ParallelConfig()); destroy_distributed(); print('INIT OK')\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(taken.getsockname()[1])}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert "INIT OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _try_to_bind_master_port(rank: int, world_size: int) -> str:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+        except OSError as e:
+            return e.strerror
+    return "bound"
+
+
+def test_run_ranks_holds_its_port_while_the_ranks_run():
+    """The rendezvous port is bound by run_ranks' own store before any rank starts, not merely picked free."""
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    assert run_ranks(_try_to_bind_master_port, 2) == ["Address already in use"] * 2

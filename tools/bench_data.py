@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -66,7 +65,6 @@ def bench_training(episodes: list, steps: int, batch: int, row_length: int) -> f
     from rntp_megatron.runtime import destroy_distributed, init_distributed
 
     tok = ByteTokenizer()
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29_000 + os.getpid() % 1000))
     cfg = build_config({"model": {"card": "tiny", "vocab_size": tok.vocab_size}})
     init_distributed(cfg.parallel, seed=1)
     try:

@@ -19,27 +19,21 @@ generate (no_grad) under the mode, as a process with the layer installed runs it
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
+import torch
 
-import torch  # noqa: E402
-
-from rntp_megatron.config import build_config  # noqa: E402
-from rntp_megatron.data.synthetic import THINK_OPEN, synthetic_documents  # noqa: E402
-from rntp_megatron.data.tokenizer import ByteTokenizer  # noqa: E402
-from rntp_megatron.model.provider import build_model  # noqa: E402
-from rntp_megatron.rollout.engine import SamplingParams  # noqa: E402
-from rntp_megatron.rollout.megatron_engine import MegatronEngine  # noqa: E402
-from rntp_megatron.runtime import cpu_compat, init_distributed  # noqa: E402
-from rntp_megatron.weights.export import stream_hf_weights  # noqa: E402
-from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint  # noqa: E402
+from rntp_megatron.config import build_config
+from rntp_megatron.data.synthetic import THINK_OPEN, synthetic_documents
+from rntp_megatron.data.tokenizer import ByteTokenizer
+from rntp_megatron.model.provider import build_model
+from rntp_megatron.rollout.engine import SamplingParams
+from rntp_megatron.rollout.megatron_engine import MegatronEngine
+from rntp_megatron.runtime import cpu_compat, init_distributed
+from rntp_megatron.weights.export import stream_hf_weights
+from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ time (robust to other processes on a shared machine, the run being one thread) a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -36,9 +35,6 @@ def main() -> int:
     ap.add_argument("--policy-tokens", type=int, default=96, help="thought+answer tokens at the end of each row")
     args = ap.parse_args()
 
-    from rntp_megatron.runtime.spawn import free_port
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     from rntp_megatron.config import build_config
     from rntp_megatron.lm_loss import lm_batch, lm_forward_step
     from rntp_megatron.model.provider import build_model

@@ -40,6 +40,7 @@ def main() -> None:
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.rollout.sglang_engine import SGLangEngine
     from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.runtime.spawn import free_port
     from rntp_megatron.weights.export import stream_hf_weights
     from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
     from rntp_megatron.weights.shared_mirror import SharedHFMirror
@@ -77,7 +78,7 @@ def main() -> None:
         tok = write_byte_tokenizer(work / "tok", eos_id=None)
         save_hf_checkpoint(stream(), work / "init", cfg.model, tokenizer_dir=tok)
         # a 1 GB model needs more than the CPU default --mem-fraction-static 0.05 (the last flag wins)
-        server = SGLangConfig(python=args.python, port=_free_port(), startup_timeout_s=900,
+        server = SGLangConfig(python=args.python, port=free_port(), startup_timeout_s=900,
                               extra_args=["--mem-fraction-static", "0.2"])
         engine = SGLangEngine(server,
                               model_path=work / "init", run_dir=work / "run", dtype="bfloat16",
@@ -146,12 +147,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

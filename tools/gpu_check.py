@@ -13,7 +13,6 @@ training step (bf16, Megatron optimizer): tokens/s and MFU = 6 N tokens/s / peak
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -28,9 +27,6 @@ ONE_B = {"family": "llama", "num_layers": 16, "hidden_size": 2048, "ffn_hidden_s
 def _init(model: dict, params_dtype: str | None = None):
     from rntp_megatron.config import build_config
     from rntp_megatron.runtime import init_distributed
-    from rntp_megatron.runtime.spawn import free_port
-
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     cfg = build_config({"model": {**model, **({"params_dtype": params_dtype} if params_dtype else {})},
                         "schedule": {"lr": 1e-4, "clip_grad": 1.0}})
     init_distributed(cfg.parallel, seed=1234)

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import string
 import time
 
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
+import torch
 
-import torch  # noqa: E402
-
-from rntp_megatron.config import build_config  # noqa: E402
-from rntp_megatron.model.provider import build_model  # noqa: E402
-from rntp_megatron.runtime import init_distributed  # noqa: E402
+from rntp_megatron.config import build_config
+from rntp_megatron.model.provider import build_model
+from rntp_megatron.runtime import init_distributed
 
 LETTERS = string.ascii_lowercase
 

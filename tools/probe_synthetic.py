@@ -18,21 +18,16 @@ import os
 import random
 import time
 
-os.environ.setdefault("RANK", "0")
-os.environ.setdefault("WORLD_SIZE", "1")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
+import torch
 
-import torch  # noqa: E402
-
-from rntp_megatron.config import build_config  # noqa: E402
-from rntp_megatron.data.synthetic import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN,  # noqa: E402
+from rntp_megatron.config import build_config
+from rntp_megatron.data.synthetic import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN,
                                           SyntheticSpec, synthetic_documents)
-from rntp_megatron.data.tokenizer import ByteTokenizer  # noqa: E402
-from rntp_megatron.model.provider import build_model  # noqa: E402
-from rntp_megatron.rollout.engine import SamplingParams  # noqa: E402
-from rntp_megatron.rollout.megatron_engine import MegatronEngine  # noqa: E402
-from rntp_megatron.runtime import init_distributed  # noqa: E402
+from rntp_megatron.data.tokenizer import ByteTokenizer
+from rntp_megatron.model.provider import build_model
+from rntp_megatron.rollout.engine import SamplingParams
+from rntp_megatron.rollout.megatron_engine import MegatronEngine
+from rntp_megatron.runtime import init_distributed
 
 TOK = ByteTokenizer()
 DIGIT_IDS = [TOK.encode(str(d))[0] for d in range(10)]

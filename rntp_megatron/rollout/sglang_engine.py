@@ -33,6 +33,7 @@ import torch.distributed as dist
 from rntp_megatron.config import SGLangConfig
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
+from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten
 
 CHANNELS = ("tensor", "distributed", "disk")
@@ -72,7 +73,7 @@ class SGLangEngine(RolloutEngine):
     # server lifecycle
 
     def _start(self) -> None:
-        port = self.cfg.port if self.restarts == 0 else _free_port()
+        port = self.cfg.port if self.restarts == 0 else free_port()
         self._server = ServerProcess(self.cfg.python, self.model_path, self.cfg, self.run_dir, port, self.api_key,
                                      self.dtype, attempt=self.restarts)
         self.client = HTTPClient(self._server.url, self.api_key)
@@ -305,7 +306,7 @@ class SGLangEngine(RolloutEngine):
 
     def _join_group(self) -> None:
         """Form the weight-update group: this process is rank 0, the server's ranks follow (gloo on CPU)."""
-        port = _free_port()
+        port = free_port()
         self._group_name = f"rntp-weights-{secrets.token_hex(4)}"
         backend = "gloo" if not torch.cuda.is_available() else "nccl"
         info = self._call("/get_server_info", timeout=60) or {}
@@ -396,11 +397,3 @@ def _version(raw: Any) -> int:
         return int(raw)
     except (TypeError, ValueError):
         return 0  # the server's initial version ("default")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

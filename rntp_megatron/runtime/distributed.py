@@ -79,9 +79,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: Optional[M
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}",
-                                rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
+        # One process needs no rendezvous: an in-memory store, so single-process runs started side by side
+        # never race for a TCP port.
+        rendezvous = ({"store": dist.HashStore()} if info.world_size == 1 else
+                      {"init_method": f"tcp://{info.master_addr}:{info.master_port}"})
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                timeout=timedelta(minutes=timeout_minutes), **rendezvous)
     world = dist.get_world_size()
     data_parallel_size(parallel, world)  # raises a ConfigError naming the sizes
     if not parallel_state.model_parallel_is_initialized():

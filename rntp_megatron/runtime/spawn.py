@@ -4,6 +4,8 @@
 
 The function must live at module level (spawn pickles it by name). Each rank gets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT and OMP_NUM_THREADS=1; a failing rank's traceback is re-raised here.
+As under torchrun, this process hosts the ranks' TCPStore (TORCHELASTIC_USE_AGENT_STORE): its port is bound
+before any rank starts and stays bound until they end, so no other process can take it in between.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A port free now (for servers that must be told theirs; another process may take it before they bind)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
@@ -41,10 +44,13 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
 def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 600) -> list[Any]:
     """fn(rank, world_size, *args) on each of world_size spawned ranks; the list of their return values."""
+    import torch.distributed as dist
+
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, store.port, fn, args, queue))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
