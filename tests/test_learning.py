@@ -65,7 +65,10 @@ def test_rntp_learns_computable_sites_and_shuffled_rewards_do_not(tmp_path: Path
     assert after["C"]["thought"] >= after["C"]["no_thought"] + 0.3, report
     # ... and the thought is used: another site's thought takes the answer back down
     assert after["C"]["swap"] <= after["C"]["thought"] - 0.3, report
-    # the impossible class stays near chance (1/10 digits) with or without a thought
+    # the impossible class stays near chance (1/10 digits) with or without a thought, and its thoughts shrink
+    # under the overlong penalty and stay well-formed
     assert after["I"]["thought"] <= 0.3, report
+    assert after["I"]["thought_len"] < before["I"]["thought_len"], report
+    assert after["I"]["format_ok"] >= 0.8, report
     # shuffled rewards carry no information: no comparable gain
     assert shuffled["C"]["thought"] - before["C"]["thought"] <= 0.2, report
