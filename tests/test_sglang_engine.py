@@ -191,6 +191,34 @@ def test_generate_follows_the_rollout_contract(engine, initial):
         engine.generate([[]], SamplingParams())
 
 
+def test_padding_ids_are_never_sampled(engine, initial):
+    """Ids beyond the tokenizer's vocabulary (here: pretend it ends at 200 of the model's 256) are never sampled,
+    and the rollout log-probs are those of the softmax over the real ids, as the trainer recomputes them."""
+    import transformers
+
+    from rntp_megatron.model import hf_mapping
+    from rntp_megatron.rollout.engine import SamplingParams
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+
+    real = 200
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=11)
+    unmasked = [t for r in engine.generate(PROMPTS, sampling) for t in r.token_ids]
+    assert max(unmasked) >= real  # near-uniform random weights: without the bias, padding ids do come out
+    attached = SGLangEngine(SGLangConfig(url=engine.client.url, api_key=engine.api_key),
+                            padding_ids=range(real, model_cfg().vocab_size))
+    rollouts = attached.generate(PROMPTS, sampling)
+    assert max(t for r in rollouts for t in r.token_ids) < real
+    config = transformers.AutoConfig.for_model(**hf_mapping.hf_config(model_cfg(), torch_dtype="float32"))
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    model.load_state_dict({**initial, "lm_head.weight": initial["model.embed_tokens.weight"]})
+    with torch.no_grad():
+        for r in rollouts[::4]:
+            ids = torch.tensor([r.prompt_ids + r.token_ids])
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1:-1, :real]
+            expected = torch.log_softmax(logits, -1)[torch.arange(len(r.token_ids)), ids[0, len(r.prompt_ids):]]
+            assert max(abs(a - b) for a, b in zip(expected.tolist(), r.logprobs)) < 1e-3
+
+
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 @pytest.mark.parametrize("channel", ["tensor", "distributed", "disk"])
 def test_pushed_weights_match_trainer_forward(engine, trained, initial, channel, layout):

@@ -66,18 +66,20 @@ class EnginePlacement:
         from rntp_megatron.rollout.sglang_engine import SGLangEngine
 
         sg = self.cfg.rollout.sglang
+        padding = range(tokenizer.vocab_size, self.cfg.model.vocab_size)  # sampled by no engine
         folder = None if sg.url is not None else self._export_initial(tokenizer, run_dir / "sglang")
         engine = None
         if dist.get_rank() == 0:
             engine = SGLangEngine(sg, model_path=folder, run_dir=run_dir / "sglang",
                                   dtype=self.cfg.model.params_dtype, bucket_bytes=self._bucket_bytes(),
-                                  decode=tokenizer.decode)
+                                  decode=tokenizer.decode, padding_ids=padding)
             atexit.register(engine.close)  # the server is a process group of its own: never leave it behind
         address = [(engine.client.url, engine.api_key) if engine is not None else None]
         dist.broadcast_object_list(address, src=0)
         if engine is None and dist.get_rank() == self.mp_source:
             url, key = address[0]
-            engine = SGLangEngine(dataclasses.replace(sg, url=url, api_key=key), decode=tokenizer.decode)
+            engine = SGLangEngine(dataclasses.replace(sg, url=url, api_key=key), decode=tokenizer.decode,
+                                  padding_ids=padding)
         return engine
 
     def _export_initial(self, tokenizer: Tokenizer, folder: Path) -> Optional[Path]:

@@ -12,6 +12,9 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
 `paused()` retracts running requests around an update so weights can change while requests are in flight
 (they finish under the new version). An owned server that dies is restarted with the current weights (the
 last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
+`padding_ids` (the served model's rows beyond the tokenizer's vocabulary, e.g. Qwen3's 151936 vs ~151669) are
+never sampled (a logit bias of PADDING_BIAS), so rollouts and their log-probs follow the distribution over the
+real vocabulary that the trainer recomputes (rl/logprobs.mask_padded_vocab).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten
 
 CHANNELS = ("tensor", "distributed", "disk")
+PADDING_BIAS = -1.0e4  # added to a logit, exp() underflows to 0 in float32; JSON has no -inf
 
 
 class SGLangEngine(RolloutEngine):
@@ -44,7 +48,7 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, cfg: SGLangConfig, model_path: Optional[str | Path] = None, run_dir: str | Path = "runs/sglang",
                  dtype: str = "bfloat16", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 decode: Optional[Callable[[list[int]], str]] = None):
+                 decode: Optional[Callable[[list[int]], str]] = None, padding_ids: range = range(0)):
         if cfg.weight_sync not in CHANNELS:
             raise ValueError(f"rollout.sglang.weight_sync {cfg.weight_sync!r} is not one of {CHANNELS}")
         if cfg.url is None and model_path is None:
@@ -55,6 +59,7 @@ class SGLangEngine(RolloutEngine):
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.decode = decode
+        self.logit_bias = {str(i): PADDING_BIAS for i in padding_ids}
         self.weight_version = 0
         self.restarts = 0
         self.api_key = cfg.api_key or (secrets.token_hex(16) if cfg.url is None else None)
@@ -148,6 +153,8 @@ class SGLangEngine(RolloutEngine):
                                   "no_stop_trim": True}
         if sampling.seed is not None:
             params["sampling_seed"] = sampling.seed
+        if self.logit_bias:
+            params["logit_bias"] = self.logit_bias
         replies = self._call("/generate", {"input_ids": expanded, "sampling_params": params, "return_logprob": True})
         rollouts = []
         for i, (prompt, reply) in enumerate(zip(expanded, replies)):
