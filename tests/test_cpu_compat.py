@@ -44,7 +44,7 @@ def test_redirects_are_listed_and_recorded(tmp_path):
     import sys
 
     script = (
-        "import os, torch\n"
+        "import torch\n"
         "from rntp_megatron.config import build_config\n"
         "from rntp_megatron.runtime import init_distributed, destroy_distributed, cpu_compat\n"
         "from rntp_megatron.model.provider import build_model\n"

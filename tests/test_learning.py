@@ -20,8 +20,9 @@ EVAL_SITES = 192  # ~66 C sites: a 0.3 gain is > 4 standard errors
 
 
 def _start(args: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rntp_megatron.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "rntp_megatron.cli", *args],
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
 
 
 def _wait(procs: dict[str, tuple[subprocess.Popen, Path]], timeout: float) -> None:

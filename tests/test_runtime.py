@@ -38,7 +38,7 @@ def test_single_process_default():
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
 
 
-def test_single_process_needs_no_port(tmp_path):
+def test_single_process_needs_no_port():
     """A single-process run initialises even when MASTER_PORT is taken (side-by-side runs never collide)."""
     script = ("from rntp_megatron.config import ParallelConfig\n"
               "from rntp_megatron.runtime import init_distributed, destroy_distributed\n"

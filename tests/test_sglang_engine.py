@@ -111,8 +111,8 @@ def _train_step_and_export(rank: int, world_size: int, tp: int, pp: int, init: d
         destroy_distributed()
 
 
-def hf_logprobs(state: dict[str, torch.Tensor]) -> list[list[float]]:
-    """log p(prompt[t] | prompt[<t]) of PROMPTS under HF transformers in float64 with these weights."""
+def hf_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The tiny model in HF transformers, float64, eager attention, with these (tied) weights."""
     import transformers
 
     from rntp_megatron.model import hf_mapping
@@ -121,6 +121,12 @@ def hf_logprobs(state: dict[str, torch.Tensor]) -> list[list[float]]:
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     model.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]})
+    return model
+
+
+def hf_logprobs(state: dict[str, torch.Tensor]) -> list[list[float]]:
+    """log p(prompt[t] | prompt[<t]) of PROMPTS under HF transformers in float64 with these weights."""
+    model = hf_model(state)
     out = []
     with torch.no_grad():
         for prompt in PROMPTS:
@@ -194,9 +200,6 @@ def test_generate_follows_the_rollout_contract(engine, initial):
 def test_padding_ids_are_never_sampled(engine, initial):
     """Ids beyond the tokenizer's vocabulary (here: pretend it ends at 200 of the model's 256) are never sampled,
     and the rollout log-probs are those of the softmax over the real ids, as the trainer recomputes them."""
-    import transformers
-
-    from rntp_megatron.model import hf_mapping
     from rntp_megatron.rollout.engine import SamplingParams
     from rntp_megatron.rollout.sglang_engine import SGLangEngine
 
@@ -208,9 +211,7 @@ def test_padding_ids_are_never_sampled(engine, initial):
                             padding_ids=range(real, model_cfg().vocab_size))
     rollouts = attached.generate(PROMPTS, sampling)
     assert max(t for r in rollouts for t in r.token_ids) < real
-    config = transformers.AutoConfig.for_model(**hf_mapping.hf_config(model_cfg(), torch_dtype="float32"))
-    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
-    model.load_state_dict({**initial, "lm_head.weight": initial["model.embed_tokens.weight"]})
+    model = hf_model(initial)
     with torch.no_grad():
         for r in rollouts[::4]:
             ids = torch.tensor([r.prompt_ids + r.token_ids])

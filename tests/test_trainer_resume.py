@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.slow]
 
 STEPS = 5
 TIMING = {"step_time_s", "rollout_s"}  # wall-clock values differ between runs by nature
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _command(run_dir: Path, objective: str) -> list[str]:
@@ -45,14 +44,19 @@ def _records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
+def _one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _run(run_dir: Path, objective: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(run_dir, objective), env=ONE_THREAD, capture_output=True, text=True, timeout=900)
+    return subprocess.run(_command(run_dir, objective), env=_one_thread_env(), capture_output=True, text=True,
+                          timeout=900)
 
 
 def _interrupt(run_dir: Path, objective: str, sig: int, after_steps: int) -> int:
     """Start a run, send `sig` once `after_steps` steps are logged, return its exit code."""
     # its own session: SIGKILL goes to the whole group, so the checkpoint writer's helper process dies too
-    proc = subprocess.Popen(_command(run_dir, objective), env=ONE_THREAD, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(run_dir, objective), env=_one_thread_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     while len(_records(run_dir)) < after_steps and proc.poll() is None and time.monotonic() < deadline:

@@ -147,8 +147,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-
-
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

@@ -64,14 +64,13 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=on_cpu, force_reset_rng=on_cpu)
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, env: Optional[Mapping[str, str]] = None,
-                     timeout_minutes: int = 10) -> RankInfo:
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> RankInfo:
     """torch.distributed (gloo on CPU, nccl on GPU) and megatron parallel_state with TP/PP/CP/EP; DP is the rest."""
     from datetime import timedelta
 
     from megatron.core import parallel_state
 
-    info = rank_info(env)
+    info = rank_info()
     cpu_compat.install()
     if not dist.is_initialized():
         backend = parallel.backend

@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -44,8 +45,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
 def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 600) -> list[Any]:
     """fn(rank, world_size, *args) on each of world_size spawned ranks; the list of their return values."""
-    import torch.distributed as dist
-
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
