@@ -53,10 +53,17 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's python, numpy and torch RNG states, in types torch.load(weights_only=True) reads."""
+    """This process's python, numpy and torch RNG states (and on a GPU the device's and megatron's tracker
+    states), in types torch.load(weights_only=True) reads."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   cached), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state().cpu()
+        state["cuda_tracker"] = {k: v.cpu() for k, v in get_cuda_rng_tracker().get_states().items()}
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -64,6 +71,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
 def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -29,8 +29,9 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: tor
 
 
 def lm_batch(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Training micro-batch for token rows[b, s+1]: inputs [:, :-1], labels [:, 1:], loss on every label."""
+    """Training micro-batch for token rows[b, s+1]: inputs [:, :-1], labels [:, 1:], loss on every label; on the
+    rows' device."""
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     mask = torch.ones_like(labels, dtype=torch.float) if loss_mask is None else loss_mask.float()
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs).contiguous()
+    positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs).contiguous()
     return {"tokens": inputs, "labels": labels, "loss_mask": mask, "position_ids": positions}

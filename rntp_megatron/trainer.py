@@ -46,7 +46,7 @@ from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
 from rntp_megatron.rollout.prefetch import RolloutPrefetcher
-from rntp_megatron.runtime import init_distributed
+from rntp_megatron.runtime import device, init_distributed
 from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
 from rntp_megatron.step import train_step
 
@@ -61,7 +61,8 @@ def step_seed(seed: int, step: int, dp_rank: int) -> int:
 def dp_sums(values: dict[str, tuple[float, float]]) -> dict[str, float]:
     """{name: (sum, count)} summed over the DP group -> {name: sum / count} (names with count 0 dropped)."""
     names = sorted(values)
-    t = torch.tensor([[values[n][0], values[n][1]] for n in names], dtype=torch.float64).reshape(-1, 2)
+    t = torch.tensor([[values[n][0], values[n][1]] for n in names], dtype=torch.float64, device=device())
+    t = t.reshape(-1, 2)
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return {n: (s / c).item() for n, (s, c) in zip(names, t) if c > 0}
 
@@ -177,7 +178,7 @@ class Trainer:
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
             self.step += 1
-            stop = torch.tensor([self._stop_signal or 0])
+            stop = torch.tensor([self._stop_signal or 0], device=device())
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if stop.item():
                 self.save()
@@ -192,17 +193,17 @@ class Trainer:
     def _ntp_step(self) -> dict[str, float]:
         """Next-token loss on this rank's rows of chunk tokens[rows, seq_length + 1] (padding masked)."""
         s = self.cfg.schedule
-        rows = torch.full((self.rows_per_rank, s.seq_length + 1), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(self.rows_per_rank, s.seq_length)
+        rows = torch.full((self.rows_per_rank, s.seq_length + 1), self.tokenizer.pad_id, dtype=torch.long,
+                          device="cpu")
+        mask = torch.zeros(self.rows_per_rank, s.seq_length, device="cpu")
         for i, ep in enumerate(self.stream.take(self.rows_per_rank)):
-            rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids)
+            rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids, device="cpu")
             mask[i, :len(ep.prompt_ids) - 1] = 1
+        rows, mask = rows.to(device()), mask.to(device())
         batches = [lm_batch(rows[i:i + s.micro_batch_size], mask[i:i + s.micro_batch_size])
                    for i in range(0, self.rows_per_rank, s.micro_batch_size)]
         out = train_step([self.ddp], self.optimizer, lm_forward_step, batches, s.seq_length, s.micro_batch_size)
-        tokens = torch.tensor([mask.sum().item()])
-        dist.all_reduce(tokens, group=parallel_state.get_data_parallel_group())
-        self.consumed_tokens += int(tokens.item())
+        self.consumed_tokens += self._dp_total(mask.sum().item())
         return {"loss": out.pop("lm loss"), **out, "consumed_tokens": self.consumed_tokens}
 
     def _plan_rollouts(self, step: int) -> tuple[list[Episode], SamplingParams]:
@@ -233,7 +234,7 @@ class Trainer:
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
-        batch = with_global_counts(batch, cfg.rl.train_on, parallel_state.get_data_parallel_group())
+        batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         with self.placement.training():
             out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
                              batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
@@ -295,7 +296,7 @@ class Trainer:
         return list(rollout.token_ids[:at + len(self.think_close_ids)])
 
     def _dp_total(self, value: float) -> int:
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device())
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         return int(t.item())
 

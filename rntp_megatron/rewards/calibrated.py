@@ -43,4 +43,4 @@ def calibrated(episodes: Sequence[Episode], answers: Sequence[Optional[str]], ct
             out.append(c * math.log(q) + (1 - c) * math.log(1 - q))
         else:
             out.append(-(q - c) ** 2)
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(out, dtype=torch.float32, device="cpu")

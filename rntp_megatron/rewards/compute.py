@@ -40,7 +40,7 @@ def compute_rewards(episodes: Sequence[Episode], rollouts: Sequence[Rollout], to
     if reward.shuffle:
         if shuffle_seed is None:
             raise ValueError("reward.shuffle=True needs a shuffle_seed (the trainer's step seed)")
-        base = base[torch.randperm(len(base), generator=torch.Generator().manual_seed(shuffle_seed))]
+        base = base[torch.randperm(len(base), generator=torch.Generator().manual_seed(shuffle_seed), device="cpu")]
     close = tokenizer.encode(data.think_close)
     thought_lengths = []
     for r in rollouts:

@@ -32,11 +32,11 @@ def judge(episodes: Sequence[Episode], answers: Sequence[Optional[str]], ctx: Re
     judge (params.judge) sees only samples with an answer, in one batched call."""
     fn = resolve_judge(ctx.params.get("judge"))
     live = [i for i, y in enumerate(answers) if y]
-    out = torch.zeros(len(answers), dtype=torch.float32)
+    out = torch.zeros(len(answers), dtype=torch.float32, device="cpu")
     if live:
         scores = list(fn([answers[i] for i in live], [episodes[i].continuation_text for i in live],
                          [ctx.tokenizer.decode(episodes[i].context_ids) for i in live]))
         if len(scores) != len(live):
             raise ValueError(f"judge returned {len(scores)} scores for {len(live)} answers")
-        out[live] = torch.tensor(scores, dtype=torch.float32).clamp(0, 1)
+        out[live] = torch.tensor(scores, dtype=torch.float32, device="cpu").clamp(0, 1)
     return out

@@ -11,7 +11,7 @@ from rntp_megatron.rewards.registry import RewardContext, param, register_reward
 
 
 def _per_sample(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
 @register_reward("exact")

@@ -15,13 +15,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
+from rntp_megatron.runtime import device
 from rntp_megatron.step import forward_backward
 
 
 def _logprob_loss(labels: torch.Tensor, temperature: float, vocab_size: Optional[int], logits: torch.Tensor):
     """Forward-only 'loss': no loss, the log-probs of labels[b, s] under logits[b, s, V/tp] as data."""
     logp, _ = vocab_parallel_logprobs(mask_padded_vocab(logits, vocab_size), labels, temperature)
-    return torch.zeros((), dtype=torch.float32), torch.tensor(0, dtype=torch.int), {"logp": logp.detach()}
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    return zero, zero.to(torch.int), {"logp": logp.detach()}
 
 
 def _logprob_forward_step(temperature: float, vocab_size: Optional[int], data_iterator, model):
@@ -35,7 +37,7 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
                           temperature: float = 1.0, length_multiple: int = 1, vocab_size: Optional[int] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[N, K] = log p(continuations[i][k] | prefixes[i], continuations[i][:k]) and mask[N, K] (K = longest
-    continuation), on every rank of the pipeline. Rows are right-padded to one length (a multiple of
+    continuation), on the host, on every rank of the pipeline. Rows are right-padded to one length (a multiple of
     `length_multiple`, e.g. TP under sequence parallelism) and N to a multiple of micro_batch_size."""
     n = len(prefixes)
     if n != len(continuations) or n == 0:
@@ -46,22 +48,24 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
     length = max(len(r) for r in rows) - 1
     length = -(-length // length_multiple) * length_multiple
     padded_n = -(-n // micro_batch_size) * micro_batch_size
-    ids = torch.full((padded_n, length + 1), pad_id, dtype=torch.long)
+    ids = torch.full((padded_n, length + 1), pad_id, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    positions = torch.arange(length).expand(micro_batch_size, length).contiguous()
+        ids[i, :len(r)] = torch.tensor(r, device="cpu")
+    ids = ids.to(device())
+    positions = torch.arange(length, device=ids.device).expand(micro_batch_size, length).contiguous()
     microbatches = [{"tokens": ids[i:i + micro_batch_size, :-1], "labels": ids[i:i + micro_batch_size, 1:],
                      "position_ids": positions} for i in range(0, padded_n, micro_batch_size)]
     out = forward_backward(chunks, partial(_logprob_forward_step, temperature, vocab_size), microbatches, len(microbatches),
                            length, micro_batch_size, forward_only=True)
-    all_logp = torch.empty(padded_n, length)
+    all_logp = torch.empty(padded_n, length, device=ids.device)
     if parallel_state.is_pipeline_last_stage():
-        all_logp = torch.cat([o["logp"] for o in out])
+        all_logp = torch.cat([o["logp"] for o in out]).float()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(all_logp, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
+    all_logp = all_logp.cpu()
     k_max = max(len(c) for c in continuations)
-    logp, mask = torch.zeros(n, k_max), torch.zeros(n, k_max)
+    logp, mask = torch.zeros(n, k_max, device="cpu"), torch.zeros(n, k_max, device="cpu")
     for i, (p, c) in enumerate(zip(prefixes, continuations)):
         logp[i, :len(c)] = all_logp[i, len(p) - 1:len(p) - 1 + len(c)]
         mask[i, :len(c)] = 1

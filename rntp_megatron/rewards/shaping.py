@@ -30,9 +30,10 @@ class ShapedReward:
 def shape(base: torch.Tensor, parsed: Sequence[ParsedAnswer], thought_lengths: Sequence[int],
           generated_lengths: Sequence[int], cfg: RewardConfig, max_new_tokens: int) -> ShapedReward:
     """r = base + format_weight (1[format ok] - 1) - length_cost * |thought| + overlong(|generated|)."""
-    fmt = torch.tensor([float(p.format_ok) - 1.0 for p in parsed]) * cfg.format_weight
-    length = -cfg.length_cost * torch.tensor([float(n) for n in thought_lengths])
-    overlong = torch.tensor([overlong_penalty(n, max_new_tokens, cfg.overlong_buffer) for n in generated_lengths])
+    fmt = torch.tensor([float(p.format_ok) - 1.0 for p in parsed], device="cpu") * cfg.format_weight
+    length = -cfg.length_cost * torch.tensor([float(n) for n in thought_lengths], device="cpu")
+    overlong = torch.tensor([overlong_penalty(n, max_new_tokens, cfg.overlong_buffer) for n in generated_lengths],
+                            device="cpu")
     return ShapedReward(total=base.float() + fmt + length + overlong,
                         terms={"reward_base": base.float(), "reward_format": fmt, "reward_length": length,
                                "reward_overlong": overlong})

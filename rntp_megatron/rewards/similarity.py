@@ -26,4 +26,4 @@ def similarity(episodes: Sequence[Episode], answers: Sequence[Optional[str]], ct
     x = episode.continuation_text; params.metric in chrf | bleu | edit; empty or missing y gets 0."""
     metric = param(ctx.params, "metric", "chrf", ("chrf", "bleu", "edit"))
     return torch.tensor([_score(metric, y, ep.continuation_text) if y else 0.0
-                         for ep, y in zip(episodes, answers)], dtype=torch.float32)
+                         for ep, y in zip(episodes, answers)], dtype=torch.float32, device="cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,11 +42,20 @@ class RLBatch:
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RLBatch":
+        """The batch with fn applied to every tensor field (counts kept)."""
+        return dataclasses.replace(self, **{
+            f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def rows(self, start: int, stop: int) -> "RLBatch":
         """Rows [start, stop) as a batch with the same step-wide counts."""
-        return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)})
+        return self._map(lambda t: t[start:stop])
+
+    def to(self, device: torch.device) -> "RLBatch":
+        """Every tensor of the batch on `device` (the model's): pack_rollouts builds on the host, the step moves
+        the batch once."""
+        return self._map(lambda t: t.to(device))
 
     def microbatches(self, micro_batch_size: int) -> list["RLBatch"]:
         """Consecutive row slices of micro_batch_size rows (b must divide evenly)."""
@@ -74,7 +83,7 @@ def policy_mask(batch: RLBatch, train_on: str) -> torch.Tensor:
 def with_global_counts(batch: RLBatch, train_on: str, group: Optional[dist.ProcessGroup] = None) -> RLBatch:
     """The batch with its step-wide token and row counts: local sums all-reduced over `group` (the DP group)."""
     counts = torch.tensor([policy_mask(batch, train_on).sum().item(), batch.ntp_mask.sum().item(),
-                           float(batch.num_rows)], dtype=torch.float64)
+                           float(batch.num_rows)], dtype=torch.float64, device=batch.tokens.device)
     if group is not None:
         dist.all_reduce(counts, group=group)
     return dataclasses.replace(batch, global_policy_tokens=counts[0].item(), global_ntp_tokens=counts[1].item(),
@@ -97,12 +106,12 @@ def pack_rollouts(episodes: Sequence[Episode], rollouts: Sequence[Rollout], adva
     answer = the rest (all thought when the tag is missing), ntp = the episode's context inside the prompt.
 
     rollouts[i] answers episodes[rollouts[i].prompt_index]; old log-probs default to the rollout's
-    (on-policy, before any trainer forward).
+    (on-policy, before any trainer forward). Built on the host (RLBatch.to moves it to the model's device).
     """
     n = len(rollouts)
     if advantages.shape != (n,) or rewards.shape != (n,):
         raise ValueError(f"{n} rollouts but advantages {tuple(advantages.shape)} and rewards {tuple(rewards.shape)}")
-    zeros = lambda dtype=torch.float32: torch.zeros(n, seq_length, dtype=dtype)  # noqa: E731
+    zeros = lambda dtype=torch.float32: torch.zeros(n, seq_length, dtype=dtype, device="cpu")  # noqa: E731
     tokens, labels = zeros(torch.long).fill_(pad_id), zeros(torch.long).fill_(pad_id)
     thought, answer, ntp, old, engine = zeros(), zeros(), zeros(), zeros(), zeros()
     for i, ro in enumerate(rollouts):
@@ -113,7 +122,7 @@ def pack_rollouts(episodes: Sequence[Episode], rollouts: Sequence[Rollout], adva
         if len(row) > seq_length + 1:
             raise ValueError(f"rollout {i}: prompt {len(ro.prompt_ids)} + generated {len(ro.token_ids)} tokens "
                              f"exceed seq_length + 1 = {seq_length + 1}")
-        ids = torch.tensor(row)
+        ids = torch.tensor(row, device="cpu")
         tokens[i, :len(row) - 1] = ids[:-1]
         labels[i, :len(row) - 1] = ids[1:]
         p, g = len(ro.prompt_ids), len(ro.token_ids)
@@ -122,13 +131,14 @@ def pack_rollouts(episodes: Sequence[Episode], rollouts: Sequence[Rollout], adva
         gen = slice(p - 1, p - 1 + g)  # label positions of the generated tokens
         thought[i, p - 1:p - 1 + n_thought] = 1
         answer[i, p - 1 + n_thought:p - 1 + g] = 1
-        engine[i, gen] = torch.tensor(ro.logprobs, dtype=torch.float32)
-        old[i, gen] = torch.tensor(old_logprobs[i] if old_logprobs is not None else ro.logprobs, dtype=torch.float32)
+        engine[i, gen] = torch.tensor(ro.logprobs, dtype=torch.float32, device="cpu")
+        old[i, gen] = torch.tensor(old_logprobs[i] if old_logprobs is not None else ro.logprobs, dtype=torch.float32,
+                                   device="cpu")
         c = find_sublist(ro.prompt_ids, ep.context_ids)
         if c >= 0 and ep.context_ids:
             # label positions j whose label tokens[j + 1] lies inside the context span [c, c + len)
             ntp[i, max(c - 1, 0):c + len(ep.context_ids) - 1] = 1
-    positions = torch.arange(seq_length).unsqueeze(0).expand(n, -1).contiguous()
+    positions = torch.arange(seq_length, device="cpu").unsqueeze(0).expand(n, -1).contiguous()
     return RLBatch(tokens=tokens, position_ids=positions, labels=labels, thought_mask=thought, answer_mask=answer,
                    ntp_mask=ntp, old_logprobs=old, rollout_logprobs=engine, advantages=advantages.float(),
                    rewards=rewards.float())

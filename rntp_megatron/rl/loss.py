@@ -34,7 +34,8 @@ from rntp_megatron.rl.policy_loss import policy_terms
 
 
 def _pair(total: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
-    return torch.stack([total.detach().double().reshape(()), torch.as_tensor(count, dtype=torch.float64).reshape(())])
+    count = torch.as_tensor(count, dtype=torch.float64, device=total.device)
+    return torch.stack([total.detach().double().reshape(()), count.reshape(())])
 
 
 @dataclass
@@ -144,6 +145,6 @@ class RNTPLoss:
             # w * ntp_sum / N_ntp, expressed in units of the policy count the schedule divides by
             numerator = numerator + self.ntp_weight * ntp_sum * (global_count / batch.global_ntp_tokens)
             metrics["ntp_loss"] = _pair(ntp_sum, ntp_count)
-        count = torch.as_tensor(count).to(torch.int)
+        count = torch.as_tensor(count, device=numerator.device).to(torch.int)
         metrics["loss"] = _pair(numerator, count)
         return numerator, count, metrics

@@ -65,7 +65,7 @@ def gumbel_argmax(scores: torch.Tensor, vocab_start: int, generator: Optional[to
     dist.all_gather(gathered, pairs, group=_tp_group())
     stacked = torch.stack(gathered, dim=1)  # [N, tp, 2]; ties go to the lowest rank, like a plain argmax
     winner = stacked[..., 0].argmax(dim=1)
-    return stacked[torch.arange(len(winner)), winner, 1].round().long()
+    return stacked[torch.arange(len(winner), device=winner.device), winner, 1].round().long()
 
 
 def truncated_sample(scores: torch.Tensor, vocab_start: int, top_k: int, top_p: float,
@@ -121,7 +121,8 @@ class MegatronEngine(RolloutEngine):
 
     def _seed(self, seed: Optional[int]) -> int:
         """The call's seed: the given one, else one drawn on TP rank 0 and broadcast (ranks must agree)."""
-        value = torch.tensor([seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))])
+        drawn = seed if seed is not None else int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+        value = torch.tensor([drawn], device=next(self.model.parameters()).device)
         if seed is None:
             dist.broadcast(value, src=parallel_state.get_tensor_model_parallel_src_rank(), group=_tp_group())
         return int(value)

@@ -57,7 +57,7 @@ def layout(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> list[Te
     metas, offset = [], 0
     for name, t in bucket:
         out_dtype = dtype or t.dtype
-        size = t.numel() * torch.empty((), dtype=out_dtype).element_size()
+        size = t.numel() * out_dtype.itemsize
         metas.append(TensorMeta(name, out_dtype, tuple(t.shape), offset, size))
         offset += size
     return metas
@@ -80,8 +80,10 @@ def packed(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> NamedTe
 
 
 def _copied(bucket: NamedTensors, metas: list[TensorMeta]) -> torch.Tensor:
-    """A fresh uint8 buffer holding the bucket's tensors at metas' offsets, cast to metas' dtypes."""
-    flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8)
+    """A fresh uint8 buffer holding the bucket's tensors at metas' offsets, cast to metas' dtypes, on the device of
+    its first tensor (a GPU bucket for NCCL transfers, a host one for gloo and files)."""
+    where = bucket[0][1].device if bucket else torch.device("cpu")
+    flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=where)
     for (_, t), m in zip(bucket, metas):
         target = _typed_view(flat, m)
         if target is not None:
@@ -104,7 +106,7 @@ def unflatten(flat: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
 
 def _typed_view(flat: torch.Tensor, m: TensorMeta) -> Optional[torch.Tensor]:
     """flat's bytes of m as a tensor of m.dtype and m.shape, or None when m.offset is not aligned to the dtype."""
-    if (flat.storage_offset() + m.offset) % torch.empty((), dtype=m.dtype).element_size():
+    if (flat.storage_offset() + m.offset) % m.dtype.itemsize:
         return None
     return flat[m.offset: m.offset + m.nbytes].view(m.dtype).reshape(m.shape)
 
@@ -116,9 +118,9 @@ def _shared_buffer(bucket: NamedTensors, metas: list[TensorMeta]) -> Optional[to
     storage = bucket[0][1].untyped_storage()
     start = bucket[0][1].storage_offset() * bucket[0][1].element_size()
     for (_, t), m in zip(bucket, metas):
-        if (t.dtype != m.dtype or t.device.type != "cpu" or not t.is_contiguous()
+        if (t.dtype != m.dtype or t.device != storage.device or not t.is_contiguous()
                 or t.untyped_storage().data_ptr() != storage.data_ptr()
                 or t.storage_offset() * t.element_size() != start + m.offset):
             return None
-    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
     return whole[start: start + sum(m.nbytes for m in metas)]

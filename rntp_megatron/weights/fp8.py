@@ -18,7 +18,7 @@ def quantize_blockwise(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor,
         raise ValueError(f"blockwise FP8 takes 2-D weights, got shape {tuple(w.shape)}")
     m, n = w.shape
     rows, cols = -(-m // block), -(-n // block)
-    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32, device=w.device)
     padded[:m, :n] = w.float()
     blocks = padded.view(rows, block, cols, block)
     amax = blocks.abs().amax(dim=(1, 3))

@@ -107,7 +107,7 @@ def write_safetensors(path: str | Path, flat: torch.Tensor, metas: list[TensorMe
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
-        f.write(memoryview(flat.numpy()))
+        f.write(memoryview(flat.cpu().numpy()))  # a bucket on the GPU comes to the host here
 
 
 class SafetensorsFolder(Mapping[str, torch.Tensor]):

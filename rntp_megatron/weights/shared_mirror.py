@@ -93,7 +93,7 @@ class SharedHFMirror:
         torch.multiprocessing.set_sharing_strategy("file_system")  # named segments: mappable by any process
         handles = [None]
         if self.is_dst:
-            buffers = [torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8).share_memory_()
+            buffers = [torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device="cpu").share_memory_()
                        for metas in self.metas]
             handles = [bytes(ForkingPickler.dumps(buffers))]
         dist.broadcast_object_list(handles, src=0, group=self.group)
