@@ -66,3 +66,21 @@ def test_run_ranks_holds_its_port_while_the_ranks_run():
     from rntp_megatron.runtime.spawn import run_ranks
 
     assert run_ranks(_try_to_bind_master_port, 2) == ["Address already in use"] * 2
+
+
+def test_megatron_import_notices_become_one_line():
+    """Building a model prints megatron's missing-kernel fallbacks once, as our one line, and none of its
+    per-module warnings or the GPTModel deprecation (the class is chosen on purpose)."""
+    script = ("from rntp_megatron.config import build_config\n"
+              "from rntp_megatron.runtime import init_distributed\n"
+              "from rntp_megatron.model.provider import build_model\n"
+              "cfg = build_config({}, ['model.card=tiny'])\n"
+              "init_distributed(cfg.parallel)\n"
+              "build_model(cfg.model, cfg.parallel)\n")
+    out = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert text.count("not installed") == 1, text
+    assert "megatron-core: Transformer Engine and Apex not installed" in text
+    assert "IS DEPRECATED" not in text and "UserWarning" not in text, text

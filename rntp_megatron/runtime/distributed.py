@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rntp_megatron.config import ParallelConfig, data_parallel_size
+from rntp_megatron.notices import missing_kernels_notice
 from rntp_megatron.runtime import cpu_compat
 
 
@@ -94,6 +95,9 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
             expert_model_parallel_size=parallel.expert_model_parallel_size,
         )
     set_seed(seed)
+    notice = missing_kernels_notice(on_gpu=torch.cuda.is_available())
+    if notice and dist.get_rank() == 0:
+        print(notice, flush=True)
     return info
 
 
