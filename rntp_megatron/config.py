@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 CARDS_DIR = Path(__file__).parent / "model" / "cards"
+LOOPBACK = "127.0.0.1"  # the default bind address of every server, and the address of a one-host run
 
 
 class ConfigError(ValueError):
@@ -113,17 +114,26 @@ class DataConfig:
 
 @dataclass
 class SGLangConfig:
-    """A real SGLang server: started as a child process (python=...) or attached (url=...)."""
+    """Real SGLang servers: started as child processes (python=..., `replicas` of them) or attached (url=... and/or
+    urls=[...]); several make a fleet (rollout/sglang_fleet.py) that shares each step's groups and gets every
+    weight version."""
 
     url: Optional[str] = None
+    urls: list[str] = field(default_factory=list)  # more attached replicas (same api_key)
+    replicas: int = 1  # servers the trainer starts when none is attached
     python: str = "sglang-venv/bin/python"
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK  # where a started server binds
     port: int = 30000
     api_key: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0  # one /generate call
+    retry_backoff_s: float = 5.0  # an attached replica that failed is tried again after this, doubling
     max_restarts: int = 2
     weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    weights_dir: Optional[str] = None  # disk channel: a folder every replica can read (default: the run's)
+    group_host: Optional[str] = None  # distributed channel: the trainer's address the replicas connect to
+    # (default: MASTER_ADDR, or the first Slurm node: rank 0's host)
 
 
 @dataclass
@@ -469,6 +479,19 @@ def validate_rollout(cfg: RunConfig) -> None:
                           "rl.tis_cap (truncated importance sampling, e.g. 2.0) or rl.icepop to correct for them")
     if r.engine != "sglang":
         return
+    sg = r.sglang
+    if sg.replicas < 1:
+        raise ConfigError(f"rollout.sglang.replicas: must be >= 1, got {sg.replicas}")
+    if sg.replicas > 1 and (sg.url or sg.urls):
+        raise ConfigError(f"rollout.sglang.replicas: {sg.replicas} servers to start, but rollout.sglang.url/urls "
+                          "attach running ones; give one or the other")
+    if sg.weight_sync == "tensor" and max(sg.replicas, len([u for u in [sg.url, *sg.urls] if u])) > 1:
+        raise ConfigError("rollout.sglang.weight_sync: 'tensor' hands shared-memory tensors to one server colocated "
+                          "with the trainer; a fleet of replicas takes 'distributed' (one broadcast feeds all) or "
+                          "'disk' (rollout.sglang.weights_dir)")
+    if sg.request_timeout_s <= 0 or sg.retry_backoff_s < 0:
+        raise ConfigError(f"rollout.sglang.request_timeout_s: must be > 0 (got {sg.request_timeout_s}) and "
+                          f"retry_backoff_s >= 0 (got {sg.retry_backoff_s})")
     channels = {"colocated": ("tensor", "disk"), "separate": ("distributed", "disk")}[r.placement]
     if r.sglang.weight_sync not in channels:
         raise ConfigError(f"rollout.sglang.weight_sync: {r.sglang.weight_sync!r} does not fit rollout.placement="

@@ -249,6 +249,8 @@ class Trainer:
         out.update(self._rollout_metrics(episodes, rollouts, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
+        if self.engine is not None:
+            out.update(self.engine.stats())
         return out
 
     def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:

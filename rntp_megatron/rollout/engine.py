@@ -51,6 +51,10 @@ class RolloutEngine(abc.ABC):
         self.update_weights((item for bucket in buckets for item in bucket), version)
         return {}
 
+    def stats(self) -> dict[str, float]:
+        """Metrics of the last generate call (e.g. a fleet's share and latency per replica); none by default."""
+        return {}
+
     def sleep(self) -> None:
         """Free memory for the trainer (colocated placement); a no-op where nothing can be freed."""
 

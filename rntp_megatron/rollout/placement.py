@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 from rntp_megatron.config import ConfigError, RunConfig
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine
+from rntp_megatron.runtime import device
 from rntp_megatron.weights.export import stream_hf_weights
 from rntp_megatron.weights.shared_mirror import shared_mirror
 
@@ -61,26 +62,42 @@ class EnginePlacement:
         self.engine = engine  # on every rank in-process; else on the ranks that generate (None elsewhere)
 
     def _start_sglang(self, tokenizer: Tokenizer, run_dir: Path) -> Optional[RolloutEngine]:
-        """Rank 0 starts the server from the trainer's current weights (or attaches to its URL); the other
-        model-parallel sources attach to it by URL. Every rank takes part in the weight export's gathers."""
+        """Rank 0 starts rollout.sglang.replicas servers from the trainer's current weights (or attaches to
+        rollout.sglang.url/urls): a fleet (rollout/sglang_fleet.py) that gets every weight push; the other
+        model-parallel sources attach to the same servers by URL to generate. Every rank takes part in the weight
+        export's gathers."""
+        from rntp_megatron.model import hf_mapping
         from rntp_megatron.rollout.sglang_engine import SGLangEngine
+        from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+        from rntp_megatron.runtime.spawn import free_port
 
         sg = self.cfg.rollout.sglang
         padding = range(tokenizer.vocab_size, self.cfg.model.vocab_size)  # sampled by no engine
-        folder = None if sg.url is not None else self._export_initial(tokenizer, run_dir / "sglang")
-        engine = None
+        urls = [u for u in [sg.url, *sg.urls] if u]
+        folder = None if urls else self._export_initial(tokenizer, run_dir / "sglang")
+        count = len(urls) or sg.replicas
+        # in a fleet the fleet restarts a dead server and brings it to the current weights; alone, it does so itself
+        own = dataclasses.replace(sg, max_restarts=0) if count > 1 else sg
+        common = dict(decode=tokenizer.decode, padding_ids=padding, bucket_bytes=self._bucket_bytes(),
+                      dtype=self.cfg.model.params_dtype)
+        fleet = None
         if dist.get_rank() == 0:
-            engine = SGLangEngine(sg, model_path=folder, run_dir=run_dir / "sglang",
-                                  dtype=self.cfg.model.params_dtype, bucket_bytes=self._bucket_bytes(),
-                                  decode=tokenizer.decode, padding_ids=padding)
-            atexit.register(engine.close)  # the server is a process group of its own: never leave it behind
-        address = [(engine.client.url, engine.api_key) if engine is not None else None]
-        dist.broadcast_object_list(address, src=0)
-        if engine is None and dist.get_rank() == self.mp_source:
-            url, key = address[0]
-            engine = SGLangEngine(dataclasses.replace(sg, url=url, api_key=key), decode=tokenizer.decode,
-                                  padding_ids=padding)
-        return engine
+            if urls:
+                engines = [SGLangEngine(dataclasses.replace(own, url=u), run_dir=run_dir / "sglang",
+                                        hf_config=hf_mapping.hf_config(self.cfg.model), **common) for u in urls]
+            else:
+                engines = [SGLangEngine(dataclasses.replace(own, port=sg.port if i == 0 else free_port()),
+                                        model_path=folder, run_dir=run_dir / "sglang" / f"replica{i}", **common)
+                           for i in range(count)]
+            fleet = SGLangFleet(engines, owned=not urls, max_restarts=sg.max_restarts,
+                                retry_backoff_s=sg.retry_backoff_s)
+            atexit.register(fleet.close)  # the servers are process groups of their own: never leave them behind
+        addresses = [fleet.addresses() if fleet is not None else None]
+        dist.broadcast_object_list(addresses, src=0)
+        if fleet is None and dist.get_rank() == self.mp_source:
+            fleet = SGLangFleet([SGLangEngine(dataclasses.replace(own, url=url, api_key=key), **common)
+                                 for url, key in addresses[0]], owned=False, retry_backoff_s=sg.retry_backoff_s)
+        return fleet
 
     def _export_initial(self, tokenizer: Tokenizer, folder: Path) -> Optional[Path]:
         """The trainer's current weights as an HF folder with a tokenizer (rank 0; None elsewhere)."""
@@ -133,12 +150,21 @@ class EnginePlacement:
             buckets = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
         else:
             buckets = self._mirror.stream()
+        failure = None
         if dist.get_rank() == 0:
-            self.engine.update_weights_from_buckets(buckets, version)
+            try:
+                self.engine.update_weights_from_buckets(buckets, version)
+            except Exception as e:  # told to every rank below, so none waits out a process-group timeout
+                failure = e
         else:
             for _ in buckets:
                 pass
-        dist.barrier()
+        failed = torch.tensor([float(failure is not None)], device=device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if failed.item():
+            raise RuntimeError(f"rank 0 failed to push weight version {version} to the rollout engine (its log says why)")
 
     def close(self) -> None:
         """Stop an engine this placement started (an SGLang server); one passed in stays the caller's."""

@@ -8,7 +8,10 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
 - "distributed": a gloo (CPU) or NCCL (GPU) group of this process (rank 0) and the server's ranks; each bucket
   is one flat byte buffer broadcast while POST /update_weights_from_distributed (flattened_bucket) receives it.
 - "disk": an HF checkpoint folder written with weights/hf_checkpoint, loaded with /update_weights_from_disk
-  (fallback, and the only channel across clusters).
+  (fallback, and the only channel across clusters). The folder of a version appears whole (written aside, then
+  renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
+`peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
+folder loaded by all, each tensor payload sent to each, one broadcast group holding every server's ranks.
 `paused()` retracts running requests around an update so weights can change while requests are in flight
 (they finish under the new version). An owned server that dies is restarted with the current weights (the
 last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from rntp_megatron.config import SGLangConfig
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
+from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten
 
@@ -48,7 +52,8 @@ class SGLangEngine(RolloutEngine):
 
     def __init__(self, cfg: SGLangConfig, model_path: Optional[str | Path] = None, run_dir: str | Path = "runs/sglang",
                  dtype: str = "bfloat16", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 decode: Optional[Callable[[list[int]], str]] = None, padding_ids: range = range(0)):
+                 decode: Optional[Callable[[list[int]], str]] = None, padding_ids: range = range(0),
+                 hf_config: Optional[dict] = None):
         if cfg.weight_sync not in CHANNELS:
             raise ValueError(f"rollout.sglang.weight_sync {cfg.weight_sync!r} is not one of {CHANNELS}")
         if cfg.url is None and model_path is None:
@@ -60,8 +65,10 @@ class SGLangEngine(RolloutEngine):
         self.bucket_bytes = bucket_bytes
         self.decode = decode
         self.logit_bias = {str(i): PADDING_BIAS for i in padding_ids}
+        self.hf_config = hf_config  # config.json of the served model, for disk pushes to an attached server
         self.weight_version = 0
         self.restarts = 0
+        self.peers: list["SGLangEngine"] = []  # more servers that receive every weight update (a fleet)
         self.api_key = cfg.api_key or (secrets.token_hex(16) if cfg.url is None else None)
         self._server: Optional[ServerProcess] = None
         self._host_copy: dict[str, torch.Tensor] = {}  # the newest pushed tensors, for a restart
@@ -103,15 +110,22 @@ class SGLangEngine(RolloutEngine):
             raise SGLangServerError(f"SGLang server failed ({why}) after {self.restarts} restarts "
                                     f"(rollout.sglang.max_restarts={self.cfg.max_restarts}); last log "
                                     f"{self._server.log_path}:\n{self._server.log_tail()}")
+        self.relaunch()
+        if self._host_copy:
+            self._push_tensor(list(bucketed(self._host_copy.items(), self.bucket_bytes)), self.weight_version)
+        else:
+            self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
+
+    def relaunch(self) -> None:
+        """A fresh process for an owned server, from model_path (the initial or the last disk-pushed weights); the
+        caller brings it to the current weights (_restart, or a fleet's next push)."""
+        if self._server is None:
+            raise SGLangServerError(f"the attached SGLang server at {self.client.url} is not ours to relaunch")
         if self._group is not None:
             self._leave_group()  # before the peer goes: gloo aborts the process when a live pair loses its peer
         self._server.stop()
         self.restarts += 1
         self._start()
-        if self._host_copy:
-            self._push_tensor(list(bucketed(self._host_copy.items(), self.bucket_bytes)), self.weight_version)
-        else:
-            self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
 
     def _call(self, path: str, payload: Optional[dict] = None, timeout: float = 600.0) -> Any:
         """client.call with crash detection: a dead server is restarted (current weights) and the call retried."""
@@ -129,10 +143,7 @@ class SGLangEngine(RolloutEngine):
 
         The torch_shm_manager that the tensor channel starts is left alone: tensors of this process may still
         live in shared memory, and freeing one after the manager is gone aborts the process (broken pipe)."""
-        if self._group is not None:
-            self._leave_group()
-            with contextlib.suppress(SGLangServerError, OSError):
-                self.client.call("/destroy_weights_update_group", {"group_name": self._group_name}, timeout=30)
+        self.leave_weight_group()
         if self._server is not None:
             self._server.stop()
             self._server = None
@@ -155,7 +166,8 @@ class SGLangEngine(RolloutEngine):
             params["sampling_seed"] = sampling.seed
         if self.logit_bias:
             params["logit_bias"] = self.logit_bias
-        replies = self._call("/generate", {"input_ids": expanded, "sampling_params": params, "return_logprob": True})
+        replies = self._call("/generate", {"input_ids": expanded, "sampling_params": params, "return_logprob": True},
+                             timeout=self.cfg.request_timeout_s)
         rollouts = []
         for i, (prompt, reply) in enumerate(zip(expanded, replies)):
             meta = reply["meta_info"]
@@ -237,37 +249,66 @@ class SGLangEngine(RolloutEngine):
         self.weight_version = version
         return timing
 
+    def _receivers(self) -> list["SGLangEngine"]:
+        """This server and its peers: every server an update goes to."""
+        return [self, *self.peers]
+
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[None]:
+        """/begin_weight_update ... /end_weight_update on every receiver; each session opened is closed, also when
+        another receiver fails (a dead one is the caller's to drop)."""
+        opened: list[SGLangEngine] = []
+        failure: Optional[BaseException] = None
+        try:
+            for r in self._receivers():
+                r.client.call("/begin_weight_update", {})
+                opened.append(r)
+            yield
+        finally:
+            for r in opened:
+                try:
+                    r.client.call("/end_weight_update", {})
+                except (SGLangServerError, OSError) as e:
+                    failure = failure or e
+        if failure is not None:
+            raise failure
+
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
-        """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into the server."""
-        with self._lock:
-            self._call("/begin_weight_update", {})
-            try:
-                reply = self._call("/update_weights_from_disk", {"model_path": str(path), "weight_version": str(version),
-                                                                 "flush_cache": True})
+        """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into every receiver."""
+        with self._lock, self._updating():
+            for r in self._receivers():
+                reply = r.client.call("/update_weights_from_disk", {
+                    "model_path": str(path), "weight_version": str(version), "flush_cache": True})
                 _check(reply, "/update_weights_from_disk")
-            finally:
-                self._call("/end_weight_update", {})
-        self.weight_version = version
-        self.model_path = str(path)  # a restart starts from these weights
-        self._host_copy.clear()
+        for r in self._receivers():
+            r.weight_version = version
+            r.model_path = str(path)  # a restart starts from these weights
+            r._host_copy.clear()
 
     def _push_disk(self, buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
-        """Write an HF folder (config and tokenizer of the served model) under run_dir, load it, drop the previous."""
+        """Write an HF folder (config of the served model) under weights_dir (default run_dir/weights), load it into
+        every receiver, drop the previous pushed version."""
         import json
         import shutil
 
         from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
         source = Path(self.model_path) if self.model_path else None
-        if source is None or not (source / "config.json").exists():
-            raise SGLangServerError("the disk channel needs the served model's folder (model_path) for config.json")
+        if source is not None and (source / "config.json").exists():
+            has_tokenizer = any((source / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+            config, tokenizer_dir = json.loads((source / "config.json").read_text()), source if has_tokenizer else None
+        elif self.hf_config is not None:  # an attached server: the trainer knows what it serves
+            config, tokenizer_dir = self.hf_config, None
+        else:
+            raise SGLangServerError("the disk channel needs the served model's config.json: a model_path folder or "
+                                    "hf_config (the placement passes the trainer's)")
         t0 = time.perf_counter()
-        folder = save_hf_checkpoint(buckets, self.run_dir / "weights" / f"v{version}",
-                                    json.loads((source / "config.json").read_text()), tokenizer_dir=source,
+        root = Path(self.cfg.weights_dir) if self.cfg.weights_dir else self.run_dir / "weights"
+        folder = save_hf_checkpoint(buckets, root / f"v{version}", config, tokenizer_dir=tokenizer_dir,
                                     overwrite=True)
         t1 = time.perf_counter()
         self.update_weights_from_disk(folder, version)
-        if source.parent == folder.parent and source != folder:
+        if source is not None and source.parent == folder.parent and source != folder:
             shutil.rmtree(source, ignore_errors=True)  # an older pushed version, not the user's folder
         return {"write_s": t1 - t0, "server_s": time.perf_counter() - t1}
 
@@ -290,8 +331,7 @@ class SGLangEngine(RolloutEngine):
             return base64.b64encode(buf.getvalue()).decode()
 
         timing = {"serialize_s": 0.0, "server_s": 0.0}
-        self.client.call("/begin_weight_update", {})
-        try:
+        with self._updating():
             for bucket in buckets:
                 t0 = time.perf_counter()
                 payload = serialized(bucket)
@@ -299,33 +339,52 @@ class SGLangEngine(RolloutEngine):
                 timing["server_s"] += self._send_tensor_bucket(payload, version, last=False)
                 self._remember(bucket, keep_host_copy)
             timing["server_s"] += self._send_tensor_bucket(serialized([]), version, last=True)
-        finally:
-            self.client.call("/end_weight_update", {})
         return timing
 
     def _send_tensor_bucket(self, payload: str, version: int, last: bool) -> float:
+        """One serialized bucket to every receiver (each maps the same shared-memory tensors); seconds spent."""
         t0 = time.perf_counter()
-        reply = self.client.call("/update_weights_from_tensor", {
-            "serialized_named_tensors": [payload], "flush_cache": last,
-            "weight_version": str(version) if last else None})
-        _check(reply, "/update_weights_from_tensor")
+        for r in self._receivers():
+            reply = r.client.call("/update_weights_from_tensor", {
+                "serialized_named_tensors": [payload], "flush_cache": last,
+                "weight_version": str(version) if last else None})
+            _check(reply, "/update_weights_from_tensor")
         return time.perf_counter() - t0
 
     def _join_group(self) -> None:
-        """Form the weight-update group: this process is rank 0, the server's ranks follow (gloo on CPU)."""
+        """Form the weight-update group: this process is rank 0, each receiver's ranks follow in turn (gloo on CPU),
+        at the trainer's routable address (rollout.sglang.group_host, else MASTER_ADDR / the first Slurm node)."""
         port = free_port()
         self._group_name = f"rntp-weights-{secrets.token_hex(4)}"
         backend = "gloo" if not torch.cuda.is_available() else "nccl"
-        info = self._call("/get_server_info", timeout=60) or {}
-        server_ranks = int(info.get("tp_size", 1)) * int(info.get("pp_size", 1)) * int(info.get("dp_size", 1) or 1)
-        payload = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1,
-                   "world_size": 1 + server_ranks, "group_name": self._group_name, "backend": backend}
-        reply: dict[str, Any] = {}
-        joiner = threading.Thread(target=lambda: reply.update(r=self._try_call("/init_weights_update_group", payload)))
-        joiner.start()
-        self._group = _process_group(backend, port, 1 + server_ranks, self._group_name)
-        joiner.join()
-        _check(reply.get("r"), "/init_weights_update_group")
+        host = self.cfg.group_host or rank_info().master_addr
+        offsets, world = [], 1
+        for r in self._receivers():
+            info = r.client.call("/get_server_info", timeout=60) or {}
+            offsets.append(world)
+            world += int(info.get("tp_size", 1)) * int(info.get("pp_size", 1)) * int(info.get("dp_size", 1) or 1)
+        replies: list[dict[str, Any]] = [{} for _ in offsets]
+        joiners = [threading.Thread(target=lambda r=r, out=out, offset=offset: out.update(r=r._try_call(
+            "/init_weights_update_group", {"master_address": host, "master_port": port, "rank_offset": offset,
+                                           "world_size": world, "group_name": self._group_name, "backend": backend})))
+            for r, out, offset in zip(self._receivers(), replies, offsets)]
+        for j in joiners:
+            j.start()
+        self._group = _process_group(backend, host, port, world, self._group_name)
+        for j in joiners:
+            j.join()
+        for reply in replies:
+            _check(reply.get("r"), "/init_weights_update_group")
+
+    def leave_weight_group(self) -> None:
+        """Dissolve the weight-update group on this side and on every receiver (a fleet re-forms it when its
+        members change)."""
+        if self._group is None:
+            return
+        self._leave_group()
+        for r in self._receivers():
+            with contextlib.suppress(SGLangServerError, OSError):
+                r.client.call("/destroy_weights_update_group", {"group_name": self._group_name}, timeout=30)
 
     def _leave_group(self) -> None:
         """Destroy this process's side of the weight-update group (local; no collective)."""
@@ -345,8 +404,7 @@ class SGLangEngine(RolloutEngine):
         if self._group is None:
             self._join_group()
         timing = {"flatten_s": 0.0, "broadcast_s": 0.0, "server_s": 0.0}
-        self.client.call("/begin_weight_update", {})
-        try:
+        with self._updating():
             items = iter(buckets)
             bucket = next(items, None)
             while bucket is not None:
@@ -359,24 +417,26 @@ class SGLangEngine(RolloutEngine):
                            "shapes": [list(m.shape) for m in metas], "group_name": self._group_name,
                            "load_format": "flattened_bucket", "flush_cache": following is None,
                            "weight_version": str(version) if following is None else None}
-                reply: dict[str, Any] = {}
-                receiver = threading.Thread(target=lambda: reply.update(
-                    r=self._try_call("/update_weights_from_distributed", payload)))
+                replies: list[dict[str, Any]] = [{} for _ in self._receivers()]
+                receivers = [threading.Thread(target=lambda r=r, out=out: out.update(
+                    r=r._try_call("/update_weights_from_distributed", payload)))
+                    for r, out in zip(self._receivers(), replies)]
                 t1 = time.perf_counter()
-                receiver.start()
-                dist.broadcast(flat, src=0, group=self._group)  # this process is rank 0 of the group
+                for thread in receivers:
+                    thread.start()
+                dist.broadcast(flat, src=0, group=self._group)  # this process is rank 0: one send feeds all
                 timing["broadcast_s"] += time.perf_counter() - t1
-                receiver.join()
+                for thread in receivers:
+                    thread.join()
                 timing["server_s"] += time.perf_counter() - t1
-                _check(reply.get("r"), "/update_weights_from_distributed")
+                for reply in replies:
+                    _check(reply.get("r"), "/update_weights_from_distributed")
                 self._remember(bucket, keep_host_copy)
                 bucket = following
-        finally:
-            self.client.call("/end_weight_update", {})
         return timing
 
 
-def _process_group(backend: str, port: int, world_size: int, group_name: str) -> Any:
+def _process_group(backend: str, host: str, port: int, world_size: int, group_name: str) -> Any:
     """Rank 0 of a process group outside torch.distributed's default world, formed the way SGLang's
     init_custom_process_group forms the server's side (tcp rendezvous, store prefixed by the group name)."""
     from torch.distributed import distributed_c10d as c10d
@@ -384,7 +444,7 @@ def _process_group(backend: str, port: int, world_size: int, group_name: str) ->
     timeout = timedelta(minutes=5)
     # This process hosts the store. (torch's tcp:// rendezvous would not under torchrun: with
     # TORCHELASTIC_USE_AGENT_STORE it only connects as a client, and the group never forms.)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
     # torch has no public call for a group beside the default one; SGLang uses the same private helper.
     group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend),
                                               c10d.PrefixStore(group_name, store), group_name=group_name,

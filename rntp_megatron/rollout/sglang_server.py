@@ -1,7 +1,8 @@
 """An SGLang server as a child process: command line, start, health wait, logs in the run folder, stop.
 
 The server runs in its own virtualenv (tools/install_sglang.sh) and its own process group, bound to
-127.0.0.1 with an API key; it is stopped by PID (the whole group), never by name.
+rollout.sglang.host (the loopback address unless told otherwise) with an API key; it is stopped by PID (the whole group),
+never by name.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rntp_megatron.config import ParallelConfig, data_parallel_size
+from rntp_megatron.config import LOOPBACK, ParallelConfig, data_parallel_size
 from rntp_megatron.notices import missing_kernels_notice
 from rntp_megatron.runtime import cpu_compat
 
@@ -44,12 +44,12 @@ def rank_info(env: Optional[Mapping[str, str]] = None) -> RankInfo:
     port = int(env.get("MASTER_PORT", "29500"))
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                        env.get("MASTER_ADDR", "127.0.0.1"), port)
+                        env.get("MASTER_ADDR", LOOPBACK), port)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", LOOPBACK))
         return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")),
                         addr, port)
-    return RankInfo(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port)
+    return RankInfo(0, 1, 0, env.get("MASTER_ADDR", LOOPBACK), port)
 
 
 def set_seed(seed: int) -> None:

@@ -20,16 +20,18 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rntp_megatron.config import LOOPBACK
+
 
 def free_port() -> int:
     """A port free now (for servers that must be told theirs; another process may take it before they bind)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR=LOOPBACK,
                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1")
     import torch
 
@@ -47,7 +49,7 @@ def run_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float 
     """fn(rank, world_size, *args) on each of world_size spawned ranks; the list of their return values."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    store = dist.TCPStore(LOOPBACK, 0, None, is_master=True, wait_for_workers=False)
     procs = [ctx.Process(target=_entry, args=(r, world_size, store.port, fn, args, queue))
              for r in range(world_size)]
     for p in procs:

@@ -1,0 +1,207 @@
+"""A fleet of SGLang replicas behind one RolloutEngine: groups spread over replicas, weights to all of them.
+
+Generation: each prompt is a group (its sampling.n samples stay on one replica, so they share its prefix cache);
+prompts go to the live replica with the fewest outstanding tokens (prompt + n * max_new_tokens of what it was
+given), and the replicas generate concurrently. A replica that fails (its server died, a request timed out) is
+marked down and its prompts are generated again by the others, so a step never loses a group.
+
+Weights: one replica leads the push and the others are its peers (SGLangEngine.peers): one folder that all
+load (disk), each tensor payload to each (tensor), or one broadcast group holding the trainer and every
+replica's ranks (distributed, so one send feeds all). With more than one replica the step's buckets are held
+for the duration of the push: a replica that dies mid-push is dropped and the push is made again to the rest
+(the group re-formed without it). A replica that is down rejoins at a later push: an owned server is started
+again (at most rollout.sglang.max_restarts times), an attached one is health-checked again after a back-off
+that doubles (rollout.sglang.retry_backoff_s); either way it gets the full weights before it generates again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.sglang_engine import SGLangEngine
+from rntp_megatron.rollout.sglang_server import SGLangServerError
+from rntp_megatron.weights.buckets import NamedTensors, bucketed
+
+FAILURES = (SGLangServerError, OSError, urllib.error.URLError, RuntimeError)
+
+
+@dataclass
+class Replica:
+    """One server of the fleet and what the fleet knows of it."""
+
+    engine: SGLangEngine
+    owned: bool
+    live: bool = True
+    retry_at: float = 0.0  # attached and down: when to look at it again
+    backoff_s: float = 0.0
+    restarts: int = 0
+    samples: int = 0  # of the last generate call
+    seconds: float = 0.0
+
+
+class SGLangFleet(RolloutEngine):
+    """Several SGLang servers (owned or attached) as one engine; see the module docstring."""
+
+    def __init__(self, engines: list[SGLangEngine], owned: bool, max_restarts: int = 2,
+                 retry_backoff_s: float = 5.0) -> None:
+        if not engines:
+            raise ValueError("a fleet needs at least one SGLang engine")
+        self.replicas = [Replica(e, owned, backoff_s=retry_backoff_s) for e in engines]
+        self.max_restarts, self.retry_backoff_s = max_restarts, retry_backoff_s
+        self.weight_version = 0
+        self._leader: Optional[Replica] = None  # the replica that holds the weight group, if any
+
+    # ---------------------------------------------------------------------------------------------
+    def addresses(self) -> list[tuple[str, Optional[str]]]:
+        """(url, api key) of every replica, for the ranks that attach to the fleet."""
+        return [(r.engine.client.url, r.engine.api_key) for r in self.replicas]
+
+    def _live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.live]
+
+    def _down(self, replica: Replica, why: str) -> None:
+        replica.live = False
+        replica.retry_at = time.monotonic() + replica.backoff_s
+        print(f"SGLang replica {replica.engine.client.url} is down ({why}); its groups go to the others", flush=True)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per prompt (prompt 0's first); groups spread over the live replicas, those of a
+        replica that fails generated again by the others."""
+        results: dict[int, list[Rollout]] = {}
+        for r in self.replicas:
+            r.samples, r.seconds = 0, 0.0
+        pending = list(range(len(prompts)))
+        while pending:
+            live = self._live()
+            if not live:
+                raise SGLangServerError(f"no SGLang replica is live ({len(self.replicas)} in the fleet)")
+            failed: list[int] = []
+            threads = [threading.Thread(target=self._generate_on, args=(r, idx, prompts, sampling, results, failed))
+                       for r, idx in zip(live, self._assign(pending, prompts, sampling, len(live))) if idx]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            pending = sorted(failed)
+        return [ro for i in range(len(prompts)) for ro in results[i]]
+
+    @staticmethod
+    def _assign(pending: list[int], prompts: list[list[int]], sampling: SamplingParams, replicas: int
+                ) -> list[list[int]]:
+        """Prompt indices per replica: longest first, each to the replica with the fewest outstanding tokens."""
+        load, shares = [0] * replicas, [[] for _ in range(replicas)]
+        for i in sorted(pending, key=lambda i: -len(prompts[i])):
+            target = min(range(replicas), key=lambda k: (load[k], k))
+            shares[target].append(i)
+            load[target] += sampling.n * (len(prompts[i]) + sampling.max_new_tokens)
+        return [sorted(share) for share in shares]
+
+    def _generate_on(self, replica: Replica, indices: list[int], prompts: list[list[int]], sampling: SamplingParams,
+                     results: dict[int, list[Rollout]], failed: list[int]) -> None:
+        t0 = time.monotonic()
+        try:
+            rollouts = replica.engine.generate([prompts[i] for i in indices], sampling)
+        except FAILURES as e:
+            self._down(replica, repr(e)[:300])
+            failed.extend(indices)
+            return
+        for ro in rollouts:
+            ro.prompt_index = indices[ro.prompt_index]
+            results.setdefault(ro.prompt_index, []).append(ro)
+        replica.samples += len(rollouts)
+        replica.seconds += time.monotonic() - t0
+
+    def stats(self) -> dict[str, float]:
+        """Per replica: share of the last call's samples and its generation seconds; replicas live."""
+        total = sum(r.samples for r in self.replicas) or 1
+        out = {"replicas_live": float(len(self._live()))}
+        for i, r in enumerate(self.replicas):
+            out[f"replica{i}_share"] = r.samples / total
+            out[f"replica{i}_latency_s"] = r.seconds
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        self.update_weights_from_buckets(bucketed(named_tensors, self.replicas[0].engine.bucket_bytes), version)
+
+    def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
+        """Every live replica (and any that can rejoin) gets the weights, tagged `version`; seconds per phase."""
+        self._rejoin()
+        if len(self.replicas) == 1:  # nothing to fail over to: stream without holding the buckets
+            timing = self._push_to(self._live(), buckets, version)
+        else:
+            held = list(buckets)
+            while True:
+                live = self._live()
+                if not live:
+                    raise SGLangServerError("every SGLang replica failed during the weight push")
+                try:
+                    timing = self._push_to(live, held, version)
+                    break
+                except FAILURES as e:
+                    dead = [r for r in live if not r.engine.server_alive()]
+                    if not dead:
+                        raise
+                    for r in dead:
+                        self._down(r, f"died during the push of version {version}: {e!r}"[:300])
+        self.weight_version = version
+        return timing
+
+    def _push_to(self, live: list[Replica], buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
+        """Push through live[0] with the others as its peers (the weight group re-formed when they changed)."""
+        leader, peers = live[0], [r.engine for r in live[1:]]
+        if self._leader is not None and (self._leader is not leader or self._leader.engine.peers != peers):
+            self._leader.engine.leave_weight_group()
+        self._leader = leader
+        leader.engine.peers = peers
+        try:
+            return leader.engine.update_weights_from_buckets(buckets, version)
+        except FAILURES:
+            leader.engine.leave_weight_group()  # its members are about to change
+            raise
+
+    def _rejoin(self) -> None:
+        """Down replicas that can serve again become live (they get this push before they generate)."""
+        now = time.monotonic()
+        for r in self.replicas:
+            if r.live:
+                continue
+            if r.owned:
+                if r.restarts >= self.max_restarts:
+                    continue
+                r.restarts += 1
+                r.engine.relaunch()
+                r.live = True
+            elif now >= r.retry_at:
+                if r.engine.server_alive():
+                    r.live, r.backoff_s = True, self.retry_backoff_s
+                else:
+                    r.backoff_s = max(2 * r.backoff_s, self.retry_backoff_s)
+                    r.retry_at = now + r.backoff_s
+
+    # ---------------------------------------------------------------------------------------------
+    def server_weight_version(self) -> int:
+        """The weight version the first live replica reports."""
+        return self._live()[0].engine.server_weight_version()
+
+    def sleep(self) -> None:
+        for r in self._live():
+            r.engine.sleep()
+
+    def wake(self) -> None:
+        for r in self._live():
+            r.engine.wake()
+
+    def close(self) -> None:
+        if self._leader is not None:
+            self._leader.engine.leave_weight_group()
+        if self.replicas[0].owned:
+            for r in self.replicas:
+                r.engine.close()
