@@ -174,3 +174,55 @@ def test_launcher_fails_when_the_task_fails(tmp_path):
     out = _launch(tmp_path, "local", "--ntasks-per-node", "1", "--set", "model.vocab_size=100")  # < tokenizer's 262
     assert out.returncode == 1, (out.stdout + out.stderr)[-4000:]
     assert "FAILED" in out.stdout
+
+
+def _dry_run(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    """train.sbatch run as its batch shell would be, on the given hosts, printing the steps it would launch."""
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({**TINY_RUN, "checkpoint": {"load": str(tmp_path / "init")}}))
+    base = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "rntp", "SLURM_SUBMIT_DIR": str(tmp_path),
+            "SLURM_NTASKS_PER_NODE": "8", "RNTP_PYTHON": sys.executable, "RNTP_DRY_RUN": "1"}
+    return subprocess.run(["bash", str(SBATCH_SCRIPT), str(config), *overrides], env={**base, **env}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _steps(out: subprocess.CompletedProcess) -> list[str]:
+    assert out.returncode == 0, out.stdout + out.stderr
+    return [line for line in out.stdout.splitlines() if line.startswith("[dry-run]")]
+
+
+def test_sbatch_sglang_nodes_start_one_replica_per_node(tmp_path):
+    """RNTP_SGLANG_NODES=2 of 4 nodes: the weights exported once, a replica on each of n3 and n4 from them, the
+    trainer on n1-n2 with both URLs and the distributed channel."""
+    steps = _steps(_dry_run(tmp_path, {"RNTP_NODES": "n1 n2 n3 n4", "RNTP_SGLANG_NODES": "2"}))
+    convert, train = steps[0], steps[-1]
+    replicas = sorted(steps[1:-1], key=lambda step: step.split("--nodelist=")[1])  # launched in the background
+    model = str(tmp_path / "runs" / "rntp-4242" / "hf_init")
+    assert "convert to-hf" in convert and str(tmp_path / "init") in convert and model in convert
+    assert len(replicas) == 2
+    for step, node in zip(replicas, ("n3", "n4")):
+        assert f"--nodelist={node} " in step and "--nodes=1" in step and "sglang.launch_server" in step
+        assert step.endswith(model) and "--host 0.0.0.0" in step.replace("\\ ", " ")
+    assert "--nodelist=n1\\,n2" in train or "--nodelist=n1,n2" in train
+    assert "rollout.sglang.urls=\\[http://n3:30000\\,http://n4:30000\\]" in train or \
+        "rollout.sglang.urls=[http://n3:30000,http://n4:30000]" in train
+    assert "rollout.sglang.weight_sync=distributed" in train and "--ntasks=16" in train
+
+
+def test_sbatch_sglang_replica_spanning_two_nodes(tmp_path):
+    """RNTP_SGLANG_NODES_PER_REPLICA=2: one replica over n2-n3 (its TP spans them), the trainer on n1, and a given
+    HF folder is used as it is (nothing exported)."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    steps = _steps(_dry_run(tmp_path, {"RNTP_NODES": "n1 n2 n3", "RNTP_SGLANG_NODES": "2",
+                                       "RNTP_SGLANG_NODES_PER_REPLICA": "2", "RNTP_SGLANG_MODEL": str(model)}))
+    replica, train = sorted(steps, key=lambda step: "rntp_megatron.cli train" in step)
+    assert "--nodes=2" in replica and ("--nodelist=n2\\,n3" in replica or "--nodelist=n2,n3" in replica)
+    assert ("rollout.sglang.urls=\\[http://n2:30000\\]" in train or "rollout.sglang.urls=[http://n2:30000]" in train)
+
+
+def test_sbatch_refuses_a_replica_split_that_does_not_divide(tmp_path):
+    out = _dry_run(tmp_path, {"RNTP_NODES": "n1 n2 n3 n4", "RNTP_SGLANG_NODES": "3",
+                              "RNTP_SGLANG_NODES_PER_REPLICA": "2"})
+    assert out.returncode == 2 and "does not divide RNTP_SGLANG_NODES=3" in out.stderr

@@ -13,6 +13,7 @@ trains every step with the full batch.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -26,6 +27,9 @@ from tests.test_trainer_placement import LOGPROB_TOL, SGLANG_PYTHON, _overrides,
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
+# A CPU server checks that loading its weights left memory for its cache, measured on the whole machine: other
+# jobs allocating meanwhile (a second server starting) fail that check at the default fraction of 0.05.
+HEADROOM = ("--mem-fraction-static", "0.3")
 
 
 def test_groups_go_to_the_replica_with_the_fewest_outstanding_tokens():
@@ -76,7 +80,8 @@ def two_hosts(tmp_path_factory):
     engines: dict[str, SGLangEngine] = {}
 
     def start(host: str) -> None:
-        cfg = SGLangConfig(python=str(SGLANG_PYTHON), host=host, port=free_port(), max_restarts=0, api_key="fleet-key")
+        cfg = SGLangConfig(python=str(SGLANG_PYTHON), host=host, port=free_port(), max_restarts=0, api_key="fleet-key",
+                           extra_args=list(HEADROOM))
         engines[host] = SGLangEngine(cfg, model_path=folder / "hf", run_dir=folder / host, dtype="float32")
 
     for host in ("127.0.0.2", "127.0.0.3"):  # one after the other: a CPU server sizes its cache by free memory
@@ -146,8 +151,6 @@ def _train_through_faults(rank: int, world_size: int, overrides: list[str]) -> d
     finally:
         trainer.close()
         destroy_distributed()
-    import json
-
     lines = (Path(trainer.cfg.logging.dir) / "metrics.jsonl").read_text().splitlines()
     out["metrics"] = [json.loads(line) for line in lines if line.strip()]
     return out
@@ -158,7 +161,8 @@ def test_an_owned_fleet_survives_a_replica_killed_in_generation_and_one_killed_i
     from rntp_megatron.runtime.spawn import free_port
 
     result = _run_with(tmp_path, ["rollout.placement=separate", "rollout.sglang.weight_sync=disk",
-                                  "rollout.sglang.replicas=2", f"rollout.sglang.port={free_port()}"],
+                                  "rollout.sglang.replicas=2", f"rollout.sglang.port={free_port()}",
+                                  "rollout.sglang.extra_args=" + json.dumps(list(HEADROOM))],
                        fn=_train_through_faults)
     assert result["killed"] == ["generate", "push"]
     metrics = result["metrics"]
