@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, rng_state,
+                                      save_checkpoint, set_rng_state)
 from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_dict, validate
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
@@ -132,15 +132,20 @@ class Trainer:
         pending: dict[str, Any] = {}
         if latest is not None:
             state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
-            if rank_state is None:
-                raise ConfigError(f"checkpoint {latest} was written by another world size: its data cursors and RNG "
-                                  "states are per rank (start a new run from it with checkpoint.load and a new "
-                                  "checkpoint.dir)")
             self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
             self.weight_version = state["weight_version"]
-            self.stream.load_state_dict(rank_state["data"])
-            set_rng_state(rank_state["rng"])
-            pending = rank_state.get("rollouts_ahead", {})
+            saved = load_rank_states(latest)
+            # one cursor per saved DP rank (the ranks of a model-parallel group hold the same); another DP size
+            # shares the unread rest of the data out anew (data/stream.py)
+            cursors = list({s["data"]["dp_rank"]: s["data"] for s in saved}.values())
+            if rank_state is not None and rank_state["data"]["dp_size"] == self.dp:
+                set_rng_state(rank_state["rng"])
+                pending = rank_state.get("rollouts_ahead", {})
+            elif any(s.get("rollouts_ahead") for s in saved):
+                raise ConfigError(f"checkpoint {latest} holds rollouts generated ahead (rollout.off_policy_steps) "
+                                  f"for its {len(cursors)} data-parallel ranks; resume it at that data-parallel "
+                                  f"size (this run has {self.dp})")
+            self.stream.resume(sorted(cursors, key=lambda c: c["dp_rank"]))
         elif self.cfg.checkpoint.load:
             load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
         else:
@@ -160,6 +165,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop what the trainer started for its rollouts (an SGLang server; an engine passed in stays open)."""
+        self.stream.close()
         if self.placement is not None:
             self.placement.close()
 

@@ -188,3 +188,35 @@ def test_elastic_resume_reads_every_document_once_an_epoch(tmp_path_factory, pha
     assert all(n in (1, 2) for n in handed_out.values()), "a document was read twice"
     if len({dp for dp, _ in phases}) == 1:
         assert set(handed_out.values()) == {2}  # the same layout resumes exactly: nothing dropped
+
+
+def _rntp(rank: int, world_size: int, argv: list[str]) -> int:
+    from rntp_megatron.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_trainer_resumes_a_dp2_checkpoint_at_dp1(tmp_path):
+    import torch
+
+    from rntp_megatron.checkpoint import latest_checkpoint
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    def argv(steps):
+        sets = ["model.card=tiny", "model.vocab_size=262", "rl.objective=ntp", "schedule.global_batch_size=4",
+                "schedule.micro_batch_size=2", f"schedule.train_steps={steps}", "schedule.seq_length=64",
+                "data.context_len=64", "data.min_context=8", "checkpoint.save_interval=1",
+                f"logging.dir={tmp_path}", "logging.progress=false"]
+        return ["train"] + [a for s in sets for a in ("--set", s)]
+
+    assert run_ranks(_rntp, 2, (argv(1),)) == [0, 0]
+    assert run_ranks(_rntp, 1, (argv(2),)) == [0]  # world 1: DP 1 takes over both ranks' cursors
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    [rank0] = [torch.load(p, weights_only=True) for p in
+               sorted((latest_checkpoint(tmp_path / "checkpoints") / "trainer_state").glob("rank_*.pt"))]
+    cursor = rank0["data"]
+    assert cursor["dp_size"] == 1 and cursor["at_document"]["generation"] == 1  # translated once
+    assert cursor["episodes_emitted"] == 2 * 4  # 1 step x 2 ranks x 2 rows, then 1 step x 4 rows
