@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rntp_megatron.config import SourceConfig
-from rntp_megatron.data.sources import DataError, SkipCounts, bytes_read, open_source
+from rntp_megatron.data.sources import DataError, SkipCounts, open_source
 
 
 def read_all(src: SourceConfig, rank: int = 0, size: int = 1, max_bytes: int = 1 << 20, shard_bytes: int = 1 << 20):

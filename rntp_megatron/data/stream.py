@@ -70,8 +70,9 @@ class EpisodeStream:
         self._sources = [open_source(s, cfg.max_document_bytes, self.skips, cfg.shard_bytes) for s in cfg.sources]
         total = sum(s.weight for s in cfg.sources)
         self._weights = [s.weight / total for s in cfg.sources]
+        # units are positions in the files as listed now: a cursor of another listing would point elsewhere
         self._fingerprint = {"sources": [to_dict(s) for s in cfg.sources], "seed": cfg.seed,
-                             "shard_bytes": cfg.shard_bytes}
+                             "shard_bytes": cfg.shard_bytes, "units": [s.num_units for s in self._sources]}
         n = len(cfg.sources)
         self._cursors = [ShardCursor(dp_rank, dp_size) for _ in range(n)]
         self._taken = [0] * n  # episodes per source (the blend's account)
@@ -193,9 +194,11 @@ class EpisodeStream:
             raise DataError(f"data cursor version {state.get('version')!r}, this code reads {STATE_VERSION}")
         saved = {k: state.get(k) for k in self._fingerprint}
         if saved != self._fingerprint:
-            raise DataError(f"data cursor was saved for sources {saved['sources']} with seed {saved['seed']} and "
-                            f"shard_bytes {saved['shard_bytes']}, this run has {self._fingerprint['sources']} "
-                            f"with seed {self.cfg.seed} and shard_bytes {self.cfg.shard_bytes}")
+            raise DataError(f"data cursor was saved for sources {saved['sources']} with seed {saved['seed']}, "
+                            f"shard_bytes {saved['shard_bytes']} and units {saved['units']}, this run has "
+                            f"{self._fingerprint['sources']} with seed {self.cfg.seed}, shard_bytes "
+                            f"{self.cfg.shard_bytes} and units {self._fingerprint['units']} (files added or "
+                            f"removed change the units)")
 
     def _set(self, snap: dict[str, Any]) -> None:
         self.close()
