@@ -27,20 +27,12 @@ class Ahead(Generic[T]):
     def _run(self, items: Iterator[T]) -> None:
         try:
             for item in items:
-                if not self._put((item, None)):
+                self._queue.put((item, None))  # blocks while the queue is full (no polling: idle costs nothing)
+                if self._stop.is_set():
                     return
-            self._put((None, StopIteration()))
+            self._queue.put((None, StopIteration()))
         except BaseException as e:  # handed to the consumer, raised where it would have been raised
-            self._put((None, e))
-
-    def _put(self, entry: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+            self._queue.put((None, e))
 
     def __next__(self) -> T:
         if self._error is not None:
@@ -52,6 +44,10 @@ class Ahead(Generic[T]):
         return item
 
     def close(self) -> None:
-        """Stop the thread (what it made ahead is dropped)."""
+        """Stop the thread (what it made ahead is dropped): it ends at its next put, which draining frees."""
         self._stop.set()
-        self._thread.join()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -167,7 +167,12 @@ class EpisodeStream:
         return [next(self) for _ in range(n)]
 
     def close(self) -> None:
-        """Stop the worker thread (the stream stays usable: it restarts on the next episode)."""
+        """Stop the worker thread; the stream stays usable (it rewinds what was built ahead)."""
+        if self._ahead is not None:
+            self._stop_worker()
+            self.load_state_dict(self.state_dict())
+
+    def _stop_worker(self) -> None:
         if self._ahead is not None:
             self._ahead.close()
             self._ahead = None
@@ -201,7 +206,7 @@ class EpisodeStream:
                             f"removed change the units)")
 
     def _set(self, snap: dict[str, Any]) -> None:
-        self.close()
+        self._stop_worker()
         self._cursors = [ShardCursor.from_state(c) for c in snap["cursors"]]
         self._taken, self._idle_units = list(snap["taken"]), list(snap["idle_units"])
         self._generation = snap["generation"]
