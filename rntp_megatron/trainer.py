@@ -134,18 +134,18 @@ class Trainer:
             state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
             self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
             self.weight_version = state["weight_version"]
-            saved = load_rank_states(latest)
-            # one cursor per saved DP rank (the ranks of a model-parallel group hold the same); another DP size
-            # shares the unread rest of the data out anew (data/stream.py)
-            cursors = list({s["data"]["dp_rank"]: s["data"] for s in saved}.values())
-            if rank_state is not None and rank_state["data"]["dp_size"] == self.dp:
-                set_rng_state(rank_state["rng"])
-                pending = rank_state.get("rollouts_ahead", {})
-            elif any(s.get("rollouts_ahead") for s in saved):
+            # one state per saved DP rank (the ranks of a model-parallel group hold the same data); at another
+            # DP size the stream shares the unread rest of the data out anew (data/stream.py)
+            by_dp = {s["data"]["dp_rank"]: s for s in load_rank_states(latest)}
+            if len(by_dp) == self.dp:
+                pending = by_dp[self.dp_rank].get("rollouts_ahead", {})
+                if rank_state is not None:  # same world and DP size: this rank's own RNG streams
+                    set_rng_state(rank_state["rng"])
+            elif any(s.get("rollouts_ahead") for s in by_dp.values()):
                 raise ConfigError(f"checkpoint {latest} holds rollouts generated ahead (rollout.off_policy_steps) "
-                                  f"for its {len(cursors)} data-parallel ranks; resume it at that data-parallel "
+                                  f"for its {len(by_dp)} data-parallel ranks; resume it at that data-parallel "
                                   f"size (this run has {self.dp})")
-            self.stream.resume(sorted(cursors, key=lambda c: c["dp_rank"]))
+            self.stream.resume([by_dp[r]["data"] for r in sorted(by_dp)])
         elif self.cfg.checkpoint.load:
             load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
         else:
