@@ -51,12 +51,14 @@ class ShardCursor:
             self.position = pos
 
     def next_unit(self) -> None:
+        """The unit being read is done: the next leftover, else the next round."""
         if self.leftovers:
             self.leftovers.pop(0)
         else:
             self.round, self.position = self.round + 1, {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data (JSON and torch.load(weights_only=True) read it)."""
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "base": self.base, "round": self.round,
                 "position": dict(self.position), "leftovers": [[g, dict(p)] for g, p in self.leftovers]}
 

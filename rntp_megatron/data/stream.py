@@ -94,6 +94,7 @@ class EpisodeStream:
         self.episodes_emitted, self.tokens_emitted = episodes, tokens
 
     def _build(self) -> Iterator[BuiltDocument]:
+        """Endless: the next document of the blend -> its episodes, with the state before it."""
         while True:
             before = self._capture()
             s = self._choose_source()
@@ -107,9 +108,11 @@ class EpisodeStream:
             yield BuiltDocument(before, episodes, s, self._cursors[s].state_dict(), self._epochs(), dict(self.skips))
 
     def _choose_source(self) -> int:
+        """argmin_i episodes_i / w_i (ties to the first)."""
         return int(np.argmin([t / w for w, t in zip(self._weights, self._taken)]))
 
     def _epochs(self) -> list[int]:
+        """Per source, the pass its current unit belongs to (g // U)."""
         return [c.unit() // src.num_units if src.num_units else 0 for c, src in zip(self._cursors, self._sources)]
 
     def _next_document(self, s: int) -> tuple[Document, int]:
@@ -135,6 +138,7 @@ class EpisodeStream:
                     f"min_context={self.cfg.min_context}, answer_horizon={self.cfg.answer_horizon})")
 
     def _capture(self) -> dict[str, Any]:
+        """The producer's state as plain data (cursors, blend account, RNG, skips)."""
         return {
             "cursors": [c.state_dict() for c in self._cursors],
             "taken": list(self._taken),
@@ -195,6 +199,7 @@ class EpisodeStream:
         }
 
     def _check(self, state: dict[str, Any]) -> None:
+        """Refuse a cursor of another version, sources, seed or unit layout."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data cursor version {state.get('version')!r}, this code reads {STATE_VERSION}")
         saved = {k: state.get(k) for k in self._fingerprint}
@@ -206,6 +211,7 @@ class EpisodeStream:
                             f"removed change the units)")
 
     def _set(self, snap: dict[str, Any]) -> None:
+        """Producer state from a capture (all but the RNG), the worker stopped."""
         self._stop_worker()
         self._cursors = [ShardCursor.from_state(c) for c in snap["cursors"]]
         self._taken, self._idle_units = list(snap["taken"]), list(snap["idle_units"])
