@@ -457,6 +457,9 @@ class ParquetSource(FileRangeSource):
             for g in range(pos.get("group", start), stop):
                 try:
                     column = pf.read_row_group(g, columns=[self.src.text_field]).column(0)
+                    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                        # as bytes: Arrow does not check UTF-8 on read, a damaged page decodes here, counted
+                        column = column.cast(pa.large_binary())
                 except (pa.ArrowException, OSError, ValueError):
                     self.skips.add("corrupt_file")
                     return
@@ -466,11 +469,13 @@ class ParquetSource(FileRangeSource):
                         yield doc, {"group": g, "row": r + 1}
 
     def _document(self, value: Any, doc_id: str) -> Optional[Document]:
-        raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-        if isinstance(raw, bytes) and len(raw) > self.max_bytes:
+        if not isinstance(value, bytes):
+            self.skips.add("missing_field")
+            return None
+        if len(value) > self.max_bytes:
             self.skips.add("too_long")
             return None
-        text = _decode(raw, self.skips) if isinstance(value, bytes) else _text_field(value, self.skips)
+        text = _decode(value, self.skips)
         return Document(doc_id, text) if text is not None else None
 
 
