@@ -180,6 +180,7 @@ class Trainer:
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
             values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
             values["lr"] = learning_rate(self.step, self.cfg.schedule)
+            values.update(self.stream.metrics())  # this rank's: data/episodes, data/epoch/i, data/skipped/<reason>
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
             self.step += 1

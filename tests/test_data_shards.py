@@ -213,8 +213,9 @@ def test_trainer_resumes_a_dp2_checkpoint_at_dp1(tmp_path):
 
     assert run_ranks(_rntp, 2, (argv(1),)) == [0, 0]
     assert run_ranks(_rntp, 1, (argv(2),)) == [0]  # world 1: DP 1 takes over both ranks' cursors
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    assert [r["data/episodes"] for r in records] == [2, 2 + 2 + 4]  # rank 0 logs; DP1 took over both counts
     [rank0] = [torch.load(p, weights_only=True) for p in
                sorted((latest_checkpoint(tmp_path / "checkpoints") / "trainer_state").glob("rank_*.pt"))]
     cursor = rank0["data"]
