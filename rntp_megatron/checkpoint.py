@@ -176,3 +176,10 @@ def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: 
     same_world = meta["world_size"] == dist.get_world_size()
     rank_state = torch.load(rank_file, weights_only=True) if same_world and rank_file.exists() else None
     return trainer_state, rank_state
+
+
+def load_rank_states(path: str | Path) -> list[dict[str, Any]]:
+    """Every rank's rank_state of a checkpoint, in rank order (e.g. all data cursors, to resume at another
+    layout)."""
+    files = sorted((Path(path) / "trainer_state").glob("rank_*.pt"))
+    return [torch.load(f, weights_only=True) for f in files]

@@ -110,6 +110,8 @@ class DataConfig:
     prompt_template: str = "{context}<think>"
     seed: int = 1234
     max_document_bytes: int = 4 << 20  # longer documents (or lines) are skipped as too_long, never loaded
+    shard_bytes: int = 16 << 20  # the unit dealt to DP ranks: byte range of JSONL/text, docs of a Megatron dataset
+    prefetch_documents: int = 8  # documents built into episodes ahead on a background thread (0: inline)
 
 
 @dataclass
@@ -451,6 +453,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(cfg.data.sites_per_chunk >= 1, "data.sites_per_chunk", f"must be >= 1, got {cfg.data.sites_per_chunk}")
     need(cfg.data.max_document_bytes >= 1, "data.max_document_bytes",
          f"must be >= 1, got {cfg.data.max_document_bytes}")
+    need(cfg.data.shard_bytes >= 1, "data.shard_bytes", f"must be >= 1, got {cfg.data.shard_bytes}")
+    need(cfg.data.prefetch_documents >= 0, "data.prefetch_documents",
+         f"must be >= 0, got {cfg.data.prefetch_documents}")
     need(bool(cfg.data.sources), "data.sources", "needs at least one source")
     for i, src in enumerate(cfg.data.sources):
         need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")

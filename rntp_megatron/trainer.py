@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                      set_rng_state)
+from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, rng_state,
+                                      save_checkpoint, set_rng_state)
 from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_dict, validate
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
@@ -133,15 +133,20 @@ class Trainer:
         pending: dict[str, Any] = {}
         if latest is not None:
             state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
-            if rank_state is None:
-                raise ConfigError(f"checkpoint {latest} was written by another world size: its data cursors and RNG "
-                                  "states are per rank (start a new run from it with checkpoint.load and a new "
-                                  "checkpoint.dir)")
             self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
             self.weight_version = state["weight_version"]
-            self.stream.load_state_dict(rank_state["data"])
-            set_rng_state(rank_state["rng"])
-            pending = rank_state.get("rollouts_ahead", {})
+            # one state per saved DP rank (the ranks of a model-parallel group hold the same data); at another
+            # DP size the stream shares the unread rest of the data out anew (data/stream.py)
+            by_dp = {s["data"]["dp_rank"]: s for s in load_rank_states(latest)}
+            if len(by_dp) == self.dp:
+                pending = by_dp[self.dp_rank].get("rollouts_ahead", {})
+                if rank_state is not None:  # same world and DP size: this rank's own RNG streams
+                    set_rng_state(rank_state["rng"])
+            elif any(s.get("rollouts_ahead") for s in by_dp.values()):
+                raise ConfigError(f"checkpoint {latest} holds rollouts generated ahead (rollout.off_policy_steps) "
+                                  f"for its {len(by_dp)} data-parallel ranks; resume it at that data-parallel "
+                                  f"size (this run has {self.dp})")
+            self.stream.resume([by_dp[r]["data"] for r in sorted(by_dp)])
         elif self.cfg.checkpoint.load:
             load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
         else:
@@ -161,6 +166,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop what the trainer started for its rollouts (an SGLang server; an engine passed in stays open)."""
+        self.stream.close()
         if self.placement is not None:
             self.placement.close()
 
@@ -175,6 +181,7 @@ class Trainer:
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
             values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
             values["lr"] = learning_rate(self.step, self.cfg.schedule)
+            values.update(self.stream.metrics())  # this rank's: data/episodes, data/epoch/i, data/skipped/<reason>
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
             self.step += 1

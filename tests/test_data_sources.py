@@ -13,14 +13,16 @@ from rntp_megatron.config import SourceConfig
 from rntp_megatron.data.sources import DataError, SkipCounts, open_source
 
 
-def read_all(src: SourceConfig, rank: int = 0, size: int = 1, max_bytes: int = 1 << 20, position=None):
+def read_all(src: SourceConfig, rank: int = 0, size: int = 1, max_bytes: int = 1 << 20, shard_bytes: int = 1 << 20):
+    """One pass over the units of data-parallel rank `rank` of `size`: [(document, unit, position after)]."""
     skips = SkipCounts()
-    items = list(open_source(src, rank, size, max_bytes, skips)(position or {}))
+    source = open_source(src, max_bytes, skips, shard_bytes)
+    items = [(d, u, p) for u in range(rank, source.num_units, size) for d, p in source.read(u, {})]
     return items, skips
 
 
 def texts(items):
-    return [d.text for d, _ in items]
+    return [item[0].text for item in items]
 
 
 BAD_JSONL = [
@@ -53,18 +55,20 @@ def test_jsonl_custom_field_and_no_files(tmp_path):
         read_all(SourceConfig(kind="jsonl", path=str(tmp_path / "missing")))
 
 
-@given(st.lists(st.binary(max_size=60), max_size=30), st.integers(1, 3), st.integers(8, 80))
+@given(st.lists(st.binary(max_size=60), max_size=30), st.integers(1, 3), st.integers(8, 80), st.integers(1, 90))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_jsonl_random_bytes_never_crash_and_every_line_is_accounted(tmp_path, lines, dp_size, max_bytes):
+def test_jsonl_random_bytes_never_crash_and_every_line_is_accounted(tmp_path, lines, dp_size, max_bytes, shard):
     path = tmp_path / "random.jsonl"
     data = b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines)
     path.write_bytes(data)
     total_good, total_skipped = 0, 0
     for rank in range(dp_size):
-        items, skips = read_all(SourceConfig(kind="jsonl", path=str(path)), rank, dp_size, max_bytes)
+        items, skips = read_all(SourceConfig(kind="jsonl", path=str(path)), rank, dp_size, max_bytes, shard)
         total_good += len(items)
         total_skipped += sum(skips.values())
-    n_lines = len(data.splitlines())
+    n_lines = len(data.splitlines()) or 1  # an empty file is counted once, as empty_file
+    if data[:64].split(b"\n")[0].strip() == b"[":
+        n_lines = 1  # a JSON array file is counted once, as json_array
     assert total_good + total_skipped == n_lines
 
 
@@ -93,16 +97,17 @@ def make_corpora(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "paragraph", "file", "parquet"])
-def test_shards_are_disjoint_cover_everything_and_resume_exactly(tmp_path, kind):
+@pytest.mark.parametrize("shard_bytes", [7, 64, 1 << 20])
+def test_units_are_disjoint_cover_everything_and_resume_exactly(tmp_path, kind, shard_bytes):
     docs, sources = make_corpora(tmp_path)
     src = sources[kind]
-    assert [t.strip() for t in texts(read_all(src)[0])] == [d.strip() for d in docs]
-    shards = [texts(read_all(src, r, 3)[0]) for r in range(3)]
-    assert [t.strip() for t in shards[0]] == [d.strip() for d in docs[0::3]]
-    assert sorted(t for s in shards for t in s) == sorted(texts(read_all(src)[0]))
-    items, _ = read_all(src, 1, 3)
-    for i, (_, pos) in enumerate(items):  # reading on from any position gives exactly the rest
-        assert texts(read_all(src, 1, 3, position=pos)[0]) == texts(items[i + 1:])
+    assert [t.strip() for t in texts(read_all(src, shard_bytes=shard_bytes)[0])] == [d.strip() for d in docs]
+    shards = [read_all(src, r, 3, shard_bytes=shard_bytes)[0] for r in range(3)]
+    assert sorted(t for s in shards for t in texts(s)) == sorted(texts(read_all(src)[0]))
+    skips = SkipCounts()
+    source = open_source(src, 1 << 20, skips, shard_bytes)
+    for i, (_, unit, pos) in enumerate(shards[1]):  # reading on from any position gives exactly the rest
+        assert [d.text for d, _ in source.read(unit, pos)] == [d.text for d, u, _ in shards[1][i + 1:] if u == unit]
 
 
 def test_pydoc_source_is_real_text_and_shards():
@@ -110,8 +115,8 @@ def test_pydoc_source_is_real_text_and_shards():
     assert len(items) > 50 and not skips
     assert sum(len(t) for t in texts(items)) > 300_000
     assert any("statement" in t for t in texts(items))
-    halves = [[d.doc_id for d, _ in read_all(SourceConfig(kind="pydoc"), r, 2)[0]] for r in range(2)]
-    assert sorted(halves[0] + halves[1]) == sorted(d.doc_id for d, _ in items)
+    halves = [[it[0].doc_id for it in read_all(SourceConfig(kind="pydoc"), r, 2)[0]] for r in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(it[0].doc_id for it in items)
     assert not set(halves[0]) & set(halves[1])
 
 
@@ -123,7 +128,7 @@ def test_parquet_missing_column_null_and_bad_bytes(tmp_path):
     pq.write_table(pa.table({"text": [b"good bytes", b"\xff\xfe", None, b""]}), tmp_path / "b.parquet")
     items, skips = read_all(SourceConfig(kind="parquet", path=str(tmp_path)))
     assert texts(items) == ["good bytes"]
-    assert dict(skips) == {"missing_field": 3, "invalid_utf8": 1, "empty": 1}
+    assert dict(skips) == {"missing_column": 1, "missing_field": 1, "invalid_utf8": 1, "empty": 1}
 
 
 def test_text_sources_skip_invalid_utf8_empty_and_long(tmp_path):
@@ -153,28 +158,32 @@ def test_megatron_source_reads_prepared_tokens_and_counts_truncated_bin(tmp_path
     builder.finalize(prefix + ".idx")
     src = SourceConfig(kind="megatron", path=prefix)
     items, skips = read_all(src)
-    assert [d.token_ids.tolist() for d, _ in items] == [d.tolist() for d in docs] and not skips
-    shard = read_all(src, 1, 3)[0]
-    assert [d.token_ids.tolist() for d, _ in shard] == [d.tolist() for d in docs[1::3]]
-    assert [d.token_ids.tolist() for d, _ in read_all(src, 1, 3, position=shard[0][1])[0]] == [docs[4].tolist(),
-                                                                                             docs[7].tolist()]
+    assert [d.token_ids.tolist() for d, _, _ in items] == [d.tolist() for d in docs] and not skips
+    shard = read_all(src, 1, 3, shard_bytes=60)[0]  # units of 60 * 8 // 272 = 1 document
+    assert [d.token_ids.tolist() for d, _, _ in shard] == [d.tolist() for d in docs[1::3]]
+    two = open_source(src, 1 << 20, SkipCounts(), shard_bytes=80)  # 2 documents a unit
+    assert two.num_units == 4 and [d.doc_id for d, _ in two.read(1, {})] == ["ds:2", "ds:3"]
+    assert [d.doc_id for d, _ in two.read(1, {"doc": 3})] == ["ds:3"]
     data = (tmp_path / "ds.bin").read_bytes()
     (tmp_path / "ds.bin").write_bytes(data[: len(data) - 4 * (len(docs[-1]) + 3)])  # cut into docs 6 and 7
     items, skips = read_all(src)
-    assert [d.token_ids.tolist() for d, _ in items] == [d.tolist() for d in docs[:6]]
+    assert [d.token_ids.tolist() for d, _, _ in items] == [d.tolist() for d in docs[:6]]
     assert dict(skips) == {"truncated_bin": 2}
     (tmp_path / "ds.bin").write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         read_all(src)
 
 
-@given(st.binary(max_size=400), st.integers(1, 2), st.integers(4, 60))
+@given(st.binary(max_size=400), st.integers(1, 5), st.integers(4, 60), st.integers(1, 90))
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_text_paragraphs_from_random_bytes_never_crash(tmp_path, data, dp_size, max_bytes):
+def test_text_from_random_bytes_is_read_once_whatever_the_units(tmp_path, data, dp_size, max_bytes, shard_bytes):
     (tmp_path / "r.txt").write_bytes(data)
-    for rank in range(dp_size):
-        for unit in ("paragraph", "file"):
-            items, skips = read_all(SourceConfig(kind="text", path=str(tmp_path / "r.txt"), text_unit=unit),
-                                    rank, dp_size, max_bytes)
-            for doc, _ in items:
-                assert doc.text.strip() and len(doc.text.encode()) <= max_bytes
+    for unit in ("paragraph", "file"):
+        src = SourceConfig(kind="text", path=str(tmp_path / "r.txt"), text_unit=unit)
+        whole, whole_skips = read_all(src, max_bytes=max_bytes)
+        shards = [read_all(src, r, dp_size, max_bytes, shard_bytes) for r in range(dp_size)]
+        assert sorted(d.doc_id for items, _ in shards for d, _, _ in items) == sorted(d.doc_id for d, _, _ in whole)
+        assert sorted(t for items, _ in shards for t in texts(items)) == sorted(texts(whole))
+        assert sum((skips for _, skips in shards), SkipCounts()) == whole_skips
+        for doc, _, _ in whole:
+            assert doc.text.strip() and len(doc.text.encode()) <= max_bytes

@@ -60,7 +60,7 @@ def stream_texts(sources: Sequence[SourceConfig], max_bytes: int, skips: SkipCou
     for src in sources:
         if src.kind == "megatron":
             raise DataError(f"source {source_name(src)} is already tokenized; prepare-data reads text sources")
-        for doc, _ in open_source(src, 0, 1, max_bytes, skips)({}):
+        for doc in open_source(src, max_bytes, skips).documents():
             yield doc.text or ""
 
 

@@ -233,11 +233,17 @@ def synthetic_documents(seed: int, split: str = "train", spec: Optional[Syntheti
     SyntheticSpec(kind_weights=weights).validate()
     index = 0
     while count is None or index < count:
-        rng = _rng(seed, split, index)
-        doc = make_document(rng, _pick(rng, weights), spec)
-        doc["id"] = f"synthetic-{split}-{seed}-{index}"
-        yield doc
+        yield synthetic_document(seed, split, index, spec, weights)
         index += 1
+
+
+def synthetic_document(seed: int, split: str, index: int, spec: SyntheticSpec, weights: dict) -> dict:
+    """Document `index` of `split` alone (random access: its stream depends on (seed, split, index) only);
+    `spec` and `weights` are validated by the caller."""
+    rng = _rng(seed, split, index)
+    doc = make_document(rng, _pick(rng, weights), spec)
+    doc["id"] = f"synthetic-{split}-{seed}-{index}"
+    return doc
 
 
 def worked_answer(thought: str, answer: str) -> str:
