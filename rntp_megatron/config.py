@@ -510,7 +510,7 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     except ValueError:  # an unknown reward name is reported where the reward is looked up
         baseline = False
     surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
-    scores = d.site_selection != "uniform" or surprisal
+    scores = (rl.objective != "ntp" and d.site_selection != "uniform") or surprisal  # ntp trains on whole chunks
     return {"reference": (rl.objective != "ntp" and (rl.kl_coef > 0 or rl.reference is not None))
             or (baseline and r.baseline == "frozen") or (scores and d.proxy.card is None),
             "proxy": scores and d.proxy.card is not None, "ema": baseline and r.baseline == "ema",

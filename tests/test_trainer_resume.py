@@ -41,7 +41,8 @@ def _command(run_dir: Path, variant: tuple[str, tuple[str, ...]]) -> list[str]:
     ]
     if objective == "ntp":
         overrides = [o for o in overrides if not o.startswith(("rl.group", "reward."))]
-    return [sys.executable, "-m", "rntp_megatron.cli", "train"] + [a for o in [*overrides, *extra] for a in ("--set", o)]
+    sets = [a for o in [*overrides, *extra] for a in ("--set", o)]
+    return [sys.executable, "-m", "rntp_megatron.cli", "train", *sets]
 
 
 def _records(run_dir: Path) -> list[dict]:
