@@ -50,8 +50,9 @@ class SideModels:
             self.proxy = build_frozen(card, p, cfg.data.proxy.load, "data.proxy.load")
         self.scorer: Optional[ProxyScorer] = None
         if needs["scores"]:
-            self.scorer = ProxyScorer(self.proxy or self.reference, tokenizer.vocab_size, cfg.data.entropy_top_k,
-                                      tokenizer.pad_id, cfg.schedule.micro_batch_size, self.length_multiple)
+            model = self.proxy if self.proxy is not None else self.reference
+            self.scorer = ProxyScorer(model, tokenizer.vocab_size, cfg.data.entropy_top_k, tokenizer.pad_id,
+                                      cfg.schedule.micro_batch_size, self.length_multiple)
         self.ema = EMABaseline.build(cfg.model, p, cfg.reward.ema_decay) if needs["ema"] else None
         self.surprisal = needs["surprisal"]
         # a reference built only to score sites adds no KL forward (rl.reference set alone: KL logged, not trained)
@@ -73,8 +74,10 @@ class SideModels:
 
     def baseline_model(self, policy: torch.nn.Module) -> torch.nn.Module:
         """The no-thought baseline p_bar of info_gain / vrcli by reward.baseline: policy, ema or frozen."""
-        return {"policy": policy, "ema": self.ema and self.ema.model, "frozen": self.reference}[
-            self.cfg.reward.baseline]
+        kind = self.cfg.reward.baseline
+        if kind == "ema":
+            return self.ema.model
+        return self.reference if kind == "frozen" else policy
 
     def ref_logprobs(self, rollouts: Sequence[Rollout]) -> Optional[torch.Tensor]:
         """ref[N, seq_length] for RLBatch.ref_logprobs (None when the run has no KL term to compute)."""
