@@ -23,6 +23,7 @@ from rntp_megatron.data.proxy import ProxyScorer
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.model.frozen import build_frozen, card_config
 from rntp_megatron.rewards.baseline import EMABaseline
+from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rewards.scoring import continuation_logprobs
 from rntp_megatron.rl.reference import reference_logprobs
 from rntp_megatron.rollout.engine import Rollout
@@ -55,6 +56,8 @@ class SideModels:
                                       cfg.schedule.micro_batch_size, self.length_multiple)
         self.ema = EMABaseline.build(cfg.model, p, cfg.reward.ema_decay) if needs["ema"] else None
         self.surprisal = needs["surprisal"]
+        self.frozen_baseline = (cfg.rl.objective != "ntp" and get_reward(cfg.reward.name).needs_baseline
+                                and cfg.reward.baseline == "frozen")
         # a reference built only to score sites adds no KL forward (rl.reference set alone: KL logged, not trained)
         self.kl = self.reference is not None and (cfg.rl.kl_coef > 0 or cfg.rl.reference is not None)
 
@@ -64,8 +67,10 @@ class SideModels:
 
     def start(self, policy: torch.nn.Module, resumed: bool) -> None:
         """After the policy's weights are in place: the EMA starts at them, or continues the checkpoint's."""
-        if self.ema is not None:
-            self.ema.loaded() if resumed else self.ema.reset(policy)
+        if self.ema is not None and resumed:
+            self.ema.loaded()
+        elif self.ema is not None:
+            self.ema.reset(policy)
 
     def after_step(self, policy: torch.nn.Module) -> None:
         """After each optimizer step: one EMA step toward the policy's new weights."""
@@ -73,11 +78,11 @@ class SideModels:
             self.ema.update(policy)
 
     def baseline_model(self, policy: torch.nn.Module) -> torch.nn.Module:
-        """The no-thought baseline p_bar of info_gain / vrcli by reward.baseline: policy, ema or frozen."""
-        kind = self.cfg.reward.baseline
-        if kind == "ema":
+        """The no-thought baseline p_bar of info_gain / vrcli by reward.baseline: policy, ema or frozen. Rewards
+        without a baseline (loglik, prob: their info_gain metric only) use the policy, as `policy` does."""
+        if self.ema is not None:
             return self.ema.model
-        return self.reference if kind == "frozen" else policy
+        return self.reference if self.frozen_baseline else policy
 
     def ref_logprobs(self, rollouts: Sequence[Rollout]) -> Optional[torch.Tensor]:
         """ref[N, seq_length] for RLBatch.ref_logprobs (None when the run has no KL term to compute)."""
