@@ -23,7 +23,6 @@ from rntp_megatron.data.proxy import ProxyScorer
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.model.frozen import build_frozen, card_config
 from rntp_megatron.rewards.baseline import EMABaseline
-from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rewards.scoring import continuation_logprobs
 from rntp_megatron.rl.reference import reference_logprobs
 from rntp_megatron.rollout.engine import Rollout
@@ -56,8 +55,7 @@ class SideModels:
                                       cfg.schedule.micro_batch_size, self.length_multiple)
         self.ema = EMABaseline.build(cfg.model, p, cfg.reward.ema_decay) if needs["ema"] else None
         self.surprisal = needs["surprisal"]
-        self.frozen_baseline = (cfg.rl.objective != "ntp" and get_reward(cfg.reward.name).needs_baseline
-                                and cfg.reward.baseline == "frozen")
+        self.frozen_baseline = needs["frozen_baseline"]
         # a reference built only to score sites adds no KL forward (rl.reference set alone: KL logged, not trained)
         self.kl = self.reference is not None and (cfg.rl.kl_coef > 0 or cfg.rl.reference is not None)
 

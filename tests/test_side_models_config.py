@@ -42,11 +42,16 @@ def test_ema_decay_range_and_which_models_a_run_builds():
         build_config({**TINY, "reward": {"ema_decay": 1.0}})
     load = {"checkpoint": {"load": "/c"}}
     assert side_model_needs(build_config(TINY)) == {
-        "reference": False, "proxy": False, "ema": False, "scores": False, "surprisal": False}
+        "reference": False, "proxy": False, "ema": False, "frozen_baseline": False, "scores": False,
+        "surprisal": False}
     assert side_model_needs(build_config({**TINY, "reward": {"name": "info_gain"}}))["ema"]  # RLP's default
+    frozen = build_config({**TINY, **load, "reward": {"name": "vrcli", "baseline": "frozen"}})
+    assert side_model_needs(frozen)["frozen_baseline"] and side_model_needs(frozen)["reference"]
+    assert not side_model_needs(build_config({**TINY, "reward": {"baseline": "frozen"}}))["reference"]
     both = build_config({**TINY, **load, "rl": {"kl_coef": 0.01},
                          "data": {"site_selection": "entropy", "proxy": {"card": "tiny", "load": "/p"}}})
     assert side_model_needs(both) == {
-        "reference": True, "proxy": True, "ema": False, "scores": True, "surprisal": False}
+        "reference": True, "proxy": True, "ema": False, "frozen_baseline": False, "scores": True,
+        "surprisal": False}
     ntp = build_config({**TINY, "rl": {"objective": "ntp", "kl_coef": 0.1}, "data": {"site_selection": "entropy"}})
     assert not any(side_model_needs(ntp).values())  # pretraining on whole chunks needs none of them
