@@ -73,6 +73,14 @@ def _train(rank: int, world: int, tmp: str) -> dict:
         all_entropy = torch.cat([_float64_entropy(init, ep.context_ids, vocab)[cfg.data.min_context - 1:]
                                  for ep in drawn])
         records = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+        frozen = build_config({**overrides, "reward": {"name": "vrcli", "baseline": "frozen"},
+                               "schedule": {**overrides["schedule"], "train_steps": 1}, "checkpoint": {
+                                   "load": overrides["checkpoint"]["load"]},
+                               "logging": {"dir": f"{tmp}/run_frozen", "progress": False, "plot": False}})
+        frozen_trainer = Trainer(frozen)  # vrcli against the frozen reference: no EMA, one reference for all
+        assert frozen_trainer.side.ema is None
+        assert frozen_trainer.side.baseline_model(frozen_trainer.ddp) is frozen_trainer.side.reference
+        assert frozen_trainer.side.scorer.model is frozen_trainer.side.reference and frozen_trainer.run() == 0
         return {"surprisal_err": _surprisal_run(tmp, overrides, init), "ema_err": ema_err, "moved": moved,
                 "steps": len(after), "site_entropy": site_entropy, "records": records,
                 "below": (all_entropy <= THRESHOLD).double().mean().item()}
