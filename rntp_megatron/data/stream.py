@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -30,10 +30,12 @@ from rntp_megatron.data.ahead import Ahead
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.episodes import EpisodeBuilder
 from rntp_megatron.data.shards import ShardCursor, relayout
-from rntp_megatron.data.sites import ProxyScorer
 from rntp_megatron.data.sources import (DataError, Document, SkipCounts, check_megatron_vocab, open_source,
                                         source_name)
 from rntp_megatron.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the scorer runs a GPTModel: megatron is imported only by who builds one
+    from rntp_megatron.data.proxy import ProxyScorer
 
 STATE_VERSION = 2
 
@@ -54,7 +56,7 @@ class EpisodeStream:
     """Endless iterator of this data-parallel rank's Episodes, with a checkpointable cursor."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
-                 scorer: Optional[ProxyScorer] = None, builder: Optional[EpisodeBuilder] = None) -> None:
+                 scorer: Optional["ProxyScorer"] = None, builder: Optional[EpisodeBuilder] = None) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
         self.cfg = cfg
@@ -281,7 +283,7 @@ class EpisodeStream:
 
 
 def data_parallel_stream(cfg: DataConfig, tokenizer: Tokenizer,
-                         scorer: Optional[ProxyScorer] = None) -> EpisodeStream:
+                         scorer: Optional["ProxyScorer"] = None) -> EpisodeStream:
     """The stream of this process's data-parallel rank (megatron parallel_state must be initialized)."""
     from megatron.core import parallel_state
 
