@@ -419,6 +419,12 @@ def next_multiple(value: int, multiple: int) -> int:
     return max(-(-value // multiple), 1) * multiple
 
 
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """vocab_size rounded up to a multiple of divisible_by * TP (each TP rank holds an equal vocab slice)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
     """world_size / (TP * PP * CP), or a ConfigError when it does not divide."""
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
-from rntp_megatron.config import ConfigError, DataConfig, RunConfig, TokenizerConfig
+from rntp_megatron.config import ConfigError, DataConfig, RunConfig, TokenizerConfig, padded_vocab_size
 
 DEFAULT_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN = "<|eos|>"
@@ -198,8 +198,6 @@ def check_model_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     that does: tokenizer_vocab rounded up to make_vocab_size_divisible_by * TP, as the model pads it anyway."""
     if tokenizer_vocab <= cfg.model.vocab_size:
         return
-    from rntp_megatron.model.provider import padded_vocab_size
-
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
                       f"({tokenizer_vocab} ids with the think/answer tags, data.tokenizer.kind="
