@@ -62,8 +62,8 @@ def resolve_checkpoint(path: str | Path, option: str = "checkpoint") -> Path:
     file itself, or an iter_* folder. Rank 0 prints which step `option` resolved to; errors say what to pass."""
     given = path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{option}: {path} does not exist (pass a checkpoints folder, its `{LATEST}` file, "
-                              "or an iter_* folder)")
+        raise CheckpointError(f"{option}: {path} does not exist; fix: {option}: a checkpoints folder, its "
+                              f"`{LATEST}` file, or an iter_* folder")
     if path.is_file() and path.name == LATEST:
         path = path.parent
     if (path / COMPLETE).exists():
@@ -74,8 +74,8 @@ def resolve_checkpoint(path: str | Path, option: str = "checkpoint") -> Path:
             entries = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
             raise CheckpointError(
                 f"{option}: {path} is neither a complete checkpoint (no {COMPLETE}) nor a checkpoint directory "
-                f"with a `{LATEST}` file (it holds {entries}); pass a checkpoints folder, its `{LATEST}` file, or "
-                "an iter_* folder with complete.json")
+                f"with a `{LATEST}` file (it holds {entries}); fix: {option}: a checkpoints folder, its `{LATEST}` "
+                "file, or an iter_* folder with complete.json")
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(f"{option}: {given} -> {found} (step {checkpoint_step(found)})", flush=True)
     return found
