@@ -213,6 +213,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (the `wandb` extra): the JSONL metrics, the run config, final tables and curves.
+    mode: online, offline (files under WANDB_DIR or logging.dir, `wandb sync` later) or disabled."""
+
+    project: str = "rntp"
+    entity: Optional[str] = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/default"
     log_interval: int = 1
@@ -220,6 +231,7 @@ class LoggingConfig:
     tensorboard: bool = False
     plot: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # logging.wandb: {project, entity, mode, tags}
 
 
 @dataclass

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
+    from rntp_megatron.wandb_run import log_results
 
     path = resolve_checkpoint(args.checkpoint, "--checkpoint")
     cfg = load_config(args.config, [*args.overrides, f"checkpoint.load={path}", "checkpoint.dir=",
@@ -47,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if dist.get_rank() == 0:
         print(format_table(table, f"held-out evaluation of {path}"))
         save_table(table, args.out or str(path / "eval.json"))
+        log_results(cfg.logging, cfg.logging.dir, {"eval": table}, {})
     destroy_distributed()
     return 0

@@ -118,7 +118,7 @@ class Trainer:
                                               share=self.placement.share)
             self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
-                                     total_steps=self.total_steps, resume_at=self.step)
+                                     total_steps=self.total_steps, resume_at=self.step, run_config=to_dict(cfg))
 
     # ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
