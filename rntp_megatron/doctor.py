@@ -120,7 +120,8 @@ def check_megatron() -> Check:
         import megatron.core
     except Exception as e:
         return Check("megatron-core", FAIL, f"does not import ({e})",
-                     f"pip install --ignore-requires-python 'megatron-core>={MEGATRON_SERIES},<0.20' (tools/setup_venv.sh)")
+                     f"pip install --ignore-requires-python 'megatron-core>={MEGATRON_SERIES},<0.20' "
+                     "(tools/setup_venv.sh)")
     version = megatron.core.__version__
     if not version.startswith(MEGATRON_SERIES):
         return Check("megatron-core", WARN, f"{version}: the CPU layer and tests target {MEGATRON_SERIES}.x",

@@ -11,7 +11,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the run's YAML config (model, data, rollout sections)")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoints folder (its `latest` is taken), its `latest` file, or one iter_* folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoints folder (its `latest` is taken), its `latest` file, or one iter_* folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--sites", type=int, default=128, help="held-out sites to evaluate")
     parser.add_argument("--out", default=None, help="JSON file for the table (default: <checkpoint>/eval.json)")

@@ -63,9 +63,8 @@ def test_unwritable_dirs_and_bad_records(tmp_path):
     blocker.write_text("")
     mixed = _jsonl(tmp_path / "mixed.jsonl", ["{not json", '{"txt": "wrong field"}', '{"text": "a real record"}'])
     hopeless = _jsonl(tmp_path / "bad.jsonl", ["{not json", "[1, 2"])
-    checks = _by_name(run_checks(DEMO, [f"checkpoint.dir={blocker / 'ckpt'}",
-                                        f"data.sources=[{{kind: jsonl, path: {mixed}}}, {{kind: jsonl, path: {hopeless}}}]"],
-                                 env={}))
+    sources = f"data.sources=[{{kind: jsonl, path: {mixed}}}, {{kind: jsonl, path: {hopeless}}}]"
+    checks = _by_name(run_checks(DEMO, [f"checkpoint.dir={blocker / 'ckpt'}", sources], env={}))
     assert checks["checkpoint.dir"].status == FAIL and "checkpoint.dir: a folder" in checks["checkpoint.dir"].fix
     assert checks["logging.dir"].status == OK
     first = checks["data.sources[0]"]
