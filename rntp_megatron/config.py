@@ -341,6 +341,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         except ConfigError as e:
             if "fix:" in str(e):
                 raise
+            if hints[key] in (str, Optional[str]) and isinstance(value, (int, float, bool)):
+                raise ConfigError(f"{e}; fix: {path}: {str(value)!r} (quoted, a string)") from None
             raise ConfigError(f"{e}; fix: {path}: {_example(cls, key)} (the default)") from None
     return cls(**kwargs)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from rntp_megatron.config import RunConfig, SGLangConfig
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MEGATRON_SERIES = "0.19"
 # FP8 recipes by the GPU's compute capability (Transformer Engine's rules): per-tensor scaling from Ada/Hopper
@@ -59,6 +61,7 @@ def world_size(env: Mapping[str, str]) -> int:
 
 
 def check_python() -> Check:
+    """Python >= 3.11 (the project's floor)."""
     ok = sys.version_info >= (3, 11)
     return Check("python", OK if ok else FAIL, platform.python_version() + f" ({sys.executable})",
                  "" if ok else "use Python >= 3.11 (tools/setup_venv.sh with PYTHON=python3.11)")
@@ -116,6 +119,7 @@ def check_transformer_engine(fp8: Optional[str], impl: str) -> Check:
 
 
 def check_megatron() -> Check:
+    """megatron-core imports and is of the series the CPU layer was checked against."""
     try:
         import megatron.core
     except Exception as e:
@@ -129,7 +133,7 @@ def check_megatron() -> Check:
     return Check("megatron-core", OK, version)
 
 
-def check_sglang(cfg, start: bool) -> list[Check]:
+def check_sglang(cfg: RunConfig, start: bool) -> list[Check]:
     """The interpreter of rollout.sglang.python and its sglang version; an attached server's health; with
     `start`, a real server from a random tiny model (about 40 s on a CPU)."""
     sg, needed = cfg.rollout.sglang, cfg.rollout.engine == "sglang" and cfg.rl.objective != "ntp"
@@ -162,9 +166,10 @@ def check_sglang(cfg, start: bool) -> list[Check]:
     return checks
 
 
-def start_sglang(sg) -> Check:
+def start_sglang(sg: SGLangConfig) -> Check:
     """Start a real server from a random tiny_qwen2 model, wait for /health, generate 4 tokens, stop it."""
     import secrets
+    import socket
 
     import torch
     import transformers
@@ -182,8 +187,6 @@ def start_sglang(sg) -> Check:
             transformers.AutoConfig.for_model(**hf_mapping.hf_config(card, torch_dtype="float32")))
         hf.save_pretrained(folder, safe_serialization=True)
         write_byte_tokenizer(folder)
-        import socket
-
         with socket.socket() as s:
             s.bind((sg.host, 0))
             port = s.getsockname()[1]
@@ -199,14 +202,15 @@ def start_sglang(sg) -> Check:
             return Check("sglang server", OK, f"started, healthy and generated {len(reply['output_ids'])} tokens "
                          f"in {took:.0f} s")
         except Exception as e:
-            return Check("sglang server", FAIL, f"did not start: {str(e).splitlines()[0]}",
-                         f"read {server.log_path}; on a CPU the server needs tools/install_sglang.sh's stand-in "
-                         "sgl-kernel, on a GPU rollout.sglang.extra_args may need --mem-fraction-static")
+            tail = " | ".join(server.log_tail(3).splitlines())  # the log goes with the temporary folder
+            return Check("sglang server", FAIL, f"did not start: {str(e).splitlines()[0]}; log: {tail}",
+                         "on a CPU the server needs tools/install_sglang.sh's stand-in sgl-kernel; on a GPU "
+                         "rollout.sglang.extra_args may need a smaller --mem-fraction-static")
         finally:
             server.stop()
 
 
-def check_layout(cfg, env: Mapping[str, str]) -> Check:
+def check_layout(cfg: RunConfig, env: Mapping[str, str]) -> Check:
     """The rank layout that torchrun's or Slurm's variables imply for the config's TP/PP/CP, and the batch."""
     import torch
 
@@ -254,7 +258,8 @@ def _writable(folder: Path) -> Optional[str]:
     return None
 
 
-def check_paths(cfg) -> list[Check]:
+def check_paths(cfg: RunConfig) -> list[Check]:
+    """logging.dir and checkpoint.dir writable, the checkpoint a restart resumes from, checkpoint.load."""
     checks = []
     ckpt_dir = cfg.checkpoint.dir or str(Path(cfg.logging.dir) / "checkpoints")
     for field, folder in (("logging.dir", cfg.logging.dir), ("checkpoint.dir", ckpt_dir)):
@@ -262,9 +267,16 @@ def check_paths(cfg) -> list[Check]:
         checks.append(Check(field, OK, f"{folder} writable") if why is None else
                       Check(field, FAIL, f"{folder} is not writable ({why})",
                             f"{field}: a folder on a shared filesystem every node can write (e.g. $SCRATCH/run)"))
-    if cfg.checkpoint.load:
-        from rntp_megatron.checkpoint import CheckpointError, checkpoint_step, resolve_checkpoint
+    from rntp_megatron.checkpoint import CheckpointError, checkpoint_step, latest_checkpoint, resolve_checkpoint
 
+    try:
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is not None:
+            checks.append(Check("resume", OK, f"the run resumes from {latest} (step {checkpoint_step(latest)})"))
+    except CheckpointError as e:
+        checks.append(Check("resume", FAIL, str(e), f"point {ckpt_dir}/latest at a complete iter_* folder, or "
+                            "start a new run in another checkpoint.dir"))
+    if cfg.checkpoint.load:
         try:
             found = resolve_checkpoint(cfg.checkpoint.load, "checkpoint.load")
             checks.append(Check("checkpoint.load", OK, f"{found} (step {checkpoint_step(found)})"))
@@ -274,7 +286,7 @@ def check_paths(cfg) -> list[Check]:
     return checks
 
 
-def check_tokenizer(cfg) -> tuple[list[Check], Optional[object]]:
+def check_tokenizer(cfg: RunConfig) -> tuple[list[Check], Optional[object]]:
     """The tokenizer loads, its tags are single tokens, and model.vocab_size holds it."""
     from rntp_megatron.config import ConfigError
     from rntp_megatron.data.tokenizer import check_model_vocab, tokenizer_for
@@ -302,9 +314,10 @@ def check_tokenizer(cfg) -> tuple[list[Check], Optional[object]]:
     return checks, tok
 
 
-def check_sources(cfg) -> list[Check]:
-    """Each data source: open it as DP rank 0 of 1, read until its first usable record, count what was skipped."""
-    from rntp_megatron.data.sources import SkipCounts, open_source, source_name
+def check_sources(cfg: RunConfig, tokenizer: Optional[object] = None) -> list[Check]:
+    """Each data source: open it as DP rank 0 of 1, read until its first usable record, count what was skipped;
+    a Megatron dataset's recorded vocabulary against the tokenizer's."""
+    from rntp_megatron.data.sources import SkipCounts, check_megatron_vocab, open_source, source_name
 
     checks = []
     for i, src in enumerate(cfg.data.sources):
@@ -312,11 +325,14 @@ def check_sources(cfg) -> list[Check]:
         skips = SkipCounts()
         t0 = time.monotonic()
         try:
+            if src.kind == "megatron" and tokenizer is not None:
+                check_megatron_vocab(src, tokenizer.vocab_size)
             reader = open_source(src, 0, 1, cfg.data.max_document_bytes, skips)
             first = next((doc for doc, _ in reader({})), None)  # readers yield usable records only
         except Exception as e:
-            checks.append(Check(name, FAIL, f"{source_name(src)}: {e}",
-                                f"{name}.path: an existing {src.kind} file, folder or glob readable from this node"))
+            fix = ("rntp prepare-data again with this run's data.tokenizer" if "tokenized with" in str(e) else
+                   f"{name}.path: an existing {src.kind} file, folder or glob readable from this node")
+            checks.append(Check(name, FAIL, f"{source_name(src)}: {e}", fix))
             continue
         skipped = sum(skips.values())
         took = time.monotonic() - t0
@@ -335,7 +351,7 @@ def check_sources(cfg) -> list[Check]:
     return checks
 
 
-def check_memory(cfg, env: Mapping[str, str]) -> Check:
+def check_memory(cfg: RunConfig, env: Mapping[str, str]) -> Check:
     """The memory plan's peak per rank against the GPU's memory, or, on a CPU, the node's ranks against RAM."""
     import psutil
     import torch
@@ -381,13 +397,14 @@ def run_checks(config: Optional[str], overrides: list[str], env: Optional[Mappin
         why, _, fix = str(e).partition("; fix: ")
         return checks + [Check("config", FAIL, why, fix or "--config: an existing YAML file")]
     checks.append(Check("config", OK, f"{config or 'defaults'} {' '.join(overrides)}".strip()))
+    tokenizer_checks, tokenizer = check_tokenizer(cfg)
     steps: list[Callable[[], list[Check] | Check]] = [
         lambda: check_transformer_engine(cfg.model.fp8, cfg.model.transformer_impl),
         lambda: check_sglang(cfg, start_sglang),
         lambda: check_layout(cfg, env),
         lambda: check_paths(cfg),
-        lambda: check_tokenizer(cfg)[0],
-        lambda: check_sources(cfg),
+        lambda: tokenizer_checks,
+        lambda: check_sources(cfg, tokenizer),
         lambda: check_memory(cfg, env),
     ]
     for step in steps:
@@ -418,6 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # megatron's "TE/Apex not installed": a row says it
     checks = run_checks(args.config, args.overrides, start_sglang=args.start_sglang)
     print(format_table(checks))
     return 1 if any(c.status == FAIL for c in checks) else 0

@@ -14,6 +14,7 @@ from rntp_megatron.data.tokenizer import ByteTokenizer, check_model_vocab
 BROKEN = [
     (["rl.group_size=many"], "rl.group_size", "rl.group_size: 8", ["rl.group_size=8"]),
     (["rl.advantage=grop"], "rl.advantage", "rl.advantage: grpo", ["rl.advantage=grpo"]),
+    (["data.think_open=1"], "data.think_open", "data.think_open: '1'", ["data.think_open='1'"]),
     (["data.sources=[{kind: jsn}]"], "data.sources[0].kind", "data.sources[0].kind: jsonl",
      ["data.sources=[{kind: jsonl}]"]),
     (["data.logprob_window=[1]"], "data.logprob_window", "data.logprob_window: [-4.5, -1.0]",
@@ -111,6 +112,21 @@ def test_vocab_error_proposes_the_smallest_padded_vocab_that_holds_the_tokenizer
         if padded - 128 * tp < vocab:  # the proposal is the smallest multiple that holds it
             with pytest.raises(ConfigError):
                 check_model_vocab(smaller, vocab)
+
+
+def test_group_split_error_proposes_a_batch_that_splits(tmp_path):
+    """Trainer-time rule: a GRPO group stays on one DP rank; 12 rollouts at G=8 cannot, 16 can."""
+    from rntp_megatron.runtime import destroy_distributed
+    from rntp_megatron.trainer import Trainer
+
+    cfg = build_config({"model": {"card": "tiny", "vocab_size": 384}, "logging": {"dir": str(tmp_path)}},
+                       ["schedule.global_batch_size=12", "schedule.micro_batch_size=2", "rl.group_size=8"])
+    try:
+        with pytest.raises(ConfigError, match=r"^schedule.global_batch_size: 12 rollouts .* rl.group_size=8 .*"
+                                              r"fix: schedule.global_batch_size: 16$"):
+            Trainer(cfg)
+    finally:
+        destroy_distributed()
 
 
 def test_every_validation_rule_carries_a_fix():

@@ -72,6 +72,21 @@ def test_unwritable_dirs_and_bad_records(tmp_path):
     assert checks["data.sources[1]"].status == FAIL and "2 malformed_json" in checks["data.sources[1]"].detail
 
 
+def test_broken_resume_and_a_dataset_of_another_vocabulary(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000005").mkdir(parents=True)  # a save that died before completing, yet named by latest
+    (ckpt / "latest").write_text("iter_0000005")
+    (tmp_path / "d.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "d.idx").write_bytes(b"")
+    (tmp_path / "d.json").write_text('{"vocab_size": 50000}')
+    checks = _by_name(run_checks(DEMO, [f"checkpoint.dir={ckpt}",
+                                        f"data.sources=[{{kind: megatron, path: {tmp_path / 'd'}}}]"], env={}))
+    assert checks["resume"].status == FAIL and "iter_0000005" in checks["resume"].detail
+    assert "point" in checks["resume"].fix and "latest" in checks["resume"].fix
+    source = checks["data.sources[0]"]
+    assert source.status == FAIL and "vocab_size=50000" in source.detail and "prepare-data" in source.fix
+
+
 def test_slurm_layout_that_does_not_divide_names_the_sizes():
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "3", "SLURM_NNODES": "1", "SLURM_PROCID": "0"}
     layout = _by_name(run_checks(DEMO, ["model.card=tiny", "model.vocab_size=384",
