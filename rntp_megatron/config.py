@@ -419,7 +419,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections; fix: start it with a "
-                          "section such as `model: {card: tiny}`")
+                              "section such as `model: {card: tiny}`")
     return build_config(data, overrides)
 
 
@@ -435,8 +435,7 @@ def next_multiple(value: int, multiple: int) -> int:
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """vocab_size rounded up to a multiple of divisible_by * TP (each TP rank holds an equal vocab slice)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
+    return next_multiple(vocab_size, divisible_by * tp)
 
 
 def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
