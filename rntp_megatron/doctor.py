@@ -3,7 +3,7 @@
 One table, a line per check: OK, WARN or FAIL, what was found, and for WARN and FAIL the fix. Exits 1 on any
 FAIL. Checks: Python, torch, CUDA, NCCL, the GPUs, Transformer Engine and the FP8 recipes the GPU supports,
 megatron-core, the SGLang interpreter (and with --start-sglang a real server start), the Slurm/torchrun rank
-layout, checkpoint.dir / logging.dir writable, checkpoint.load, the tokenizer, each data source (one record
+layout, checkpoint.dir / logging.dir writable, checkpoint.load, W&B, the tokenizer, each data source (one record
 read, skips counted), the model's vocabulary against the tokenizer's, and the memory plan (memory_plan.py)
 against the device's memory (host RAM shared by the node's ranks on a CPU).
 """
@@ -286,6 +286,23 @@ def check_paths(cfg: RunConfig) -> list[Check]:
     return checks
 
 
+def check_wandb(cfg: RunConfig) -> list[Check]:
+    """logging.wandb: the package imports (an optional extra); online mode needs a login on the node."""
+    w = cfg.logging.wandb
+    if w is None:
+        return []
+    try:
+        import wandb
+    except ImportError:
+        return [Check("wandb", FAIL, "logging.wandb is set but the wandb package does not import",
+                      "pip install -e '.[wandb]', or logging.wandb: null")]
+    detail = f"wandb {wandb.__version__}, project {w.project!r}, mode {w.mode}"
+    if w.mode == "online":
+        return [Check("wandb", WARN, detail + ": needs the network and a login from every node that logs (rank 0)",
+                      "wandb login (or WANDB_API_KEY) on the node, or logging.wandb.mode: offline and wandb sync")]
+    return [Check("wandb", OK, detail)]
+
+
 def check_tokenizer(cfg: RunConfig) -> tuple[list[Check], Optional[object]]:
     """The tokenizer loads, its tags are single tokens, and model.vocab_size holds it."""
     from rntp_megatron.config import ConfigError
@@ -403,6 +420,7 @@ def run_checks(config: Optional[str], overrides: list[str], env: Optional[Mappin
         lambda: check_sglang(cfg, start_sglang),
         lambda: check_layout(cfg, env),
         lambda: check_paths(cfg),
+        lambda: check_wandb(cfg),
         lambda: tokenizer_checks,
         lambda: check_sources(cfg, tokenizer),
         lambda: check_memory(cfg, env),

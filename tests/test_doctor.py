@@ -100,6 +100,15 @@ def test_slurm_layout_that_does_not_divide_names_the_sizes():
     assert layout.status == OK and "4 rank(s) on 2 node(s) = TP 2 x PP 1 x CP 1 x DP 2" in layout.detail
 
 
+def test_wandb_row(monkeypatch):
+    import sys
+
+    offline = ["logging.wandb={project: p, mode: offline}"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    row = _by_name(run_checks(DEMO, offline, env={}))["wandb"]
+    assert row.status == FAIL and "pip install -e '.[wandb]'" in row.fix
+
+
 def test_fp8_recipes_by_gpu_kind():
     assert fp8_recipes((8, 0)) == []  # A100
     assert fp8_recipes((9, 0)) == ["delayed", "tensorwise", "blockwise"]  # H100 / H200
