@@ -141,13 +141,11 @@ class Trainer:
             self.stream.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
             pending = rank_state.get("rollouts_ahead", {})
-        elif self.cfg.checkpoint.load:
+        elif self.cfg.checkpoint.load:  # the resolver prints the checkpoint and step the weights come from
             load_checkpoint(resolve_checkpoint(self.cfg.checkpoint.load, "checkpoint.load"), [self.ddp],
                             optimizer=None)
-        else:
-            return pending
-        if dist.get_rank() == 0:
-            print(f"resumed from {latest or self.cfg.checkpoint.load} at step {self.step}", flush=True)
+        if latest is not None and dist.get_rank() == 0:
+            print(f"resumed from {latest} at step {self.step}", flush=True)
         return pending
 
     def save(self) -> Path:
