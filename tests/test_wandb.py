@@ -4,6 +4,7 @@ its config, a resumed run continues the same W&B run, and the final tables and c
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ def wandb_records(path: Path):
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -33,6 +36,11 @@ def wandb_records(path: Path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+def _finished(path: Path) -> bool:
+    """Whether an offline run file holds its session's exit record (all of it is written)."""
+    return any(rec.WhichOneof("record_type") == "exit" for rec in wandb_records(path))
 
 
 def _history(run_files: list[Path]) -> tuple[dict[int, dict], list]:
@@ -43,7 +51,7 @@ def _history(run_files: list[Path]) -> tuple[dict[int, dict], list]:
             kind = rec.WhichOneof("record_type")
             if kind == "history":
                 item = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
-                steps.setdefault(item["_step"], {}).update(item)
+                steps.setdefault(rec.history.step.num, {}).update(item)
             elif kind == "run":
                 runs.append(rec.run)
     return steps, runs
@@ -80,6 +88,9 @@ def test_offline_run_logs_metrics_config_and_resumes_the_same_run(tmp_path, monk
 
     run_id = (run_dir / ID_FILE).read_text().strip()
     run_files = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 60  # wandb's service process may finish writing a file after finish() returns
+    while not all(_finished(p) for p in run_files) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert len(run_files) == 3 and all(p.name == f"run-{run_id}.wandb" for p in run_files)  # one run, 3 sessions
     steps, runs = _history(run_files)
     jsonl = read_metrics(run_dir / "metrics.jsonl")
