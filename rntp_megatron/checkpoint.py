@@ -52,6 +52,35 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return path
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a complete checkpoint folder was saved at (its complete.json)."""
+    return int(json.loads((Path(path) / COMPLETE).read_text())["step"])
+
+
+def resolve_checkpoint(path: str | Path, option: str = "checkpoint") -> Path:
+    """The complete iter_* folder that `path` means: a checkpoints folder (its `latest`), the `latest` pointer
+    file itself, or an iter_* folder. Rank 0 prints which step `option` resolved to; errors say what to pass."""
+    given = path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{option}: {path} does not exist; fix: {option}: a checkpoints folder, its "
+                              f"`{LATEST}` file, or an iter_* folder")
+    if path.is_file() and path.name == LATEST:
+        path = path.parent
+    if (path / COMPLETE).exists():
+        found = path
+    else:
+        found = latest_checkpoint(path) if path.is_dir() else None
+        if found is None:
+            entries = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
+            raise CheckpointError(
+                f"{option}: {path} is neither a complete checkpoint (no {COMPLETE}) nor a checkpoint directory "
+                f"with a `{LATEST}` file (it holds {entries}); fix: {option}: a checkpoints folder, its `{LATEST}` "
+                "file, or an iter_* folder with complete.json")
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        print(f"{option}: {given} -> {found} (step {checkpoint_step(found)})", flush=True)
+    return found
+
+
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy and torch RNG states (and on a GPU the device's and megatron's tracker
     states), in types torch.load(weights_only=True) reads."""

@@ -1,4 +1,4 @@
-"""`rntp <command>`: train | demo | prepare-data | convert | plan | eval | check.
+"""`rntp <command>`: train | demo | prepare-data | convert | plan | eval | doctor.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this file only
 routes to them, importing a command's module when that command runs (startup stays fast).
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("rntp_megatron.plan", "steps, tokens, FLOPs and wall time of an RNTP run on a cluster"),
     "prepare-data": ("rntp_megatron.data.prepare", "tokenize text sources into a Megatron .bin/.idx dataset"),
     "convert": ("rntp_megatron.convert", "Megatron dist checkpoint <-> Hugging Face folder (llama, qwen2, qwen3)"),
+    "doctor": ("rntp_megatron.doctor", "check that this node, its software and a run config fit together"),
 }
 
 

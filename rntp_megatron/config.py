@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -240,6 +241,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (the `wandb` extra): the JSONL metrics, the run config, final tables and curves.
+    mode: online, offline (files under WANDB_DIR or logging.dir, `wandb sync` later) or disabled."""
+
+    project: str = "rntp"
+    entity: Optional[str] = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/default"
     log_interval: int = 1
@@ -247,6 +259,7 @@ class LoggingConfig:
     tensorboard: bool = False
     plot: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # logging.wandb: {project, entity, mode, tags}
 
 
 @dataclass
@@ -291,13 +304,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}; fix: "
+                              f"{where}: {close[0] if close else args[0]}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}; fix: "
+                              f"{where}: {{...}} with fields {[f.name for f in dataclasses.fields(tp)][:6]}")
         return from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -346,10 +361,25 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {'.'.join(filter(None, [where, close[0]]))!r}?" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint} (known: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], path)
+            hint = f"; did you mean {'.'.join(filter(None, [where, close[0]]))!r}?" if close else ";"
+            raise ConfigError(f"unknown config key {path!r}{hint} fix: rename or remove it (known keys"
+                              f"{' of ' + where if where else ''}: {', '.join(names)})")
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+        except ConfigError as e:
+            if "fix:" in str(e):
+                raise
+            if hints[key] in (str, Optional[str]) and isinstance(value, (int, float, bool)):
+                raise ConfigError(f"{e}; fix: {path}: {str(value)!r} (quoted, a string)") from None
+            raise ConfigError(f"{e}; fix: {path}: {_example(cls, key)} (the default)") from None
     return cls(**kwargs)
+
+
+def _example(cls: type, name: str) -> str:
+    """The default of field `name` of dataclass `cls`, written as YAML (a value that passes validation)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return yaml.safe_dump(_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -368,14 +398,16 @@ def _plain(x: Any) -> Any:
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` (value parsed as YAML) in the nested dict `data`."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"override {override!r} must look like section.key=value; fix: e.g. "
+                          "--set rl.group_size=16")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {k!r} is not a section")
+            raise ConfigError(f"override {override!r}: {k!r} is not a section; fix: set {k} itself "
+                              f"(--set {'.'.join(keys[:keys.index(k) + 1])}=VALUE)")
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -386,10 +418,12 @@ def load_card(name: str) -> dict[str, Any]:
         path = CARDS_DIR / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in CARDS_DIR.glob("*.yaml"))
-        raise ConfigError(f"model.card: no model card {name!r} (built-in cards: {', '.join(known)})")
+        raise ConfigError(f"model.card: no model card {name!r} (built-in cards: {', '.join(known)}); fix: "
+                          f"model.card: one of those, or the path of a YAML file of ModelConfig fields")
     card = yaml.safe_load(path.read_text()) or {}
     if not isinstance(card, dict):
-        raise ConfigError(f"model.card: {path} must hold a mapping of ModelConfig fields")
+        raise ConfigError(f"model.card: {path} must hold a mapping of ModelConfig fields; fix: write it as "
+                          "`num_layers: 2` lines, one a field")
     return card
 
 
@@ -412,8 +446,24 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections; fix: start it with a "
+                              "section such as `model: {card: tiny}`")
     return build_config(data, overrides)
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending (the sizes a parallel dimension over n things may take)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def next_multiple(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value (and >= multiple)."""
+    return max(-(-value // multiple), 1) * multiple
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """vocab_size rounded up to a multiple of divisible_by * TP (each TP rank holds an equal vocab slice)."""
+    return next_multiple(vocab_size, divisible_by * tp)
 
 
 def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
@@ -422,82 +472,109 @@ def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
     if world_size % model_parallel:
         raise ConfigError(
             f"parallel: world size {world_size} is not divisible by TP*PP*CP = "
-            f"{p.tensor_model_parallel_size}*{p.pipeline_model_parallel_size}*{p.context_parallel_size}"
+            f"{p.tensor_model_parallel_size}*{p.pipeline_model_parallel_size}*{p.context_parallel_size}; fix: "
+            f"launch a multiple of {model_parallel} processes, or choose TP*PP*CP among {divisors(world_size)}"
         )
     return world_size // model_parallel
 
 
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
-    """Cross-field rules; with `world_size`, also the data-parallel batch split."""
+    """Cross-field rules; with `world_size`, also the data-parallel batch split. Each error says a fix."""
     m, p, s = cfg.model, cfg.parallel, cfg.schedule
 
-    def need(cond: bool, where: str, why: str) -> None:
+    def need(cond: bool, where: str, why: str, fix: str = "") -> None:
         if not cond:
-            raise ConfigError(f"{where}: {why}")
+            raise ConfigError(f"{where}: {why}" + (f"; fix: {fix}" if fix else ""))
 
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                  "expert_model_parallel_size"):
-        need(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+        need(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}",
+             f"parallel.{name}: 1 (no split along this dimension)")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp_choices = divisors(math.gcd(m.num_attention_heads, m.num_query_groups))
     need(m.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
-         f"TP={tp} must divide model.num_attention_heads={m.num_attention_heads}")
+         f"TP={tp} must divide model.num_attention_heads={m.num_attention_heads}",
+         f"parallel.tensor_model_parallel_size: one of {tp_choices}")
     need(m.num_query_groups % tp == 0, "parallel.tensor_model_parallel_size",
-         f"TP={tp} must divide model.num_query_groups (KV heads)={m.num_query_groups}")
+         f"TP={tp} must divide model.num_query_groups (KV heads)={m.num_query_groups}",
+         f"parallel.tensor_model_parallel_size: one of {tp_choices}")
     need(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
-         f"{m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}")
+         f"{m.num_query_groups} must divide model.num_attention_heads={m.num_attention_heads}",
+         f"model.num_query_groups: one of {divisors(m.num_attention_heads)}")
     need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
-         f"PP={pp} must divide model.num_layers={m.num_layers}")
-    need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", "needs TP > 1")
+         f"PP={pp} must divide model.num_layers={m.num_layers}",
+         f"parallel.pipeline_model_parallel_size: one of {divisors(m.num_layers)}")
+    need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"true needs TP > 1, got TP={tp}",
+         "parallel.sequence_parallel: false, or parallel.tensor_model_parallel_size: 2 or more")
     need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
-         f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'")
-    need(s.micro_batch_size >= 1, "schedule.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}")
+         f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'",
+         "model.transformer_impl: auto, or model.fp8: null")
+    need(s.micro_batch_size >= 1, "schedule.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}",
+         "schedule.micro_batch_size: 1")
     need(s.global_batch_size % s.micro_batch_size == 0, "schedule.global_batch_size",
-         f"{s.global_batch_size} is not divisible by micro_batch_size={s.micro_batch_size}")
-    need(s.lr >= 0, "schedule.lr", f"must be >= 0, got {s.lr}")
-    need(cfg.rl.group_size >= 1, "rl.group_size", f"must be >= 1, got {cfg.rl.group_size}")
+         f"{s.global_batch_size} is not divisible by micro_batch_size={s.micro_batch_size}",
+         f"schedule.global_batch_size: {next_multiple(s.global_batch_size, s.micro_batch_size)}, or "
+         f"schedule.micro_batch_size: one of {divisors(max(s.global_batch_size, 1))}")
+    need(s.lr >= 0, "schedule.lr", f"must be >= 0, got {s.lr}", f"schedule.lr: {abs(s.lr)}")
+    need(cfg.rl.group_size >= 1, "rl.group_size", f"must be >= 1, got {cfg.rl.group_size}", "rl.group_size: 8")
     need(cfg.rl.advantage != "rloo" or cfg.rl.group_size >= 2, "rl.group_size",
-         f"rloo needs at least 2 samples per group, got {cfg.rl.group_size}")
-    need(cfg.data.answer_horizon >= 1, "data.answer_horizon", f"must be >= 1, got {cfg.data.answer_horizon}")
-    need(cfg.data.min_context >= 1, "data.min_context", f"must be >= 1, got {cfg.data.min_context}")
+         f"rloo needs at least 2 samples per group, got {cfg.rl.group_size}",
+         "rl.group_size: 2 or more, or rl.advantage: grpo")
+    need(cfg.data.answer_horizon >= 1, "data.answer_horizon", f"must be >= 1, got {cfg.data.answer_horizon}",
+         "data.answer_horizon: 1 (the next token)")
+    need(cfg.data.min_context >= 1, "data.min_context", f"must be >= 1, got {cfg.data.min_context}",
+         "data.min_context: 16")
     need(cfg.data.context_len > cfg.data.min_context + cfg.data.answer_horizon, "data.context_len",
          f"{cfg.data.context_len} leaves no site after min_context={cfg.data.min_context} and "
-         f"answer_horizon={cfg.data.answer_horizon}")
+         f"answer_horizon={cfg.data.answer_horizon}",
+         f"data.context_len: {cfg.data.min_context + cfg.data.answer_horizon + 1} or more, or a smaller "
+         "data.min_context")
     lo, hi = cfg.data.logprob_window
-    need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}")
+    need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}",
+         f"data.logprob_window: [{min(lo, hi)}, {max(lo, hi)}]" if lo != hi else "data.logprob_window: [-4.5, -1.0]")
     need(cfg.data.prompt_template.count("{context}") == 1, "data.prompt_template",
-         f"must contain {{context}} exactly once, got {cfg.data.prompt_template!r}")
-    need(cfg.data.sites_per_chunk >= 1, "data.sites_per_chunk", f"must be >= 1, got {cfg.data.sites_per_chunk}")
+         f"must contain {{context}} exactly once, got {cfg.data.prompt_template!r}",
+         "data.prompt_template: '{context}<think>'")
+    need(cfg.data.sites_per_chunk >= 1, "data.sites_per_chunk", f"must be >= 1, got {cfg.data.sites_per_chunk}",
+         "data.sites_per_chunk: 1")
     need(cfg.data.max_document_bytes >= 1, "data.max_document_bytes",
-         f"must be >= 1, got {cfg.data.max_document_bytes}")
-    need(cfg.data.shard_bytes >= 1, "data.shard_bytes", f"must be >= 1, got {cfg.data.shard_bytes}")
+         f"must be >= 1, got {cfg.data.max_document_bytes}", f"data.max_document_bytes: {4 << 20} (4 MiB)")
+    need(cfg.data.shard_bytes >= 1, "data.shard_bytes", f"must be >= 1, got {cfg.data.shard_bytes}",
+         f"data.shard_bytes: {16 << 20} (16 MiB)")
     need(cfg.data.prefetch_documents >= 0, "data.prefetch_documents",
-         f"must be >= 0, got {cfg.data.prefetch_documents}")
-    need(bool(cfg.data.sources), "data.sources", "needs at least one source")
+         f"must be >= 0, got {cfg.data.prefetch_documents}", "data.prefetch_documents: 8 (0 builds inline)")
+    need(bool(cfg.data.sources), "data.sources", "needs at least one source",
+         "data.sources: [{kind: jsonl, path: DATA.jsonl}] (or [{kind: pydoc}] to try it out)")
     for i, src in enumerate(cfg.data.sources):
-        need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}",
+             f"data.sources[{i}].weight: 1.0 (or drop the source)")
     validate_rollout(cfg)
     validate_side_models(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
              f"{s.global_batch_size} is not divisible by micro_batch_size * data-parallel size = "
-             f"{s.micro_batch_size} * {dp}")
+             f"{s.micro_batch_size} * {dp}",
+             f"schedule.global_batch_size: {next_multiple(s.global_batch_size, s.micro_batch_size * dp)}")
 
 
 def validate_rollout(cfg: RunConfig) -> None:
     """The rollout placement, channel and off-policy rules (rollout/placement.py, rollout/prefetch.py)."""
     r = cfg.rollout
     if r.off_policy_steps not in (0, 1):
-        raise ConfigError(f"rollout.off_policy_steps: must be 0 or 1, got {r.off_policy_steps}")
+        raise ConfigError(f"rollout.off_policy_steps: must be 0 or 1, got {r.off_policy_steps}; fix: "
+                          "rollout.off_policy_steps: 0 (on-policy) or 1 (one step ahead)")
     if r.engine == "megatron" and r.placement != "colocated":
         raise ConfigError(f"rollout.placement: {r.placement!r} needs rollout.engine='sglang'; the in-process "
-                          "megatron engine samples from the trainer's own module, so it is colocated by nature")
+                          "megatron engine samples from the trainer's own module, so it is colocated by nature; "
+                          "fix: rollout.placement: colocated, or rollout.engine: sglang")
     if r.off_policy_steps and r.placement != "separate":
         raise ConfigError(f"rollout.off_policy_steps: 1 needs rollout.placement='separate', got {r.placement!r} "
                           f"(rollout.engine={r.engine!r}): a colocated engine cannot generate while the trainer "
-                          "trains, so rollouts one step ahead would only be staler, never overlapped")
+                          "trains, so rollouts one step ahead would only be staler, never overlapped; fix: "
+                          "rollout.off_policy_steps: 0, or rollout.engine: sglang with rollout.placement: separate")
     if r.off_policy_steps and cfg.rl.tis_cap is None and cfg.rl.icepop is None:
-        raise ConfigError("rollout.off_policy_steps: 1 trains on rollouts of weights one version older; set "
+        raise ConfigError("rollout.off_policy_steps: 1 trains on rollouts of weights one version older; fix: set "
                           "rl.tis_cap (truncated importance sampling, e.g. 2.0) or rl.icepop to correct for them")
     if r.engine != "sglang":
         return
@@ -518,7 +595,8 @@ def validate_rollout(cfg: RunConfig) -> None:
     if r.sglang.weight_sync not in channels:
         raise ConfigError(f"rollout.sglang.weight_sync: {r.sglang.weight_sync!r} does not fit rollout.placement="
                           f"{r.placement!r}, which takes one of {list(channels)} (tensor: shared memory with a "
-                          "colocated server; distributed: a gloo/NCCL group with a server on devices of its own)")
+                          "colocated server; distributed: a gloo/NCCL group with a server on devices of its own); "
+                          f"fix: rollout.sglang.weight_sync: {channels[0]}")
 
 
 def reference_path(cfg: RunConfig) -> Optional[str]:

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="direction", required=True)
     to_hf = sub.add_parser("to-hf", help="Megatron dist checkpoint -> Hugging Face folder")
     to_hf.add_argument("--checkpoint", required=True,
-                       help="checkpoint.dir of a run (its `latest` is taken) or one iter_* directory")
+                       help="a checkpoints folder (its `latest` is taken), its `latest` file, or one iter_* folder")
     to_hf.add_argument("--out", required=True, help="Hugging Face folder to write")
     to_hf.add_argument("--config", default=None, help="the run's YAML (when the checkpoint does not record its model)")
     to_hf.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -51,26 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the world size / PP)")
         p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     from_hf.add_argument("--overwrite", action="store_true")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The iter_* directory to read: `path` itself when complete, else the one its `latest` file names."""
-    from rntp_megatron.checkpoint import COMPLETE, CheckpointError, latest_checkpoint
-
-    path = Path(path)
-    if not path.exists():
-        raise ConvertError(f"checkpoint {path} does not exist")
-    if (path / COMPLETE).exists():
-        return path
-    try:
-        found = latest_checkpoint(path)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from e
-    if found is None:
-        entries = sorted(p.name for p in path.iterdir())[:10]
-        raise ConvertError(f"{path} is neither a complete checkpoint (no {COMPLETE}) nor a checkpoint directory "
-                           f"with a `latest` file (it holds {entries})")
-    return found
 
 
 def _recorded_model(ckpt: Path) -> Optional[dict[str, Any]]:
@@ -96,7 +76,7 @@ def _check_world(cfg: RunConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp * pp != world:
         raise ConfigError(f"parallel: conversion at TP={tp} x PP={pp} needs {tp * pp} processes, this is {world} "
-                          f"(run it under torchrun --nproc_per_node={tp * pp}, or pass --tp/--pp)")
+                          f"(fix: run it under torchrun --nproc_per_node={tp * pp}, or pass --tp/--pp)")
 
 
 def _init(cfg: RunConfig) -> None:
@@ -144,7 +124,7 @@ def to_hf(args: argparse.Namespace) -> Path:
     import torch.distributed as dist
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from rntp_megatron.checkpoint import load_checkpoint
+    from rntp_megatron.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from rntp_megatron.model import hf_mapping
     from rntp_megatron.model.provider import DTYPES, build_model
     from rntp_megatron.runtime import destroy_distributed
@@ -154,7 +134,10 @@ def to_hf(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConvertError(f"{out} exists; pass --overwrite to replace it")
-    ckpt = resolve_checkpoint(args.checkpoint)
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from e
     data: dict[str, Any] = {}
     if args.config:
         data = dataclasses.asdict(load_config(args.config))

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from rntp_megatron.metrics import plot_curves, read_metrics
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
+    from rntp_megatron.wandb_run import log_results
 
     run_dir = Path(args.run_dir)
     pre_cfg = load_config(RECIPES / "demo_pretrain.yaml",
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         records = read_metrics(run_dir / "rl" / "metrics.jsonl")
         png = plot_curves(records, ["reward", "reward_base_C", "reward_base_I", "thought_len", "entropy"],
                           run_dir / "rl_curves.png", "RNTP RL on the synthetic corpus")
+        log_results(rl_cfg.logging, rl_cfg.logging.dir, tables, {"rl_curves": png}, step=rl.step)
         summary = {k: {"no_thought": v["C"]["no_thought"], "thought": v["C"]["thought"], "swap": v["C"]["swap"]}
                    for k, v in tables.items() if "C" in v}
         print(f"\ncomputable (C) sites: {json.dumps(summary)}\ncurves: {png}")

@@ -7,12 +7,12 @@ text is bucketed by the model's own next-token entropy at the site (RPT protocol
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the run's YAML config (model, data, rollout sections)")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (iter_...) or a checkpoint.dir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoints folder (its `latest` is taken), its `latest` file, or one iter_* folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--sites", type=int, default=128, help="held-out sites to evaluate")
     parser.add_argument("--out", default=None, help="JSON file for the table (default: <checkpoint>/eval.json)")
@@ -21,17 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from rntp_megatron.checkpoint import latest_checkpoint
+    from rntp_megatron.checkpoint import resolve_checkpoint
     from rntp_megatron.config import load_config
     from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
+    from rntp_megatron.wandb_run import log_results
 
-    path = Path(args.checkpoint)
-    if (path / "latest").exists():  # a checkpoint.dir: its latest checkpoint
-        path = latest_checkpoint(path)
+    path = resolve_checkpoint(args.checkpoint, "--checkpoint")
     cfg = load_config(args.config, [*args.overrides, f"checkpoint.load={path}", "checkpoint.dir=",
                                     "rl.objective=rntp", "logging.dir=" + str(path / "eval_run")])
     trainer = Trainer(cfg)
@@ -50,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
     if dist.get_rank() == 0:
         print(format_table(table, f"held-out evaluation of {path}"))
         save_table(table, args.out or str(path / "eval.json"))
+        log_results(cfg.logging, cfg.logging.dir, {"eval": table}, {})
     destroy_distributed()
     return 0

@@ -1,4 +1,5 @@
-"""Metrics: a console progress line, a JSONL log, TensorBoard, and a PNG of the curves at the end of a run.
+"""Metrics: a console progress line, a JSONL log, TensorBoard, Weights & Biases (logging.wandb, wandb_run.py),
+and a PNG of the curves at the end of a run.
 
 Only the writing rank (global rank 0) logs; every call elsewhere is a no-op.
 """
@@ -19,11 +20,12 @@ class MetricsLogger:
     """Append-only metrics per step; `resume_at` drops lines past the step a run restarts from."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, enabled: bool = True, total_steps: int = 0,
-                 resume_at: Optional[int] = None) -> None:
+                 resume_at: Optional[int] = None, run_config: Optional[dict[str, Any]] = None) -> None:
         self.cfg, self.enabled, self.total_steps = cfg, enabled, total_steps
         self.dir = Path(run_dir)
         self.path = self.dir / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         self._t0 = time.monotonic()
         if not enabled:
             return
@@ -37,6 +39,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if cfg.wandb is not None:
+            from rntp_megatron.wandb_run import open_wandb
+
+            self._wandb = open_wandb(cfg.wandb, self.dir, run_config)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -49,6 +55,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.cfg.progress and (step % max(self.cfg.log_interval, 1) == 0 or step + 1 == self.total_steps):
             shown = " ".join(f"{k}={v:.4g}" for k, v in values.items()
                              if isinstance(v, (int, float)) and "/" not in k)
@@ -58,6 +66,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """`rntp plan`: what an RNTP run costs. For a model card, a cluster, context/thought lengths, a group size and a
 token budget of text: steps, generated tokens, rollout vs training FLOPs, and wall time at a stated MFU and
-decode throughput.
+decode throughput; then the memory per GPU of the run's config (memory_plan.py) at its parallel layout.
 
 FLOPs per token of a dense decoder with N non-embedding parameters, L layers, hidden h, context s: forward
 2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward.
@@ -81,10 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-batch-size", type=int, default=1024, help="rollouts per optimizer step")
     parser.add_argument("--mfu", type=float, default=0.4, help="training model-FLOP utilisation")
     parser.add_argument("--decode-tps", type=float, default=20000.0, help="generated tokens/s per GPU")
+    parser.add_argument("--config", default=None, help="a run's YAML: its model, layout and batch for the memory plan")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the run config, e.g. --set parallel.tensor_model_parallel_size=2")
 
 
 def run(args: argparse.Namespace) -> int:
-    m = build_config({"model": {"card": args.card}}).model
+    from rntp_megatron.config import load_config
+    from rntp_megatron.memory_plan import memory_plan
+
+    cfg = load_config(args.config, args.overrides) if args.config else build_config(
+        {"model": {"card": args.card}}, args.overrides)
+    m = cfg.model
     p = make_plan(m, args.gpus, args.gpu, args.context_len, args.thought_len, args.group_size, args.token_budget,
                   args.sites_per_chunk, args.global_batch_size, args.mfu, args.decode_tps)
     rows = [
@@ -104,4 +112,9 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    p = cfg.parallel
+    print(f"\nmemory per GPU at TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size} "
+          f"CP={p.context_parallel_size} on {args.gpus} GPUs, micro-batch {cfg.schedule.micro_batch_size} x "
+          f"{cfg.schedule.seq_length} tokens ({args.config or 'card ' + args.card}):")
+    print(memory_plan(cfg, args.gpus, fused_attention=m.transformer_impl != "local").table())
     return 0

@@ -31,7 +31,8 @@ def learning_rate(step: int, s: ScheduleConfig) -> float:
 def steps_for_token_budget(token_budget: int, tokens_per_step: int) -> int:
     """ceil(token_budget / tokens_per_step): the optimizer steps a budget of text tokens takes."""
     if tokens_per_step <= 0:
-        raise ConfigError(f"schedule.token_budget: tokens per step must be > 0, got {tokens_per_step}")
+        raise ConfigError(f"schedule.token_budget: tokens per step must be > 0, got {tokens_per_step}; fix: "
+                          "schedule.global_batch_size and schedule.seq_length of 1 or more")
     return -(-token_budget // tokens_per_step)
 
 

@@ -18,6 +18,7 @@ the rollout log-probs. The metric rollout_staleness is the version trained minus
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -27,13 +28,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, rng_state,
-                                      save_checkpoint, set_rng_state)
-from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_dict, validate
+from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, resolve_checkpoint,
+                                      rng_state, save_checkpoint, set_rng_state)
+from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, next_multiple, to_dict, validate
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.stream import EpisodeStream
-from rntp_megatron.data.tokenizer import Tokenizer, tokenizer_for
+from rntp_megatron.data.tokenizer import Tokenizer, check_model_vocab, tokenizer_for
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -85,14 +86,13 @@ class Trainer:
         s, rl = cfg.schedule, cfg.rl
         self.rows_per_rank = s.global_batch_size // self.dp
         if cfg.rl.objective != "ntp" and self.rows_per_rank % rl.group_size:
+            fits = next_multiple(s.global_batch_size, math.lcm(rl.group_size, s.micro_batch_size) * self.dp)
             raise ConfigError(f"schedule.global_batch_size: {s.global_batch_size} rollouts over {self.dp} "
                               f"data-parallel ranks give {self.rows_per_rank} per rank, not a multiple of "
-                              f"rl.group_size={rl.group_size} (a group must stay on one rank)")
+                              f"rl.group_size={rl.group_size} (a group must stay on one rank); fix: "
+                              f"schedule.global_batch_size: {fits}")
         self.tokenizer: Tokenizer = tokenizer_for(cfg.data)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({self.tokenizer.vocab_size} ids, data.tokenizer.kind="
-                              f"{cfg.data.tokenizer.kind!r})")
+        check_model_vocab(cfg, self.tokenizer.vocab_size)
         self.model = build_model(cfg.model, cfg.parallel)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
@@ -122,7 +122,7 @@ class Trainer:
                                               share=self.placement.share)
             self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
-                                     total_steps=self.total_steps, resume_at=self.step)
+                                     total_steps=self.total_steps, resume_at=self.step, run_config=to_dict(cfg))
 
     # ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -150,13 +150,12 @@ class Trainer:
                                   f"for its {len(by_dp)} data-parallel ranks; resume it at that data-parallel "
                                   f"size (this run has {self.dp})")
             self.stream.resume([by_dp[r]["data"] for r in sorted(by_dp)])
-        elif self.cfg.checkpoint.load:
-            load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
+        elif self.cfg.checkpoint.load:  # the resolver prints the checkpoint and step the weights come from
+            load_checkpoint(resolve_checkpoint(self.cfg.checkpoint.load, "checkpoint.load"), [self.ddp],
+                            optimizer=None)
         self.side.start(self.model, resumed=latest is not None)
-        if latest is None and not self.cfg.checkpoint.load:
-            return pending
-        if dist.get_rank() == 0:
-            print(f"resumed from {latest or self.cfg.checkpoint.load} at step {self.step}", flush=True)
+        if latest is not None and dist.get_rank() == 0:
+            print(f"resumed from {latest} at step {self.step}", flush=True)
         return pending
 
     def save(self) -> Path:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
-from rntp_megatron.config import DataConfig, TokenizerConfig
+from rntp_megatron.config import ConfigError, DataConfig, RunConfig, TokenizerConfig, padded_vocab_size
 
 DEFAULT_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN = "<|eos|>"
@@ -191,3 +191,17 @@ def tokenizer_for(data: DataConfig) -> Tokenizer:
     """The run's tokenizer: data.tokenizer with data's think/answer tags as single tokens (use this one
     everywhere, so episodes, rollouts and rewards agree on the ids)."""
     return build_tokenizer(data.tokenizer, (data.think_open, data.think_close, data.answer_open, data.answer_close))
+
+
+def check_model_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
+    """model.vocab_size must hold every tokenizer id (tags included); the error names the smallest padded size
+    that does: tokenizer_vocab rounded up to make_vocab_size_divisible_by * TP, as the model pads it anyway."""
+    if tokenizer_vocab <= cfg.model.vocab_size:
+        return
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
+                      f"({tokenizer_vocab} ids with the think/answer tags, data.tokenizer.kind="
+                      f"{cfg.data.tokenizer.kind!r}); fix: model.vocab_size: "
+                      f"{padded_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by, tp)} (the tokenizer's "
+                      f"{tokenizer_vocab} rounded up to make_vocab_size_divisible_by * TP = "
+                      f"{m.make_vocab_size_divisible_by} * {tp}), or a tokenizer of at most {m.vocab_size} ids")

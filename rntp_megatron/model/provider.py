@@ -11,16 +11,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from rntp_megatron.config import ModelConfig, ParallelConfig
+from rntp_megatron.config import ModelConfig, ParallelConfig, padded_vocab_size
 from rntp_megatron.model.spec import layer_spec, use_transformer_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """vocab_size rounded up to a multiple of divisible_by * TP (each TP rank holds an equal vocab slice)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides: object) -> TransformerConfig:

@@ -52,7 +52,8 @@ class EnginePlacement:
         self.in_process = isinstance(engine, MegatronEngine)
         if self.in_process and not self.colocated:  # e.g. passed in under a config written for a server
             raise ConfigError(f"rollout.placement: {cfg.rollout.placement!r} with an in-process MegatronEngine, "
-                              "which samples from the trainer's own module and is colocated by nature")
+                              "which samples from the trainer's own module and is colocated by nature; fix: "
+                              "rollout.placement: colocated")
         self.mp_group = parallel_state.get_model_parallel_group()
         self.mp_source = dist.get_global_rank(self.mp_group, 0)
         if engine is None:
