@@ -168,7 +168,9 @@ def test_an_owned_fleet_survives_a_replica_killed_in_generation_and_one_killed_i
     metrics = result["metrics"]
     assert [m["weight_version"] for m in metrics] == list(range(1, STEPS + 1))  # no step lost
     assert metrics[0]["replica1_share"] == 0 and metrics[0]["replica0_share"] == 1  # its groups went to replica 0
-    assert metrics[1]["replicas_live"] == 2 and metrics[1]["replica1_share"] > 0  # restarted, re-synced, serving
+    # replica 1 was restarted and re-synced at the push after step 0: both replicas served step 1
+    assert metrics[1]["replica1_share"] > 0 and metrics[1]["replica0_share"] > 0
+    assert metrics[1]["replicas_live"] == 1  # logged after the push in which replica 0 died
     assert all(m["policy_tokens"] > 0 for m in metrics)
     # replica 1 was started again at the push after step 0; replica 0, killed in the last push, is down at the end
     assert result["restarts"] == [0, 1] and result["live"] == [False, True]
