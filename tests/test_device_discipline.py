@@ -116,6 +116,24 @@ def test_rntp_step_with_the_in_process_engine_under_the_guard(tmp_path, reward):
     assert trainer.step == 2
 
 
+def test_side_models_under_the_guard(tmp_path):
+    """Entropy sites scored by the frozen reference, its KL term, and the RLP EMA baseline of info_gain."""
+    from rntp_megatron.trainer import Trainer
+
+    start = _tiny(tmp_path / "start", "rl.objective=ntp", "schedule.train_steps=1")
+    trainer = Trainer(start)
+    try:
+        assert trainer.run() == 0
+    finally:
+        trainer.close()
+        destroy_distributed()
+    trainer = _guarded_run(_tiny(tmp_path / "rl", "data.site_selection=entropy", "data.entropy_threshold=0.5",
+                                 "rl.kl_coef=0.1", "reward.name=info_gain", "reward.baseline=ema",
+                                 f"checkpoint.load={tmp_path / 'start' / 'checkpoints'}"))
+    _assert_real(trainer)
+    assert trainer.step == 2
+
+
 def test_hf_export_under_the_guard(tmp_path):
     """The weight stream (TP/PP transfers, HF conversion, bucket packing) and the safetensors writer."""
     from safetensors.torch import load_file

@@ -29,13 +29,13 @@ def build_frozen(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, load: Opt
                  ) -> torch.nn.Module:
     """This rank's frozen stage of `model_cfg`, weights from the checkpoint `load` (model only); `where` names
     the config field in errors."""
-    from rntp_megatron.checkpoint import CheckpointError, load_checkpoint
+    from rntp_megatron.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from rntp_megatron.model.provider import build_model
 
     model = build_model(model_cfg, parallel_cfg)
     if load is not None:
-        try:
-            load_checkpoint(load, [model], optimizer=None)
+        try:  # a checkpoints folder, its `latest` file or an iter_* folder, as for checkpoint.load
+            load_checkpoint(resolve_checkpoint(load, where), [model], optimizer=None)
         except CheckpointError as e:
             raise ConfigError(f"{where}: {e}") from e
     return freeze(model)
