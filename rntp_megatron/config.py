@@ -420,6 +420,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
          f"PP={pp} must divide model.num_layers={m.num_layers}")
     need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", "needs TP > 1")
+    need(p.context_parallel_size == 1, "parallel.context_parallel_size",
+         f"{p.context_parallel_size} is not supported: Megatron-Core's context parallelism needs Transformer "
+         "Engine's attention, and the RNTP batch (tokens, masks, log-probs) is not split into CP chunks here")
     need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
          f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'")
     need(s.micro_batch_size >= 1, "schedule.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}")
