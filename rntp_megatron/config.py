@@ -485,6 +485,9 @@ def validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
     if m.num_moe_experts % ep:
         raise ConfigError(f"parallel.expert_model_parallel_size: EP={ep} must divide model.num_moe_experts="
                           f"{m.num_moe_experts}")
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: Megatron-Core's MoE layer trains at TP > 1 only with sequence "
+                          f"parallelism (TP={p.tensor_model_parallel_size}); set it to true")
     if m.moe_aux_loss_coeff < 0:
         raise ConfigError(f"model.moe_aux_loss_coeff: must be >= 0, got {m.moe_aux_loss_coeff}")
 

@@ -86,7 +86,7 @@ def _check(rank: int, world: int, parallel: dict, hf_dir: str, out_dir: str) -> 
 @pytest.mark.parametrize("world,parallel", [
     (1, {}),
     (2, {"expert_model_parallel_size": 2}),
-    (4, {"expert_model_parallel_size": 2, "tensor_model_parallel_size": 2}),
+    (4, {"expert_model_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True}),
 ], ids=["ep1", "ep2", "tp2_ep2"])
 def test_moe_logits_match_transformers_and_export_round_trips(hf_reference, tmp_path, world, parallel):
     import transformers
