@@ -22,24 +22,29 @@ def moe_card(**parallel):
                          "parallel": parallel})
 
 
-@pytest.fixture(scope="module")
-def hf_reference(tmp_path_factory):
-    """A float32 Qwen3MoeForCausalLM with random weights (std 0.1), saved as an HF folder, and its logits."""
+def save_random_hf_moe(folder, **model) -> torch.Tensor:
+    """A float32 transformers Qwen3MoeForCausalLM of the tiny_qwen3_moe card with random weights (std 0.1, norms
+    near 1), saved as an HF folder (per-expert tensors); returns its logits of TOKENS."""
     import transformers
 
-    cfg = moe_card().model
+    cfg = build_config({"model": {"card": "tiny_qwen3_moe", **model}}).model
     config = transformers.AutoConfig.for_model(**hf_mapping.hf_config(cfg, torch_dtype="float32"))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in hf.named_parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-        logits = model(TOKENS).logits
+        logits = hf(TOKENS).logits
+    hf.save_pretrained(folder)
+    return logits
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "qwen3_moe"
-    model.save_pretrained(folder)
-    return folder, logits
+    return folder, save_random_hf_moe(folder)
 
 
 def _check(rank: int, world: int, parallel: dict, hf_dir: str, out_dir: str) -> dict:

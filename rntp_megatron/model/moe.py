@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 from rntp_megatron.config import ModelConfig
@@ -41,6 +43,13 @@ def moe_config(model: ModelConfig, on_gpu: bool, use_te: bool) -> dict[str, Any]
     )
 
 
+def reset_moe_metrics() -> None:
+    """Zero Megatron's MoE metric tracker (forward-only passes in train mode with grads on record into it too)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().clear()
+
+
 def moe_metrics(config: TransformerConfig, num_microbatches: int) -> dict[str, float]:
     """{'moe_load_balancing_loss': mean over layers and micro-batches of the aux loss (before its coefficient)}
     after a forward/backward; {} for a dense model or a zero coefficient. A collective over PP and DP (Megatron's
@@ -54,3 +63,15 @@ def moe_metrics(config: TransformerConfig, num_microbatches: int) -> dict[str, f
                                      track_names=[AUX_METRIC], num_layers=config.num_layers,
                                      total_loss_dict=totals)
     return {f"moe_{AUX_METRIC}": float(totals[AUX_METRIC])} if AUX_METRIC in totals else {}
+
+
+def expert_parallel_max(value: int, device: torch.device) -> int:
+    """max(value) over this rank's EP group (value itself at EP1). Forwards of an expert-parallel model are
+    collectives of the EP group whose all-gather token dispatcher needs equal token counts from every rank, so
+    ranks with batches of their own pad them to one agreed length (right padding leaves causal log-probs alone)."""
+    group = parallel_state.get_expert_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return value
+    box = torch.tensor([value], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return int(box.item())

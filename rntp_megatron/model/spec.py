@@ -50,9 +50,8 @@ class SequenceParallelRMSNorm:
 def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
     """The GPT layer spec for this model card (TE or local; RMSNorm, SwiGLU, optional qk-norm).
 
-    Local spec under sequence parallelism: every norm of the block, the final one and the qk-norms included, is
-    SequenceParallelRMSNorm (torch's refuses sequence parallelism), so the block's submodules are spelled out for
-    this pipeline stage.
+    Local spec under sequence parallelism: every norm of the block, the final one included, is
+    SequenceParallelRMSNorm, so the block's submodules are spelled out for this pipeline stage.
     """
     experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     if use_transformer_engine(model):
@@ -62,8 +61,8 @@ def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | Tr
         return spec
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if model.qk_layernorm:  # per-head norms see TP-split heads: their grads are summed over TP, once
-        attention = spec.submodules.self_attention.submodules
-        attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    if model.qk_layernorm:  # per-head norms: finalize_model_grads sums their grads over TP (by name and flag)
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelRMSNorm)
