@@ -49,7 +49,8 @@ def non_embedding_params(m: ModelConfig, active: bool = True) -> float:
         mlp = 3 * m.hidden_size * m.ffn_hidden_size
     else:
         experts = m.moe_router_topk if active else m.num_moe_experts
-        mlp = m.num_moe_experts * m.hidden_size + experts * 3 * m.hidden_size * (m.moe_ffn_hidden_size or m.ffn_hidden_size)
+        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        mlp = m.num_moe_experts * m.hidden_size + experts * 3 * m.hidden_size * width
     return float(m.num_layers * (attn + mlp))
 
 

@@ -1,6 +1,6 @@
 """Expert parallelism: the RNTP loss hook's loss, metrics and gradients of one step (with the load-balancing aux
-loss on) are the same at EP2 (over two DP ranks) and at TP2 (sequence parallel) x EP2 x DP2 as in one process at EP1, float32 on gloo,
-and the aux loss is logged. Experts are compared by global expert number (EP rank r holds r * E/EP + j)."""
+loss on) are the same at EP2 (over two DP ranks) and at TP2 (sequence parallel) x EP2 x DP2 as in one process at
+EP1, float32 on gloo, and the aux loss is logged. Experts are compared by global expert number (EP rank r holds r * E/EP + j)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-# An EP rank's local expert j: SequentialMLP's `local_experts.j.linear_fcK.weight`, TEGroupedMLP's `linear_fcK.weightj`.
+# An EP rank's local expert j: SequentialMLP's `local_experts.j.linear_fcK.weight`, TEGroupedMLP's
+# `linear_fcK.weightj`.
 _LOCAL_EXPERT_RE = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight"
                               r"|(linear_fc[12])\.weight(\d+))$")
 
@@ -51,9 +52,9 @@ def global_named_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch
     (model/hf_mapping's form) whichever expert module holds it."""
     gpt = unwrap(model)
     offset = gpt.decoder.layers[0].layer_number - 1 if hasattr(gpt, "decoder") and len(gpt.decoder.layers) else 0
-    experts = getattr(gpt.config, "num_moe_experts", None) if hasattr(gpt, "config") else None
-    first_expert = parallel_state.get_expert_model_parallel_rank() * (experts // gpt.config.expert_model_parallel_size
-                                                                       ) if experts else 0
+    experts = getattr(getattr(gpt, "config", None), "num_moe_experts", None)
+    per_rank = experts // gpt.config.expert_model_parallel_size if experts else 0
+    first_expert = parallel_state.get_expert_model_parallel_rank() * per_rank if per_rank else 0
     for name, param in gpt.named_parameters():
         if name.startswith("decoder.layers."):
             index, rest = name[len("decoder.layers."):].split(".", 1)

@@ -141,12 +141,13 @@ class SafetensorsFolder(Mapping[str, torch.Tensor]):
 def load_hf_weights(model: torch.nn.Module, hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Copy HF tensors into this rank's Megatron stage: each parameter gets its TP shard of the mapped tensor (an
     expert, its expert-TP shard; this EP rank's experts only)."""
-    dense_tp = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank())
+    ps = parallel_state
+    dense_tp = (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank())
+    expert_tp = (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
     vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dense_tp[0])
     with torch.no_grad():
         for name, param in global_named_parameters(model):
-            tp_size, tp_rank = dense_tp if not is_expert(name) else (
-                parallel_state.get_expert_tensor_parallel_world_size(), parallel_state.get_expert_tensor_parallel_rank())
+            tp_size, tp_rank = expert_tp if is_expert(name) else dense_tp
             full = hf_mapping.from_hf(name, hf, cfg, vocab)
             shard = hf_mapping.split_tp_shard(name, full, tp_size, tp_rank)
             if shard.shape != param.shape:
