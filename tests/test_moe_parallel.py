@@ -9,7 +9,7 @@ import torch
 
 from rntp_megatron.runtime.spawn import run_ranks
 from rntp_megatron.model.hf_mapping import split_tp_shard
-from tests.test_rl_loss_parallel import RL, RTOL, SEQ, global_batch
+from tests.test_rl_loss_parallel import RL, RTOL, loss_step
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -18,37 +18,14 @@ MICRO = 4  # rows per micro-batch at every layout: the aux loss is per micro-bat
 
 def run_layout(rank: int, world: int, parallel: dict, ckpt: str, save: bool) -> dict:
     """One forward/backward of the RNTP loss at a layout; metrics and this rank's grads by global name."""
-    from megatron.core import dist_checkpointing, parallel_state
-
     from rntp_megatron.config import build_config
-    from rntp_megatron.model.moe import moe_metrics
-    from rntp_megatron.model.provider import build_model
-    from rntp_megatron.optimizer import wrap_ddp
-    from rntp_megatron.rl.loss import RNTPLoss
     from rntp_megatron.runtime import destroy_distributed, init_distributed
-    from rntp_megatron.step import forward_backward, reduce_logged
-    from rntp_megatron.weights.export import global_named_parameters
 
     cfg = build_config({"model": {"card": "tiny_qwen3_moe", "moe_aux_loss_coeff": 0.01}, "parallel": parallel,
                         "rl": RL, "reward": {"ntp_weight": 0.5}})
     init_distributed(cfg.parallel, seed=1234)
     try:
-        model = build_model(cfg.model, cfg.parallel)
-        if save:
-            dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-        else:
-            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
-        ddp = wrap_ddp(model, cfg.parallel)
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        mbs = global_batch().data_parallel_shard(dp_rank, dp).microbatches(MICRO)
-        loss = RNTPLoss(cfg.rl, temperature=0.7, ntp_weight=cfg.reward.ntp_weight)
-        ddp.zero_grad_buffer()
-        metrics = reduce_logged(forward_backward([ddp], loss.forward_step, mbs, len(mbs), SEQ, MICRO))
-        metrics.update(moe_metrics(model.config, len(mbs)))
-        grads = {n: (p.main_grad.detach().clone(), p.partition_dim if getattr(p, "tensor_model_parallel", False)
-                     else None) for n, p in global_named_parameters(model)}
-        return {"metrics": metrics, "grads": grads, "tp": parallel_state.get_tensor_model_parallel_world_size(),
-                "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
+        return loss_step(cfg, ckpt, save, MICRO)
     finally:
         destroy_distributed()
 
