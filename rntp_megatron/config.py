@@ -34,7 +34,7 @@ class ModelConfig:
     defaults that keys given here override."""
 
     card: Optional[str] = None
-    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe"] = "llama"
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 176
@@ -54,6 +54,14 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
     make_vocab_size_divisible_by: int = 128
+    # Mixture of experts (family qwen3_moe; None: a dense MLP). Every layer's MLP is a Megatron-Core MoE layer:
+    # a top-k softmax router (norm_topk_prob: the k weights renormalised to sum to 1) over num_moe_experts
+    # SwiGLU experts of width moe_ffn_hidden_size, no shared expert (model/moe.py).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_norm_topk_prob: bool = True
+    moe_aux_loss_coeff: float = 0.0  # load-balancing (switch) loss weight; logged as moe_load_balancing_loss
 
 
 @dataclass
@@ -506,6 +514,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"parallel.pipeline_model_parallel_size: one of {divisors(m.num_layers)}")
     need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"true needs TP > 1, got TP={tp}",
          "parallel.sequence_parallel: false, or parallel.tensor_model_parallel_size: 2 or more")
+    validate_moe(m, p)
+    need(p.context_parallel_size == 1, "parallel.context_parallel_size",
+         f"{p.context_parallel_size} is not supported: Megatron-Core's context parallelism needs Transformer "
+         "Engine's attention, and the RNTP batch (tokens, masks, log-probs) is not split into CP chunks here",
+         "parallel.context_parallel_size: 1")
     need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
          f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'",
          "model.transformer_impl: auto, or model.fp8: null")
@@ -552,10 +565,39 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     validate_side_models(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
+        need(dp % p.expert_model_parallel_size == 0, "parallel.expert_model_parallel_size",
+             f"EP={p.expert_model_parallel_size} must divide the data-parallel size {dp} (experts are spread over "
+             "the data-parallel ranks of each tensor-parallel group)",
+             f"parallel.expert_model_parallel_size: one of {divisors(dp)}")
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
              f"{s.global_batch_size} is not divisible by micro_batch_size * data-parallel size = "
              f"{s.micro_batch_size} * {dp}",
              f"schedule.global_batch_size: {next_multiple(s.global_batch_size, s.micro_batch_size * dp)}")
+
+
+def validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
+    """The mixture-of-experts fields against the family and the expert-parallel size."""
+    ep = p.expert_model_parallel_size
+    if m.num_moe_experts is None:
+        if m.family == "qwen3_moe":
+            raise ConfigError("model.num_moe_experts: family 'qwen3_moe' needs the number of experts")
+        if ep > 1:
+            raise ConfigError(f"parallel.expert_model_parallel_size: EP={ep} needs a mixture-of-experts model "
+                              "(model.num_moe_experts)")
+        return
+    if m.family != "qwen3_moe":
+        raise ConfigError(f"model.num_moe_experts: experts are mapped for family 'qwen3_moe' only, not {m.family!r}")
+    if not 1 <= m.moe_router_topk <= m.num_moe_experts:
+        raise ConfigError(f"model.moe_router_topk: {m.moe_router_topk} must be in 1..num_moe_experts="
+                          f"{m.num_moe_experts}")
+    if m.num_moe_experts % ep:
+        raise ConfigError(f"parallel.expert_model_parallel_size: EP={ep} must divide model.num_moe_experts="
+                          f"{m.num_moe_experts}")
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: Megatron-Core's MoE layer trains at TP > 1 only with sequence "
+                          f"parallelism (TP={p.tensor_model_parallel_size}); set it to true")
+    if m.moe_aux_loss_coeff < 0:
+        raise ConfigError(f"model.moe_aux_loss_coeff: must be >= 0, got {m.moe_aux_loss_coeff}")
 
 
 def validate_rollout(cfg: RunConfig) -> None:

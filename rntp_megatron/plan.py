@@ -2,8 +2,10 @@
 token budget of text: steps, generated tokens, rollout vs training FLOPs, and wall time at a stated MFU and
 decode throughput; then the memory per GPU of the run's config (memory_plan.py) at its parallel layout.
 
-FLOPs per token of a dense decoder with N non-embedding parameters, L layers, hidden h, context s: forward
-2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward.
+FLOPs per token of a decoder with N non-embedding parameters, L layers, hidden h, context s: forward
+2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward. For a
+mixture of experts N counts the parameters a token goes through (its top-k experts and the router: "active"),
+while memory holds all of them ("total"): weights, grads and Adam state take BYTES_PER_PARAM per total parameter.
 """
 
 from __future__ import annotations
@@ -33,16 +35,33 @@ class Plan:
         return self.rollout_hours + self.training_hours
 
 
-def non_embedding_params(m: ModelConfig) -> float:
-    """Attention (q, k, v, o with GQA) + SwiGLU MLP (3 matrices) per layer, times layers."""
+# bf16 weights (2) + fp32 grads (4) + fp32 master weights and Adam moments (12), before any sharding
+BYTES_PER_PARAM = 18
+
+
+def non_embedding_params(m: ModelConfig, active: bool = True) -> float:
+    """Attention (q, k, v, o with GQA) + MLP per layer, times layers. The MLP is SwiGLU (3 matrices); a mixture of
+    experts has a router [E, h] and E expert SwiGLUs of width moe_ffn_hidden_size, of which a token uses top-k
+    (active=True) and memory holds all E (active=False)."""
     head = m.kv_channels or m.hidden_size // m.num_attention_heads
     attn = m.hidden_size * head * (2 * m.num_attention_heads + 2 * m.num_query_groups)
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    if m.num_moe_experts is None:
+        mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    else:
+        experts = m.moe_router_topk if active else m.num_moe_experts
+        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        mlp = m.num_moe_experts * m.hidden_size + experts * 3 * m.hidden_size * width
     return float(m.num_layers * (attn + mlp))
 
 
+def total_params(m: ModelConfig) -> float:
+    """Every parameter held in memory: all experts, the embedding and (untied) output layer."""
+    embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return non_embedding_params(m, active=False) + embeddings
+
+
 def forward_flops_per_token(m: ModelConfig, context: int) -> float:
-    """2 N + 2 V h (output layer) + 4 L h s (attention over a context of s tokens, causal on average s/2 * 2)."""
+    """2 N_active + 2 V h (output layer) + 4 L h s (attention over a context of s tokens, causal on average s/2 * 2)."""
     return 2 * non_embedding_params(m) + 2 * m.vocab_size * m.hidden_size + 4 * m.num_layers * m.hidden_size * context
 
 
@@ -96,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     p = make_plan(m, args.gpus, args.gpu, args.context_len, args.thought_len, args.group_size, args.token_budget,
                   args.sites_per_chunk, args.global_batch_size, args.mfu, args.decode_tps)
     rows = [
-        ("model", f"{args.card} ({non_embedding_params(m) / 1e9:.2f}B non-embedding params)"),
+        ("model", f"{args.card} ({non_embedding_params(m) / 1e9:.2f}B non-embedding params per token, "
+                  f"{total_params(m) / 1e9:.2f}B in total)"),
+        ("training state", f"{total_params(m) * BYTES_PER_PARAM / 2**30:,.0f} GiB ({BYTES_PER_PARAM} B/param), "
+                           f"{total_params(m) * BYTES_PER_PARAM / 2**30 / args.gpus:,.1f} GiB/GPU fully sharded"),
         ("cluster", f"{args.gpus} x {args.gpu} ({GPU_PEAK_FLOPS[args.gpu] / 1e15:.2f} PFLOP/s bf16 each)"),
         ("text tokens", f"{args.token_budget:.3g}"),
         ("sites (groups)", f"{p.sites:.3g}"),

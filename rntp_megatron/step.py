@@ -11,6 +11,7 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from rntp_megatron.model.moe import moe_metrics, reset_moe_metrics
 from rntp_megatron.runtime import device
 
 
@@ -46,9 +47,11 @@ def train_step(chunks: list[DistributedDataParallel], optimizer: MegatronOptimiz
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    reset_moe_metrics()
     losses = forward_backward(chunks, forward_step, microbatches, len(microbatches), seq_length, micro_batch_size)
     ok, grad_norm, _ = optimizer.step()
     metrics = reduce_logged(losses)
+    metrics.update(moe_metrics(chunks[0].config, len(microbatches)))
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["update_ok"] = float(bool(ok))
     return metrics

@@ -40,6 +40,8 @@ def test_model_card_fills_defaults_and_keys_override_it():
     ({}, ["parallel.pipeline_model_parallel_size=3"], r"PP=3 must divide model.num_layers=2"),
     ({}, ["schedule.global_batch_size=6", "schedule.micro_batch_size=4"], r"6 is not divisible by micro_batch_size=4"),
     ({}, ["parallel.sequence_parallel=true"], r"parallel.sequence_parallel: true needs TP > 1"),
+    ({}, ["parallel.context_parallel_size=2"], r"parallel.context_parallel_size: 2 is not supported: .*Transformer "
+     r"Engine's attention"),
     ({}, ["model.fp8=mxfp8", "model.transformer_impl=local"], r"model.fp8: FP8 recipe 'mxfp8' needs"),
     ({}, ["data.logprob_window=[-1, -4]"], r"data.logprob_window: low -1.0 must be below high -4.0"),
     ({}, ["nonsense"], r"override 'nonsense' must look like section.key=value"),

@@ -41,49 +41,51 @@ def global_batch():
     return with_global_counts(batch, "thought_and_answer")
 
 
-def _global_name(name: str, layer_offset: int) -> str:
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(int(parts[2]) + layer_offset)
-    return ".".join(parts)
+def loss_step(cfg, ckpt: str, save: bool, micro_batch_size: int) -> dict:
+    """One forward/backward of the RNTP loss on global_batch() at cfg's layout (parallel state initialised), the
+    weights saved to (save) or loaded from ckpt: reduced metrics (with the MoE aux loss of an MoE model) and this
+    rank's grads by global name (global layer and expert numbers) with their TP partition dim."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from rntp_megatron.config import RLConfig, from_dict
+    from rntp_megatron.model.moe import moe_metrics
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.optimizer import wrap_ddp
+    from rntp_megatron.rl.loss import RNTPLoss
+    from rntp_megatron.step import forward_backward, reduce_logged
+    from rntp_megatron.weights.export import global_named_parameters
+
+    model = build_model(cfg.model, cfg.parallel)
+    if save:
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    ddp = wrap_ddp(model, cfg.parallel)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mbs_list = global_batch().data_parallel_shard(dp_rank, dp).microbatches(micro_batch_size)
+    # the loss alone: its reference log-probs come in the batch (a run would need a reference model)
+    loss = RNTPLoss(from_dict(RLConfig, RL), temperature=0.7, ntp_weight=cfg.reward.ntp_weight)
+    ddp.zero_grad_buffer()
+    logged = forward_backward([ddp], loss.forward_step, mbs_list, len(mbs_list), SEQ, micro_batch_size)
+    metrics = {**reduce_logged(logged), **moe_metrics(model.config, len(mbs_list))}
+    grads = {n: (p.main_grad.detach().clone(), p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+             for n, p in global_named_parameters(model)}
+    return {"metrics": metrics, "grads": grads, "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank()}
 
 
 def run_layouts(rank: int, world: int, layouts: list[tuple[dict, int]], ckpt: str, save: bool) -> list[dict]:
     """For each (parallel sizes, micro-batch size): one forward/backward of the RNTP loss; loss and local grads."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
-    from rntp_megatron.config import RLConfig, build_config, from_dict
-    from rntp_megatron.model.provider import build_model
-    from rntp_megatron.optimizer import wrap_ddp
-    from rntp_megatron.rl.loss import RNTPLoss
+    from rntp_megatron.config import build_config
     from rntp_megatron.runtime import destroy_distributed, init_distributed
-    from rntp_megatron.step import forward_backward, reduce_logged
 
     out = []
     for parallel, mbs in layouts:
         cfg = build_config({"model": {"card": "tiny"}, "parallel": parallel, "reward": {"ntp_weight": 0.5}})
         init_distributed(cfg.parallel, seed=1234)
-        model = build_model(cfg.model, cfg.parallel)
-        if save:
-            dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-        else:
-            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
-        ddp = wrap_ddp(model, cfg.parallel)
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        mbs_list = global_batch().data_parallel_shard(dp_rank, dp).microbatches(mbs)
-        # the loss alone: its reference log-probs come in the batch (a run would need a reference model)
-        loss = RNTPLoss(from_dict(RLConfig, RL), temperature=0.7, ntp_weight=cfg.reward.ntp_weight)
-        ddp.zero_grad_buffer()
-        logged = forward_backward([ddp], loss.forward_step, mbs_list, len(mbs_list), SEQ, mbs)
-        metrics = reduce_logged(logged)
-        offset = parallel_state.get_pipeline_model_parallel_rank() * (
-            cfg.model.num_layers // cfg.parallel.pipeline_model_parallel_size)
-        tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
-                       parallel_state.get_tensor_model_parallel_rank())
-        grads = {_global_name(n, offset): (p.main_grad.detach().clone(),
-                                           p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
-                 for n, p in model.named_parameters()}
-        out.append({"metrics": metrics, "grads": grads, "tp": tp, "tp_rank": tp_rank})
+        out.append(loss_step(cfg, ckpt, save, mbs))
         save = False
         parallel_state.destroy_model_parallel()
     destroy_distributed()

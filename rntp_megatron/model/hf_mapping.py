@@ -1,13 +1,16 @@
 """The one Megatron-Core <-> Hugging Face mapping: parameter names, tensor layouts and config.json.
 
-Megatron-Core GPTModel (local or Transformer Engine spec) against HF LlamaForCausalLM, Qwen2ForCausalLM and
-Qwen3ForCausalLM. Layouts that differ:
+Megatron-Core GPTModel (local or Transformer Engine spec) against HF LlamaForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM and Qwen3MoeForCausalLM. Layouts that differ:
 - linear_qkv holds q, k and v interleaved per query group, [g0: q (heads/groups * head_dim rows), k, v, g1: ...];
   each TP rank holds whole groups, so the TP shards concatenate (dim 0) into the full interleaved tensor.
 - linear_fc1 holds [gate; up] per TP shard, so TP shards are merged halves-first, not by plain concatenation.
 - the vocabulary is padded to a multiple of make_vocab_size_divisible_by * TP; HF tensors have the true vocab.
 - tied embeddings: output_layer.weight (a copy on the last pipeline stage) has no HF tensor.
 - the TE spec fuses the pre-attention / pre-MLP norms into linear_qkv / linear_fc1 (`layer_norm_weight`).
+- experts: names here carry the global expert number, `mlp.experts.E.linear_fc{1,2}.weight` (weights/export's
+  global_named_parameters makes them from an EP rank's local experts, SequentialMLP or grouped); fc1 is
+  [gate; up] as in the dense MLP; `mlp.router.weight` is HF's `mlp.gate.weight`.
 Everything here works on full (TP-merged) tensors with global layer numbers, except shard_to_hf, which places
 one TP shard inside the full HF tensors; weights/ does the collectives.
 """
@@ -22,18 +25,19 @@ import torch
 
 from rntp_megatron.config import ModelConfig
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 # layer-local megatron suffix -> HF suffix under model.layers.N (qkv and fc1 are split separately)
 _LAYER_NAMES = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "mlp.router.weight": "mlp.gate.weight",
 }
 _TOP_NAMES = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -46,6 +50,7 @@ _COLUMN_PARALLEL = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
                     "output_layer.weight")
 _ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(linear_fc[12])\.weight$")  # layer-local, global expert number
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -131,6 +136,14 @@ def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConf
     return grouped.reshape(groups * (per_group + 2) * d, *rest)
 
 
+def _mlp_prefix(prefix: str, rest: str) -> tuple[str, str]:
+    """(HF prefix of the MLP, layer-local name as a dense MLP's): an expert's fc1/fc2 map like the dense ones."""
+    expert = _EXPERT_RE.match(rest)
+    if expert:
+        return f"{prefix}mlp.experts.{expert.group(1)}.", f"mlp.{expert.group(2)}.weight"
+    return f"{prefix}mlp.", rest
+
+
 def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
     """HF (name, tensor) pairs for one full megatron tensor with a global layer number; [] for a tied output layer."""
     name = strip_wrappers(name)
@@ -148,13 +161,14 @@ def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, 
         kind = rest.rsplit(".", 1)[1]
         q, k, v = _split_qkv(tensor, cfg)
         return [(f"{prefix}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v))]
+    mlp, rest = _mlp_prefix(prefix, rest)
     if rest == "mlp.linear_fc1.weight":
         gate, up = tensor.chunk(2, dim=0)
-        return [(f"{prefix}mlp.gate_proj.weight", gate), (f"{prefix}mlp.up_proj.weight", up)]
+        return [(f"{mlp}gate_proj.weight", gate), (f"{mlp}up_proj.weight", up)]
+    if rest == "mlp.linear_fc2.weight":
+        return [(f"{mlp}down_proj.weight", tensor)]
     if rest in _LAYER_NAMES:
         return [(prefix + _LAYER_NAMES[rest], tensor)]
-    if ".experts." in rest or ".router." in rest:
-        raise MappingError(f"{name!r}: mixture-of-experts weights are not mapped (no MoE family is supported yet)")
     raise MappingError(f"no HF name for megatron parameter {name!r}")
 
 
@@ -195,7 +209,12 @@ def megatron_names(cfg: ModelConfig, fused_norms: bool) -> list[str]:
     layer = [norm_in, "self_attention.linear_qkv.weight"]
     layer += ["self_attention.linear_qkv.bias"] if cfg.qkv_bias else []
     layer += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] if cfg.qk_layernorm else []
-    layer += ["self_attention.linear_proj.weight", norm_mlp, "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    layer += ["self_attention.linear_proj.weight", norm_mlp]
+    if cfg.num_moe_experts is None:
+        layer += ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    else:
+        layer += ["mlp.router.weight"] + [f"mlp.experts.{e}.linear_fc{k}.weight"
+                                          for e in range(cfg.num_moe_experts) for k in (1, 2)]
     names = ["embedding.word_embeddings.weight"]
     names += [f"decoder.layers.{i}.{s}" for i in range(cfg.num_layers) for s in layer]
     names += ["decoder.final_layernorm.weight"] + ([] if cfg.tie_word_embeddings else ["output_layer.weight"])
@@ -222,8 +241,11 @@ def from_hf(name: str, hf: Mapping[str, torch.Tensor], cfg: ModelConfig, padded_
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
         return _merge_qkv(*(_get(hf, f"{prefix}self_attn.{p}_proj.{kind}") for p in "qkv"), cfg)
+    mlp, rest = _mlp_prefix(prefix, rest)
     if rest == "mlp.linear_fc1.weight":
-        return torch.cat([_get(hf, f"{prefix}mlp.gate_proj.weight"), _get(hf, f"{prefix}mlp.up_proj.weight")])
+        return torch.cat([_get(hf, f"{mlp}gate_proj.weight"), _get(hf, f"{mlp}up_proj.weight")])
+    if rest == "mlp.linear_fc2.weight":
+        return _get(hf, f"{mlp}down_proj.weight")
     if rest in _LAYER_NAMES:
         return _get(hf, prefix + _LAYER_NAMES[rest])
     raise MappingError(f"no HF source for megatron parameter {name!r}")
@@ -247,10 +269,12 @@ def hf_config(cfg: ModelConfig, torch_dtype: Optional[str] = None, **token_ids: 
     if cfg.family == "qwen2" and d * cfg.num_attention_heads != cfg.hidden_size:
         raise MappingError(f"qwen2 has no explicit head_dim: kv_channels={cfg.kv_channels} must equal "
                            f"hidden_size/num_attention_heads = {cfg.hidden_size // cfg.num_attention_heads}")
-    if cfg.family != "qwen3" and cfg.qk_layernorm:
+    if cfg.family not in ("qwen3", "qwen3_moe") and cfg.qk_layernorm:
         raise MappingError(f"model.qk_layernorm is only mapped for qwen3, not {cfg.family!r}")
     if cfg.family == "qwen2" and not cfg.qkv_bias:
         raise MappingError("qwen2 always has q/k/v biases: set model.qkv_bias: true")
+    if (cfg.family == "qwen3_moe") != (cfg.num_moe_experts is not None):
+        raise MappingError(f"model.num_moe_experts={cfg.num_moe_experts} does not fit family {cfg.family!r}")
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[cfg.family]],
         "model_type": cfg.family,
@@ -276,6 +300,12 @@ def hf_config(cfg: ModelConfig, torch_dtype: Optional[str] = None, **token_ids: 
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
     if cfg.family == "llama":
         out["mlp_bias"] = False
+    if cfg.family == "qwen3_moe":  # every layer sparse, no shared expert
+        out.update(num_experts=cfg.num_moe_experts, num_experts_per_tok=cfg.moe_router_topk,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
+                   norm_topk_prob=cfg.moe_norm_topk_prob, router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+                   decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False,
+                   use_sliding_window=False, sliding_window=None)
     if cfg.rope_scaling_factor is not None:
         # megatron-core's llama3 frequency scaling uses these fixed constants (rotary_pos_embedding.py)
         out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": 1.0,
@@ -298,21 +328,31 @@ def model_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
     d = hf.get("head_dim") or hf["hidden_size"] // heads
     dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", "")
-    return {
+    moe = {}
+    if family == "qwen3_moe":
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise MappingError(f"HF config: dense layers among the MoE ones (mlp_only_layers="
+                               f"{hf.get('mlp_only_layers')}, decoder_sparse_step={hf.get('decoder_sparse_step')}) "
+                               "are not supported")
+        moe = {"num_moe_experts": hf.get("num_experts") or hf["num_local_experts"],
+               "moe_router_topk": hf["num_experts_per_tok"], "moe_ffn_hidden_size": hf["moe_intermediate_size"],
+               "moe_norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+               "moe_aux_loss_coeff": float(hf.get("router_aux_loss_coef", 0.0))}
+    return {**moe,
         "family": family,
         "num_layers": hf["num_hidden_layers"],
         "hidden_size": hf["hidden_size"],
         "ffn_hidden_size": hf["intermediate_size"],
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
-        "kv_channels": d if (family == "qwen3" or d * heads != hf["hidden_size"]) else None,
+        "kv_channels": d if (family in ("qwen3", "qwen3_moe") or d * heads != hf["hidden_size"]) else None,
         "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf["max_position_embeddings"],
         "rotary_base": float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         "rope_scaling_factor": float(scaling["factor"]) if scaling else None,
         "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
         "qkv_bias": family == "qwen2" or bool(hf.get("attention_bias", False)),
-        "qk_layernorm": family == "qwen3",
+        "qk_layernorm": family in ("qwen3", "qwen3_moe"),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "params_dtype": dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
     }

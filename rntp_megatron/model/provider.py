@@ -1,4 +1,4 @@
-"""GPTModel provider: a Megatron-Core GPTModel for a model card (llama, qwen2, qwen3) on this rank's stage."""
+"""GPTModel provider: a Megatron-Core GPTModel for a model card (llama, qwen2, qwen3, qwen3_moe) on this rank's stage."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from rntp_megatron.config import ModelConfig, ParallelConfig, padded_vocab_size
+from rntp_megatron.model.moe import moe_config
 from rntp_megatron.model.spec import layer_spec, use_transformer_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides: object) -> TransformerConfig:
-    """TransformerConfig for the card: RMSNorm, SwiGLU, GQA, no linear biases (qkv bias for qwen2)."""
+    """TransformerConfig for the card: RMSNorm, SwiGLU, GQA, no linear biases (qkv bias for qwen2), MoE layers
+    when the card has experts."""
     dtype = DTYPES[model.params_dtype]
     on_gpu = torch.cuda.is_available()
+    use_te = use_transformer_engine(model)
     fp8 = {}
     if model.fp8 is not None:
         fp8 = dict(fp8="hybrid" if model.fp8 == "delayed" else "e4m3", fp8_recipe=model.fp8)
@@ -52,13 +55,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA (and apex or TE); off on CPU.
-        bias_activation_fusion=on_gpu and use_transformer_engine(model),
+        bias_activation_fusion=on_gpu and use_te,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         **fp8,
+        **moe_config(model, on_gpu, use_te),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

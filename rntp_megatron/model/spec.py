@@ -1,4 +1,5 @@
-"""Layer specs: Transformer Engine (with FP8) when TE imports, megatron-core's local modules otherwise."""
+"""Layer specs: Transformer Engine (with FP8) when TE imports, megatron-core's local modules otherwise; the MLP is
+megatron-core's MoE layer when the config has experts (SequentialMLP experts locally, grouped GEMM with TE)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,16 @@ def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | Tr
     Local spec under sequence parallelism: every norm of the block, the final one included, is
     SequenceParallelRMSNorm, so the block's submodules are spelled out for this pipeline stage.
     """
+    experts = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm)
     if use_transformer_engine(model):
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, **experts)
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm", **experts)
     if not config.sequence_parallel:
         return spec
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if model.qk_layernorm:  # per-head norms: finalize_model_grads sums their grads over TP (by name and flag)
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelRMSNorm)

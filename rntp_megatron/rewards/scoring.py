@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from rntp_megatron.model.moe import expert_parallel_max
 from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
 from rntp_megatron.runtime import device
 from rntp_megatron.step import forward_backward
@@ -38,14 +39,15 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[N, K] = log p(continuations[i][k] | prefixes[i], continuations[i][:k]) and mask[N, K] (K = longest
     continuation), on the host, on every rank of the pipeline. Rows are right-padded to one length (a multiple of
-    `length_multiple`, e.g. TP under sequence parallelism) and N to a multiple of micro_batch_size."""
+    `length_multiple`, e.g. TP under sequence parallelism; the longest of the EP group's ranks under expert
+    parallelism) and N to a multiple of micro_batch_size."""
     n = len(prefixes)
     if n != len(continuations) or n == 0:
         raise ValueError(f"need as many continuations as prefixes (> 0), got {n} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (the first continuation token is predicted from it)")
     rows = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
-    length = max(len(r) for r in rows) - 1
+    length = expert_parallel_max(max(len(r) for r in rows) - 1, next(chunks[0].parameters()).device)
     length = -(-length // length_multiple) * length_multiple
     padded_n = -(-n // micro_batch_size) * micro_batch_size
     ids = torch.full((padded_n, length + 1), pad_id, dtype=torch.long, device="cpu")

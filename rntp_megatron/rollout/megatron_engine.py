@@ -15,6 +15,7 @@ Runs at TP >= 1 with PP = 1 (the colocated trainer holds the whole stage), on CP
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -127,9 +128,25 @@ class MegatronEngine(RolloutEngine):
             dist.broadcast(value, src=parallel_state.get_tensor_model_parallel_src_rank(), group=_tp_group())
         return int(value)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        """sampling.n rollouts per prompt, grouped by prompt in input order (prompt 0's n first)."""
+        """sampling.n rollouts per prompt, grouped by prompt in input order (prompt 0's n first).
+
+        Under expert parallelism a forward is a collective of the EP group whose ranks must bring equally many
+        tokens (the MoE dispatcher all-gathers them), while each data-parallel rank has prompts of its own: the
+        group runs its ranks' calls one after another, every rank taking part in each with that rank's prompts
+        and seed, and each keeps its own. A rank's rollouts are those it samples alone (as at EP1), for EP times
+        the generation work; an SGLang server is the engine for expert-parallel runs at scale."""
+        group = parallel_state.get_expert_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return self._generate(prompts, sampling)
+        calls: list = [None] * dist.get_world_size(group)  # every EP rank's (prompts, sampling), seed resolved
+        dist.all_gather_object(calls, (prompts, dataclasses.replace(sampling, seed=self._seed(sampling.seed))),
+                               group=group)
+        return [self._generate(*call) for call in calls][dist.get_rank(group)]
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """generate() on this rank (and its TP group) alone."""
         if sampling.n < 1 or sampling.max_new_tokens < 1:
             raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={sampling.n} "
                              f"max_new_tokens={sampling.max_new_tokens}")

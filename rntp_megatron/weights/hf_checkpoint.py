@@ -23,7 +23,7 @@ from rntp_megatron.config import ModelConfig
 from rntp_megatron.model import hf_mapping
 from rntp_megatron.model.provider import padded_vocab_size
 from rntp_megatron.weights.buckets import NamedTensors, TensorMeta, flatten
-from rntp_megatron.weights.export import global_named_parameters
+from rntp_megatron.weights.export import global_named_parameters, is_expert
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -139,12 +139,15 @@ class SafetensorsFolder(Mapping[str, torch.Tensor]):
 
 
 def load_hf_weights(model: torch.nn.Module, hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Copy HF tensors into this rank's Megatron stage: each parameter gets its TP shard of the mapped tensor."""
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp_size)
+    """Copy HF tensors into this rank's Megatron stage: each parameter gets its TP shard of the mapped tensor (an
+    expert, its expert-TP shard; this EP rank's experts only)."""
+    ps = parallel_state
+    dense_tp = (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank())
+    expert_tp = (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
+    vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dense_tp[0])
     with torch.no_grad():
         for name, param in global_named_parameters(model):
+            tp_size, tp_rank = expert_tp if is_expert(name) else dense_tp
             full = hf_mapping.from_hf(name, hf, cfg, vocab)
             shard = hf_mapping.split_tp_shard(name, full, tp_size, tp_rank)
             if shard.shape != param.shape:

@@ -134,6 +134,10 @@ def shared_mirror(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = 
     """A SharedHFMirror when the model-parallel group's shards are CPU tensors on one host whose /dev/shm can hold
     them, else None (GPU shards travel over NCCL / CUDA IPC instead; a full tmpfs would kill a writer with
     SIGBUS); a collective over the model-parallel group of every replica."""
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        # Experts of EP ranks > 0 live outside data-parallel replica 0, whose model-parallel group the mirror
+        # spans: expert-parallel models sync through the transfer stream (weights/export), which gathers them.
+        return None
     group = parallel_state.get_model_parallel_group()
     device = next(model.parameters()).device.type
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
