@@ -2,8 +2,8 @@
 token budget of text: steps, generated tokens, rollout vs training FLOPs, and wall time at a stated MFU and
 decode throughput.
 
-FLOPs per token of a dense decoder with N non-embedding parameters, L layers, hidden h, context s: forward
-2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward.
+FLOPs come from rntp_megatron/flops.py, the formulas the trainer logs: each site's context prefilled once for
+its group, each thought decoded after it, each rollout row trained (3x forward, logits at the thought).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 from dataclasses import dataclass
 
 from rntp_megatron.config import ModelConfig, build_config
+from rntp_megatron.flops import (TokenTally, forward_flops, non_embedding_params, rollout_tally,
+                                 training_flops)
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity).
 GPU_PEAK_FLOPS = {"B200": 2.25e15, "H200": 0.989e15, "H100": 0.989e15, "A100": 0.312e15}
@@ -33,19 +35,6 @@ class Plan:
         return self.rollout_hours + self.training_hours
 
 
-def non_embedding_params(m: ModelConfig) -> float:
-    """Attention (q, k, v, o with GQA) + SwiGLU MLP (3 matrices) per layer, times layers."""
-    head = m.kv_channels or m.hidden_size // m.num_attention_heads
-    attn = m.hidden_size * head * (2 * m.num_attention_heads + 2 * m.num_query_groups)
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    return float(m.num_layers * (attn + mlp))
-
-
-def forward_flops_per_token(m: ModelConfig, context: int) -> float:
-    """2 N + 2 V h (output layer) + 4 L h s (attention over a context of s tokens, causal on average s/2 * 2)."""
-    return 2 * non_embedding_params(m) + 2 * m.vocab_size * m.hidden_size + 4 * m.num_layers * m.hidden_size * context
-
-
 def make_plan(m: ModelConfig, gpus: int, gpu: str, context_len: int, thought_len: int, group_size: int,
               token_budget: float, sites_per_chunk: int, global_batch_size: int, mfu: float,
               decode_tokens_per_s_per_gpu: float) -> Plan:
@@ -55,17 +44,18 @@ def make_plan(m: ModelConfig, gpus: int, gpu: str, context_len: int, thought_len
     generated = sites * group_size * thought_len
     rows = sites * group_size
     trained = rows * (context_len + thought_len)  # every rollout row is forwarded and backpropagated
-    seq = context_len + thought_len
-    rollout_flops = rows * context_len * forward_flops_per_token(m, context_len) / group_size \
-        + generated * forward_flops_per_token(m, seq)  # prefill shared by the group, then decode
-    training_flops = 3 * trained * forward_flops_per_token(m, seq)
+    group_rows = TokenTally()
+    for _ in range(group_size):
+        group_rows.add(context_len + thought_len, 0, thought_len)
+    rollout_flops = sites * forward_flops(m, rollout_tally([context_len], [[thought_len] * group_size]))
+    train_flops = sites * training_flops(m, group_rows)
     peak = GPU_PEAK_FLOPS[gpu] * gpus
     return Plan(
         steps=int(-(-rows // global_batch_size)),
         sites=sites, generated_tokens=generated, trained_tokens=trained,
-        rollout_flops=rollout_flops, training_flops=training_flops,
+        rollout_flops=rollout_flops, training_flops=train_flops,
         rollout_hours=generated / (decode_tokens_per_s_per_gpu * gpus) / 3600,
-        training_hours=training_flops / (peak * mfu) / 3600,
+        training_hours=train_flops / (peak * mfu) / 3600,
     )
 
 

@@ -34,6 +34,7 @@ from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, tokenizer_for
+from rntp_megatron.flops import FlopMeter
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -41,7 +42,7 @@ from rntp_megatron.metrics import MetricsLogger
 from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
-from rntp_megatron.rl.batch import pack_rollouts, with_global_counts
+from rntp_megatron.rl.batch import pack_rollouts, policy_mask, with_global_counts
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
@@ -108,6 +109,7 @@ class Trainer:
         if s.token_budget:
             self.total_steps = steps_for_token_budget(s.token_budget, s.global_batch_size * s.seq_length)
         self.step, self.consumed_tokens, self.weight_version = 0, 0, 0
+        self.flops = FlopMeter(cfg.model)
         self.placement: Optional[EnginePlacement] = None
         self.engine: Optional[RolloutEngine] = None
         self.rollouts: Optional[RolloutPrefetcher] = None
@@ -139,6 +141,7 @@ class Trainer:
                                   "checkpoint.dir)")
             self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
             self.weight_version = state["weight_version"]
+            self.flops.load_state_dict(state.get("flops", {}))
             self.stream.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
             pending = rank_state.get("rollouts_ahead", {})
@@ -152,7 +155,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "consumed_tokens": self.consumed_tokens, "weight_version": self.weight_version,
-                 "config": to_dict(self.cfg)}
+                 "flops": self.flops.state_dict(), "config": to_dict(self.cfg)}
         rank_state = {"data": self.stream.state_dict(), "rng": rng_state()}
         if self.rollouts is not None:  # the batch generated ahead was drawn before the saved data cursor
             rank_state["rollouts_ahead"] = self.rollouts.state_dict()
@@ -173,7 +176,9 @@ class Trainer:
         while self.step < self.total_steps:
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
+            self.flops.begin()
             values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
+            values.update(self.flops.end(parallel_state.get_data_parallel_group()))
             values["lr"] = learning_rate(self.step, self.cfg.schedule)
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
@@ -199,6 +204,7 @@ class Trainer:
         for i, ep in enumerate(self.stream.take(self.rows_per_rank)):
             rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids, device="cpu")
             mask[i, :len(ep.prompt_ids) - 1] = 1
+        self.flops.count_train(mask.sum(1).long().tolist(), mask.sum(1).long().tolist())
         rows, mask = rows.to(device()), mask.to(device())
         batches = [lm_batch(rows[i:i + s.micro_batch_size], mask[i:i + s.micro_batch_size])
                    for i in range(0, self.rows_per_rank, s.micro_batch_size)]
@@ -234,6 +240,7 @@ class Trainer:
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
+        self._count_flops(rollouts, batch)
         batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         with self.placement.training():
             out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
@@ -250,6 +257,16 @@ class Trainer:
                                          groups.zero_variance_fraction, likelihood, trained_version))
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         return out
+
+    def _count_flops(self, rollouts: list[Rollout], batch) -> None:
+        """This step's rollouts, and its rows (fed tokens: prompt + generated - 1; logits at the tokens the loss
+        reads: the policy's, plus the context under the mixed objective)."""
+        self.flops.count_rollouts(rollouts)
+        read = policy_mask(batch, self.cfg.rl.train_on)
+        if self.cfg.rl.objective == "mixed":
+            read = ((read + batch.ntp_mask) > 0).float()
+        self.flops.count_train([len(r.prompt_ids) + len(r.token_ids) - 1 for r in rollouts],
+                               read.sum(1).long().tolist())
 
     def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:
         """One step ahead: log pi_trainer(token | prefix) of each generated token at the rollout temperature
