@@ -4,7 +4,7 @@ SGLANG_VENV ?= sglang-venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-integration demo test test-fast
+.PHONY: setup setup-integration corpus demo test test-fast
 
 setup:
 	@tools/setup_venv.sh $(VENV) dev
@@ -15,12 +15,19 @@ setup-integration: setup
 	@tools/install_sglang.sh $(SGLANG_VENV)
 	@tools/install_launch.sh $(VENV)
 
+# Real English prose offline: FOLDOC + the Jargon File (Debian dictd databases, unpacked into data/dictd), split
+# by document into data/encyclopedia/{train,heldout} (rntp_megatron/data/corpora.py).
+corpus: setup
+	@tools/install_corpus.sh data/dictd
+	@[ -s data/encyclopedia/heldout.idx ] || $(PY) -m rntp_megatron.cli prepare-data --recipe encyclopedia \
+		--output data/encyclopedia --no-progress
+
 # the demo is one process: let it use both cores
 demo: OMP_NUM_THREADS = 2
 demo: setup
 	$(PY) -m rntp_megatron.cli demo
 
-test: setup-integration
+test: setup-integration corpus
 	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: setup
