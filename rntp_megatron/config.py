@@ -188,6 +188,7 @@ class ScheduleConfig:
 
     train_steps: int = 100
     token_budget: Optional[int] = None
+    flops_budget: Optional[float] = None  # also stop once the run's flops_total (rntp_megatron/flops.py) reaches it
     global_batch_size: int = 8
     micro_batch_size: int = 1
     seq_length: int = 256
@@ -426,6 +427,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(s.global_batch_size % s.micro_batch_size == 0, "schedule.global_batch_size",
          f"{s.global_batch_size} is not divisible by micro_batch_size={s.micro_batch_size}")
     need(s.lr >= 0, "schedule.lr", f"must be >= 0, got {s.lr}")
+    need(s.flops_budget is None or s.flops_budget > 0, "schedule.flops_budget", f"must be > 0, got {s.flops_budget}")
     need(cfg.rl.group_size >= 1, "rl.group_size", f"must be >= 1, got {cfg.rl.group_size}")
     need(cfg.rl.advantage != "rloo" or cfg.rl.group_size >= 2, "rl.group_size",
          f"rloo needs at least 2 samples per group, got {cfg.rl.group_size}")

@@ -173,7 +173,8 @@ class Trainer:
         interval = self.cfg.checkpoint.save_interval
         if self.placement is not None:  # the engine serves the weights this run starts from, as their version
             self.placement.push_weights(self.weight_version)
-        while self.step < self.total_steps:
+        budget = self.cfg.schedule.flops_budget
+        while self.step < self.total_steps and (budget is None or sum(self.flops.totals.values()) < budget):
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
             self.flops.begin()
