@@ -87,6 +87,7 @@ def evaluate(config_path: Path, checkpoint: Path, spec: dict[str, Any], out: Pat
     from rntp_megatron import eval_cmd
 
     overrides = [f"data.sources={json.dumps(spec['heldout'])}", "data.site_selection=uniform",
+                 "data.episode_format=single", "data.sites_per_chunk=1",
                  *spec.get("eval", {}).get("set", [])]
     args = argparse.Namespace(config=str(config_path), checkpoint=str(checkpoint), overrides=overrides,
                               sites=int(spec.get("eval", {}).get("sites", 64)), out=str(out))
@@ -120,6 +121,8 @@ def run_ablation(spec: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     start = json.loads((pre_dir / "eval.json").read_text())
     budget, slices = float(spec["budget"]["branch_flops"]), int(spec["budget"].get("evals", 1))
     for name, branch in spec["branches"].items():
+        if branch is None:  # left out (by a scale)
+            continue
         rows.append({"branch": name, "step": 0, "flops": 0.0, "eval": start})
         b_dir = run_dir / name
         for k in range(1, slices + 1):

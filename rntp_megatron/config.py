@@ -97,6 +97,9 @@ class DataConfig:
     min_context: int = 16
     answer_horizon: int = 1
     sites_per_chunk: int = 1
+    # single: every site of a chunk is its own episode; interleaved: one episode reads the chunk and thinks and
+    # answers at each of its sites in turn, earlier thoughts kept in context (rl/interleaved.py)
+    episode_format: Literal["single", "interleaved"] = "single"
     site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
     site_classes: list[str] = field(default_factory=list)  # labelled (synthetic) text: only sites of these classes
     entropy_threshold: float = 1.0
@@ -446,6 +449,11 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(bool(cfg.data.sources), "data.sources", "needs at least one source")
     for i, src in enumerate(cfg.data.sources):
         need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+    if cfg.data.episode_format == "interleaved":
+        need(cfg.rl.objective != "ntp", "data.episode_format",
+             "'interleaved' shapes RL episodes; rl.objective='ntp' trains on plain chunks")
+        need(not cfg.rl.dynamic_sampling, "rl.dynamic_sampling",
+             "drops whole rows, but an interleaved row holds one group member of each of its sites' groups")
     validate_rollout(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)

@@ -131,10 +131,13 @@ class FlopMeter:
             self.train.add(n, 0, k)
 
     def count_rollouts(self, rollouts: Sequence[Any]) -> None:
-        """Rollouts grouped by prompt_index: each prompt prefilled once, each sample decoded after it."""
+        """Rollouts grouped by prompt_index: each prompt prefilled once, each sample's tokens fed after it against
+        the cache, reading logits at its sampled ones (an interleaved rollout also feeds true text between turns)."""
         groups: dict[int, tuple[int, list[int]]] = {}
         for r in rollouts:
             groups.setdefault(r.prompt_index, (len(r.prompt_ids), []))[1].append(len(r.token_ids))
+            sampled = sum(end - start for start, end, _ in r.segments) if r.segments else len(r.token_ids)
+            self.rollout.logits -= len(r.token_ids) - sampled
         self.rollout.merge(rollout_tally([p for p, _ in groups.values()], [g for _, g in groups.values()]))
 
     def end(self, group: Any = None) -> dict[str, float]:

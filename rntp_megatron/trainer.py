@@ -43,10 +43,11 @@ from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
 from rntp_megatron.rl.batch import pack_rollouts, policy_mask, with_global_counts
+from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
-from rntp_megatron.rollout.prefetch import RolloutPrefetcher
+from rntp_megatron.rollout.prefetch import RolloutPrefetcher, generate_single
 from rntp_megatron.runtime import device, init_distributed
 from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
 from rntp_megatron.step import train_step
@@ -118,7 +119,7 @@ class Trainer:
             self.placement = EnginePlacement(cfg, self.model, self.tokenizer, self.run_dir, engine)
             self.engine = self.placement.engine
             self.rollouts = RolloutPrefetcher(self.engine, self._plan_rollouts, cfg.rollout.off_policy_steps,
-                                              share=self.placement.share)
+                                              share=self.placement.share, generate=self._generate)
             self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
                                      total_steps=self.total_steps, resume_at=self.step)
@@ -226,18 +227,28 @@ class Trainer:
                                   seed=step_seed(self.cfg.seed, step, self.dp_rank))
         return episodes, sampling
 
+    def _generate(self, engine: RolloutEngine, episodes: list[Episode], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per episode: one engine call, or turn by turn over an interleaved episode's sites."""
+        if self.cfg.data.episode_format == "interleaved":
+            _, suffix = self.cfg.data.prompt_template.split("{context}")
+            return generate_interleaved(engine, episodes, sampling, self.tokenizer.encode(suffix), self.tokenizer)
+        return generate_single(engine, episodes, sampling)
+
     def _rl_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rl.group_size
         t0 = time.monotonic()
         ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
         rollout_s = time.monotonic() - t0  # what the step waited for (less than the generation when ahead)
         episodes, rollouts = ahead.episodes, ahead.rollouts
-        shaped, likelihood = self._rewards(episodes, rollouts)
+        interleaved = cfg.data.episode_format == "interleaved"  # rewards per (rollout, site): rl/interleaved.py
+        scored_eps, scored = segment_views(episodes, rollouts, self.tokenizer) if interleaved else (episodes, rollouts)
+        shaped, likelihood = self._rewards(scored_eps, scored)
         rewards = shaped.total
         advantages = compute_advantages(rewards, G, cfg.rl.advantage)
         groups = zero_variance_filter(rewards, G)
-        batch = pack_rollouts(episodes, rollouts, advantages, rewards, self.think_close_ids,
-                              cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
+        pack = pack_interleaved if interleaved else pack_rollouts
+        batch = pack(episodes, rollouts, advantages, rewards, self.think_close_ids,
+                     cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
@@ -254,7 +265,7 @@ class Trainer:
         self.weight_version += 1
         self.placement.push_weights(self.weight_version)
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
-        out.update(self._rollout_metrics(episodes, rollouts, shaped.terms["reward_base"], rewards,
+        out.update(self._rollout_metrics(scored_eps, scored, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         return out
