@@ -116,3 +116,14 @@ def test_trainer_logs_the_flops_of_its_rollouts_rows_and_scoring(tmp_path):
     assert values["step_flops_train"] == pytest.approx(train, rel=1e-12)
     assert values["step_flops_scoring"] == pytest.approx(scoring, rel=1e-12)
     assert values["flops_total"] == pytest.approx(rollout + train + scoring, rel=1e-12)
+
+
+def test_interleaved_rollouts_read_logits_at_sampled_tokens_only():
+    from rntp_megatron.rollout.engine import Rollout
+
+    meter = FlopMeter(CARD)
+    # a 3-token prompt, then 2 sampled, 3 fed (true text and <think>), 2 sampled: 7 tokens against the cache
+    meter.count_rollouts([Rollout([1, 2, 3], [0] * 7, "", [0.0] * 7, "stop", segments=[[0, 2, 1], [5, 7, 1]])])
+    expected = rollout_tally([3], [[7]])
+    expected.logits = 4
+    assert meter.end()["step_flops_rollout"] == forward_flops(CARD, expected)
