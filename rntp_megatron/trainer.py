@@ -42,7 +42,7 @@ from rntp_megatron.metrics import MetricsLogger
 from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
-from rntp_megatron.rl.batch import pack_rollouts, policy_mask, with_global_counts
+from rntp_megatron.rl.batch import RLBatch, pack_rollouts, policy_mask, with_global_counts
 from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
@@ -270,7 +270,7 @@ class Trainer:
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         return out
 
-    def _count_flops(self, rollouts: list[Rollout], batch) -> None:
+    def _count_flops(self, rollouts: list[Rollout], batch: RLBatch) -> None:
         """This step's rollouts, and its rows (fed tokens: prompt + generated - 1; logits at the tokens the loss
         reads: the policy's, plus the context under the mixed objective)."""
         self.flops.count_rollouts(rollouts)
