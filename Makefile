@@ -19,7 +19,7 @@ setup-integration: setup
 # by document into data/encyclopedia/{train,heldout} (rntp_megatron/data/corpora.py).
 corpus: setup
 	@tools/install_corpus.sh data/dictd
-	@[ -s data/encyclopedia/heldout.idx ] || $(PY) -m rntp_megatron.cli prepare-data --recipe encyclopedia \
+	@[ -s data/encyclopedia/train_answers.idx ] || $(PY) -m rntp_megatron.cli prepare-data --recipe encyclopedia \
 		--output data/encyclopedia --no-progress
 
 # RNTP branches vs next-token training at equal FLOPs on that corpus (rntp_megatron/ablate.py; ~30 min on 2 cores)

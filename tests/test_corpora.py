@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rntp_megatron.data.corpora import (B64, DataError, ENCYCLOPEDIA, article_text, b64_number, dictd_articles,
-                                        is_heldout, write_splits)
+                                        is_heldout, with_answers, write_splits)
 
 DICTD = Path(__file__).resolve().parents[1] / "data" / "dictd"
 
@@ -65,9 +65,24 @@ def test_splits_are_by_document_and_stable(tmp_path):
     rows = {s: [json.loads(line) for line in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()]
             for s in ("train", "heldout")}
     assert counts["train"]["documents"] + counts["heldout"]["documents"] == 200
+    assert counts["train_answers"]["documents"] == counts["train"]["documents"]
     assert 20 <= counts["heldout"]["documents"] <= 60  # ~20% of 200
     assert all(is_heldout(r["id"], 20) for r in rows["heldout"]) and not any(is_heldout(r["id"], 20) for r in rows["train"])
     assert rows["heldout"][0]["text"].startswith(rows["heldout"][0]["id"].split(":", 1)[1] + "\n\n")
+
+
+def test_answers_show_the_format_and_copy_the_next_characters():
+    text = "The quick brown fox jumps over the lazy dog, and the dog does not mind it at all, not one bit. " * 3
+    shown = with_answers(text, "doc", every=20, horizon=4)
+    assert shown == with_answers(text, "doc", every=20, horizon=4)  # seeded by the document
+    pieces = shown.split("<think></think><answer>")
+    assert 8 <= len(pieces) - 1 <= 30  # one every ~20 characters of 291
+    rebuilt = pieces[0]
+    for piece in pieces[1:]:
+        answer, rest = piece.split("</answer>", 1)
+        assert 1 <= len(answer) <= 4 and rest.startswith(answer)  # the answer is the text that follows
+        rebuilt += rest
+    assert rebuilt == text
 
 
 def test_real_encyclopedia_is_over_5_mb_of_prose(tmp_path):

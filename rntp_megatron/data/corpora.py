@@ -12,6 +12,12 @@ of prose. A document is held out when crc32(source:headword) % 100 < heldout_per
 document alone (never on order or on which other documents exist). The recipe writes DIR/{train,heldout}.jsonl and
 tokenizes each into a Megatron dataset DIR/{train,heldout}.{bin,idx,json} (source kind `megatron`).
 
+It also writes DIR/train_answers: the training documents with the RNTP answer format shown in them (`with_answers`:
+every ~`answers_every` characters, `<think></think><answer>` and the next 1..4 characters, `</answer>`, then the text
+goes on). Plain text never shows a model those tags, so a model pretrained on it alone never closes a thought or an
+answer and every RNTP reward is 0; a pretraining blend with this split teaches the format (with empty thoughts only:
+what to think is left to RL).
+
 A dictd database is a gzip (dictzip) file of entries and an index of `headword<TAB>offset<TAB>length` lines, the
 numbers in base 64 (A-Z a-z 0-9 + /, most significant digit first).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 import zlib
 from pathlib import Path
@@ -91,13 +98,32 @@ def is_heldout(doc_key: str, heldout_percent: float) -> bool:
     return zlib.crc32(doc_key.encode("utf-8")) % 100 < heldout_percent
 
 
+def with_answers(text: str, key: str, every: int, horizon: int = 4,
+                 tags: tuple[str, str, str, str] = ("<think>", "</think>", "<answer>", "</answer>")) -> str:
+    """`text` with an empty thought and an answer before sites t about `every` characters apart (gaps uniform in
+    [every/2, 3 every/2], answer lengths k uniform in 1..horizon, seeded by `key`):
+    ... x_<t <think></think><answer> x_{t:t+k} </answer> x_t ..."""
+    rng = random.Random(zlib.crc32(key.encode("utf-8")))
+    think, close, answer, answer_close = tags
+    parts, pos = [], 0
+    while True:
+        t = pos + rng.randint(max(every // 2, 1), max(3 * every // 2, 1))
+        k = rng.randint(1, horizon)
+        if t + k > len(text):
+            break
+        parts += [text[pos:t], think, close, answer, text[t:t + k], answer_close]
+        pos = t
+    return "".join(parts) + text[pos:]
+
+
 def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent: float = 5.0,
-                 root: str = DICTD_ROOT) -> dict[str, dict[str, int]]:
-    """DIR/train.jsonl and DIR/heldout.jsonl ({"id", "text"} lines) from the databases; {split: {documents,
-    bytes}}."""
+                 root: str = DICTD_ROOT, answers_every: int = 96) -> dict[str, dict[str, int]]:
+    """DIR/train.jsonl, DIR/heldout.jsonl and DIR/train_answers.jsonl (the train documents `with_answers`; none
+    when answers_every is 0) as {"id", "text"} lines from the databases; {split: {documents, bytes}}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {s: {"documents": 0, "bytes": 0} for s in ("train", "heldout")}
+    splits = ("train", "heldout", "train_answers") if answers_every else ("train", "heldout")
+    counts = {s: {"documents": 0, "bytes": 0} for s in splits}
     files = {s: (out / f"{s}.jsonl").open("w", encoding="utf-8") for s in counts}
     try:
         for name in databases:
@@ -105,9 +131,13 @@ def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent:
                 key = f"{name}:{title}"
                 split = "heldout" if is_heldout(key, heldout_percent) else "train"
                 doc = f"{title}\n\n{text}"
-                files[split].write(json.dumps({"id": key, "text": doc}, ensure_ascii=False) + "\n")
-                counts[split]["documents"] += 1
-                counts[split]["bytes"] += len(doc.encode("utf-8"))
+                writes = [(split, doc)]
+                if split == "train" and answers_every:
+                    writes.append(("train_answers", with_answers(doc, key, answers_every)))
+                for target, body in writes:
+                    files[target].write(json.dumps({"id": key, "text": body}, ensure_ascii=False) + "\n")
+                    counts[target]["documents"] += 1
+                    counts[target]["bytes"] += len(body.encode("utf-8"))
     finally:
         for f in files.values():
             f.close()
