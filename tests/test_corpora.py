@@ -85,6 +85,18 @@ def test_answers_show_the_format_and_copy_the_next_characters():
     assert rebuilt == text
 
 
+def test_answer_thoughts_restate_the_characters_before_the_site():
+    text = "Abstract interpretation is a partial execution of a program which gains information about it. " * 2
+    shown = with_answers(text, "doc", every=20, thought_chars=6)
+    before, seen = shown.split("<think>")[0], 0
+    for piece in shown.split("<think>")[1:]:
+        thought, rest = piece.split("</think>", 1)
+        assert len(thought) <= 6 and before.endswith(thought)  # the last m characters of the text so far
+        seen += bool(thought)
+        before += rest.split("</answer>", 1)[1]
+    assert seen >= 3 and before == text
+
+
 def test_real_encyclopedia_is_over_5_mb_of_prose(tmp_path):
     if not all((DICTD / f"{db}.index").exists() for db, _ in ENCYCLOPEDIA):
         if os.environ.get("CI"):

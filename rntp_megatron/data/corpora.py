@@ -98,11 +98,12 @@ def is_heldout(doc_key: str, heldout_percent: float) -> bool:
     return zlib.crc32(doc_key.encode("utf-8")) % 100 < heldout_percent
 
 
-def with_answers(text: str, key: str, every: int, horizon: int = 4,
+def with_answers(text: str, key: str, every: int, horizon: int = 4, thought_chars: int = 0,
                  tags: tuple[str, str, str, str] = ("<think>", "</think>", "<answer>", "</answer>")) -> str:
-    """`text` with an empty thought and an answer before sites t about `every` characters apart (gaps uniform in
+    """`text` with a thought and an answer before sites t about `every` characters apart (gaps uniform in
     [every/2, 3 every/2], answer lengths k uniform in 1..horizon, seeded by `key`):
-    ... x_<t <think></think><answer> x_{t:t+k} </answer> x_t ..."""
+    ... x_<t <think> x_{t-m:t} </think><answer> x_{t:t+k} </answer> x_t ...
+    The thought restates the last m characters, m uniform in 0..thought_chars (0: always empty)."""
     rng = random.Random(zlib.crc32(key.encode("utf-8")))
     think, close, answer, answer_close = tags
     parts, pos = [], 0
@@ -111,13 +112,15 @@ def with_answers(text: str, key: str, every: int, horizon: int = 4,
         k = rng.randint(1, horizon)
         if t + k > len(text):
             break
-        parts += [text[pos:t], think, close, answer, text[t:t + k], answer_close]
+        m = rng.randint(0, thought_chars) if thought_chars else 0
+        parts += [text[pos:t], think, text[t - m:t], close, answer, text[t:t + k], answer_close]
         pos = t
     return "".join(parts) + text[pos:]
 
 
 def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent: float = 5.0,
-                 root: str = DICTD_ROOT, answers_every: int = 96) -> dict[str, dict[str, int]]:
+                 root: str = DICTD_ROOT, answers_every: int = 96, thought_chars: int = 0
+                 ) -> dict[str, dict[str, int]]:
     """DIR/train.jsonl, DIR/heldout.jsonl and DIR/train_answers.jsonl (the train documents `with_answers`; none
     when answers_every is 0) as {"id", "text"} lines from the databases; {split: {documents, bytes}}."""
     out = Path(out_dir)
@@ -133,7 +136,7 @@ def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent:
                 doc = f"{title}\n\n{text}"
                 writes = [(split, doc)]
                 if split == "train" and answers_every:
-                    writes.append(("train_answers", with_answers(doc, key, answers_every)))
+                    writes.append(("train_answers", with_answers(doc, key, answers_every, thought_chars=thought_chars)))
                 for target, body in writes:
                     files[target].write(json.dumps({"id": key, "text": body}, ensure_ascii=False) + "\n")
                     counts[target]["documents"] += 1
@@ -145,14 +148,15 @@ def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent:
 
 
 def prepare_encyclopedia(out_dir: str | Path, tokenizer: "TokenizerConfig", workers: int = 1,
-                         root: str = DICTD_ROOT, heldout_percent: float = 5.0, progress: bool = True) -> str:
+                         root: str = DICTD_ROOT, heldout_percent: float = 5.0, progress: bool = True,
+                         thought_chars: int = 0) -> str:
     """The `encyclopedia` recipe: JSONL splits of FOLDOC + Jargon File, each tokenized into DIR/<split>.bin/.idx;
     returns a summary line per split."""
     from rntp_megatron.config import SourceConfig
     from rntp_megatron.data.prepare import prepare_data
 
     out = Path(out_dir)
-    counts = write_splits([db for db, _ in ENCYCLOPEDIA], out, heldout_percent, root)
+    counts = write_splits([db for db, _ in ENCYCLOPEDIA], out, heldout_percent, root, thought_chars=thought_chars)
     lines = []
     for split, c in counts.items():
         report = prepare_data([SourceConfig(kind="jsonl", path=str(out / f"{split}.jsonl"))], tokenizer,

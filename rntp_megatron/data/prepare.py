@@ -143,6 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "by document (data/corpora.py)")
     parser.add_argument("--dictd-root", default="data/dictd", help="--recipe encyclopedia: the dictd databases")
     parser.add_argument("--heldout-percent", type=float, default=5.0, help="--recipe: documents held out")
+    parser.add_argument("--thought-chars", type=int, default=0,
+                        help="--recipe: the format examples' thoughts restate up to this many characters (0: empty)")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
     parser.add_argument("--tokenizer", choices=["byte", "hf", "trained"], default="byte")
     parser.add_argument("--tokenizer-path", help="folder of an hf tokenizer, or where a trained one lives")
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(prepare_encyclopedia(args.output, TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path),
                                        args.workers, args.dictd_root, args.heldout_percent,
-                                       progress=not args.no_progress))
+                                       progress=not args.no_progress, thought_chars=args.thought_chars))
             return 0
         if not args.source:
             raise DataError("give --source (one or more) or --recipe")
