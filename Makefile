@@ -4,7 +4,7 @@ SGLANG_VENV ?= sglang-venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-integration demo test test-fast
+.PHONY: setup setup-integration corpus ablate demo test test-fast
 
 setup:
 	@tools/setup_venv.sh $(VENV) dev
@@ -15,12 +15,23 @@ setup-integration: setup
 	@tools/install_sglang.sh $(SGLANG_VENV)
 	@tools/install_launch.sh $(VENV)
 
+# Real English prose offline: FOLDOC + the Jargon File (Debian dictd databases, unpacked into data/dictd), split
+# by document into data/encyclopedia/{train,heldout} (rntp_megatron/data/corpora.py).
+corpus: setup
+	@tools/install_corpus.sh data/dictd
+	@[ -s data/encyclopedia/train_answers.idx ] || $(PY) -m rntp_megatron.cli prepare-data --recipe encyclopedia \
+		--output data/encyclopedia --no-progress
+
+# RNTP branches vs next-token training at equal FLOPs on that corpus (rntp_megatron/ablate.py; ~30 min on 2 cores)
+ablate: corpus
+	$(PY) -m rntp_megatron.cli ablate --config recipes/configs/ablate_text.yaml --run-dir runs/ablate
+
 # the demo is one process: let it use both cores
 demo: OMP_NUM_THREADS = 2
 demo: setup
 	$(PY) -m rntp_megatron.cli demo
 
-test: setup-integration
+test: setup-integration corpus
 	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: setup

@@ -1,4 +1,4 @@
-"""`rntp <command>`: train | demo | prepare-data | convert | plan | eval | doctor.
+"""`rntp <command>`: train | demo | prepare-data | convert | plan | eval | doctor | ablate.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this file only
 routes to them, importing a command's module when that command runs (startup stays fast).
@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rntp_megatron.train_cmd", "train (ntp, rntp or mixed objective) from a YAML config and overrides"),
     "demo": ("rntp_megatron.demo", "run the embedded default job on a tiny CPU model and print its table"),
     "eval": ("rntp_megatron.eval_cmd", "held-out accuracy without/with a thought, per class or entropy bucket"),
+    "ablate": ("rntp_megatron.ablate", "pretrain once, then RNTP branches vs next-token training at equal FLOPs"),
     "plan": ("rntp_megatron.plan", "steps, tokens, FLOPs and wall time of an RNTP run on a cluster"),
     "prepare-data": ("rntp_megatron.data.prepare", "tokenize text sources into a Megatron .bin/.idx dataset"),
     "convert": ("rntp_megatron.convert", "Megatron dist checkpoint <-> Hugging Face folder (llama, qwen2, qwen3)"),

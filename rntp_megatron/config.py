@@ -118,6 +118,9 @@ class DataConfig:
     min_context: int = 16
     answer_horizon: int = 1
     sites_per_chunk: int = 1
+    # single: every site of a chunk is its own episode; interleaved: one episode reads the chunk and thinks and
+    # answers at each of its sites in turn, earlier thoughts kept in context (rl/interleaved.py)
+    episode_format: Literal["single", "interleaved"] = "single"
     site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
     site_classes: list[str] = field(default_factory=list)  # labelled (synthetic) text: only sites of these classes
     entropy_threshold: float = 1.0
@@ -225,6 +228,7 @@ class ScheduleConfig:
 
     train_steps: int = 100
     token_budget: Optional[int] = None
+    flops_budget: Optional[float] = None  # also stop once the run's flops_total (rntp_megatron/flops.py) reaches it
     global_batch_size: int = 8
     micro_batch_size: int = 1
     seq_length: int = 256
@@ -529,6 +533,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"schedule.global_batch_size: {next_multiple(s.global_batch_size, s.micro_batch_size)}, or "
          f"schedule.micro_batch_size: one of {divisors(max(s.global_batch_size, 1))}")
     need(s.lr >= 0, "schedule.lr", f"must be >= 0, got {s.lr}", f"schedule.lr: {abs(s.lr)}")
+    need(s.flops_budget is None or s.flops_budget > 0, "schedule.flops_budget", f"must be > 0, got {s.flops_budget}",
+         "schedule.flops_budget: null (no budget) or a positive number of FLOPs")
     need(cfg.rl.group_size >= 1, "rl.group_size", f"must be >= 1, got {cfg.rl.group_size}", "rl.group_size: 8")
     need(cfg.rl.advantage != "rloo" or cfg.rl.group_size >= 2, "rl.group_size",
          f"rloo needs at least 2 samples per group, got {cfg.rl.group_size}",
@@ -561,6 +567,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for i, src in enumerate(cfg.data.sources):
         need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}",
              f"data.sources[{i}].weight: 1.0 (or drop the source)")
+    if cfg.data.episode_format == "interleaved":
+        need(cfg.rl.objective != "ntp", "data.episode_format",
+             "'interleaved' shapes RL episodes; rl.objective='ntp' trains on plain chunks",
+             "data.episode_format: single")
+        need(not cfg.rl.dynamic_sampling, "rl.dynamic_sampling",
+             "drops whole rows, but an interleaved row holds one group member of each of its sites' groups",
+             "rl.dynamic_sampling: false")
     validate_rollout(cfg)
     validate_side_models(cfg)
     if world_size is not None:

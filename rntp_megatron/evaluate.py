@@ -6,7 +6,9 @@ For each episode (a site of held-out text), with greedy decoding:
 - `swap`: accuracy when the thought is another episode's (same bucket): near `no_thought` if the thought is
   really used, near `thought` if the model ignores it,
 - `info_gain`: mean over the answer horizon of log p(x | context, thought) - log p(x | context, no thought),
-- `thought_len` and `format_ok` of the greedy generations.
+- `thought_len` and `format_ok` of the greedy generations,
+- `ppl`: exp of the mean over episodes of the next-token loss (nats per token) on the episode's own text (its
+  context and continuation), without any thought: the plain language-modelling quality of the checkpoint.
 
 Episodes are bucketed by their synthetic class (T trivial, C computable, I impossible) or, on real text, by the
 model's own next-token entropy at the site (> 0.5, > 1.0, > 1.5 nats: the RPT protocol; buckets overlap).
@@ -32,7 +34,7 @@ from rntp_megatron.rl.batch import find_sublist
 from rntp_megatron.rollout.engine import RolloutEngine, SamplingParams
 
 ENTROPY_BUCKETS = (0.5, 1.0, 1.5)
-METRICS = ("n", "no_thought", "thought", "swap", "info_gain", "thought_len", "format_ok")
+METRICS = ("n", "no_thought", "thought", "swap", "info_gain", "thought_len", "format_ok", "ppl")
 
 
 def heldout_synthetic(data: DataConfig) -> DataConfig:
@@ -99,14 +101,19 @@ def evaluate(engine: RolloutEngine, chunks: list[torch.nn.Module], tokenizer: To
     without, _ = continuation_logprobs(chunks, [e.prompt_ids + close + answer_open for e in episodes], conts,
                                        micro_batch_size, tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     gain = (((with_thought - without) * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    text = [e.context_ids + e.continuation_ids for e in episodes]
+    text_logp, text_mask = continuation_logprobs(chunks, [t[:1] for t in text], [t[1:] for t in text],
+                                                 micro_batch_size, tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    nll = (-(text_logp * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)).tolist()
 
     per_episode = {"no_thought": no_thought_acc, "thought": thought_acc, "swap": swap_acc, "info_gain": gain,
                    "thought_len": [float(len(t)) for t in thoughts],
-                   "format_ok": [float(p.format_ok) for p in parsed]}
+                   "format_ok": [float(p.format_ok) for p in parsed], "ppl": nll}
     table = {}
     for b in sorted(by_bucket):
         idx = by_bucket[b]
         table[b] = {"n": float(len(idx)), **{m: sum(v[i] for i in idx) / len(idx) for m, v in per_episode.items()}}
+        table[b]["ppl"] = math.exp(table[b]["ppl"])  # the bucket's mean loss, as a perplexity
     return table
 
 

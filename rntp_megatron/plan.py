@@ -2,9 +2,9 @@
 token budget of text: steps, generated tokens, rollout vs training FLOPs, and wall time at a stated MFU and
 decode throughput; then the memory per GPU of the run's config (memory_plan.py) at its parallel layout.
 
-FLOPs per token of a decoder with N non-embedding parameters, L layers, hidden h, context s: forward
-2N + 4 L h s (attention scores and values, causal halves 2 L h s twice); training is 3x the forward. For a
-mixture of experts N counts the parameters a token goes through (its top-k experts and the router: "active"),
+FLOPs come from rntp_megatron/flops.py, the formulas the trainer logs: each site's context prefilled once for
+its group, each thought decoded after it, each rollout row trained (3x forward, logits at the thought). For a
+mixture of experts they count the parameters a token goes through (its top-k experts and the router: "active"),
 while memory holds all of them ("total"): weights, grads and Adam state take BYTES_PER_PARAM per total parameter.
 """
 
@@ -14,6 +14,8 @@ import argparse
 from dataclasses import dataclass
 
 from rntp_megatron.config import ModelConfig, build_config
+from rntp_megatron.flops import (TokenTally, forward_flops, non_embedding_params, rollout_tally,
+                                 training_flops)
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity).
 GPU_PEAK_FLOPS = {"B200": 2.25e15, "H200": 0.989e15, "H100": 0.989e15, "A100": 0.312e15}
@@ -39,30 +41,10 @@ class Plan:
 BYTES_PER_PARAM = 18
 
 
-def non_embedding_params(m: ModelConfig, active: bool = True) -> float:
-    """Attention (q, k, v, o with GQA) + MLP per layer, times layers. The MLP is SwiGLU (3 matrices); a mixture of
-    experts has a router [E, h] and E expert SwiGLUs of width moe_ffn_hidden_size, of which a token uses top-k
-    (active=True) and memory holds all E (active=False)."""
-    head = m.kv_channels or m.hidden_size // m.num_attention_heads
-    attn = m.hidden_size * head * (2 * m.num_attention_heads + 2 * m.num_query_groups)
-    if m.num_moe_experts is None:
-        mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    else:
-        experts = m.moe_router_topk if active else m.num_moe_experts
-        width = m.moe_ffn_hidden_size or m.ffn_hidden_size
-        mlp = m.num_moe_experts * m.hidden_size + experts * 3 * m.hidden_size * width
-    return float(m.num_layers * (attn + mlp))
-
-
 def total_params(m: ModelConfig) -> float:
     """Every parameter held in memory: all experts, the embedding and (untied) output layer."""
     embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
     return non_embedding_params(m, active=False) + embeddings
-
-
-def forward_flops_per_token(m: ModelConfig, context: int) -> float:
-    """2 N_active + 2 V h (output layer) + 4 L h s (attention over a context of s tokens, causal on average s/2 * 2)."""
-    return 2 * non_embedding_params(m) + 2 * m.vocab_size * m.hidden_size + 4 * m.num_layers * m.hidden_size * context
 
 
 def make_plan(m: ModelConfig, gpus: int, gpu: str, context_len: int, thought_len: int, group_size: int,
@@ -74,17 +56,18 @@ def make_plan(m: ModelConfig, gpus: int, gpu: str, context_len: int, thought_len
     generated = sites * group_size * thought_len
     rows = sites * group_size
     trained = rows * (context_len + thought_len)  # every rollout row is forwarded and backpropagated
-    seq = context_len + thought_len
-    rollout_flops = rows * context_len * forward_flops_per_token(m, context_len) / group_size \
-        + generated * forward_flops_per_token(m, seq)  # prefill shared by the group, then decode
-    training_flops = 3 * trained * forward_flops_per_token(m, seq)
+    group_rows = TokenTally()
+    for _ in range(group_size):
+        group_rows.add(context_len + thought_len, 0, thought_len)
+    rollout_flops = sites * forward_flops(m, rollout_tally([context_len], [[thought_len] * group_size]))
+    train_flops = sites * training_flops(m, group_rows)
     peak = GPU_PEAK_FLOPS[gpu] * gpus
     return Plan(
         steps=int(-(-rows // global_batch_size)),
         sites=sites, generated_tokens=generated, trained_tokens=trained,
-        rollout_flops=rollout_flops, training_flops=training_flops,
+        rollout_flops=rollout_flops, training_flops=train_flops,
         rollout_hours=generated / (decode_tokens_per_s_per_gpu * gpus) / 3600,
-        training_hours=training_flops / (peak * mfu) / 3600,
+        training_hours=train_flops / (peak * mfu) / 3600,
     )
 
 

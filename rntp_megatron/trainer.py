@@ -35,6 +35,7 @@ from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, check_model_vocab, tokenizer_for
+from rntp_megatron.flops import FlopMeter
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -42,11 +43,12 @@ from rntp_megatron.metrics import MetricsLogger
 from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
-from rntp_megatron.rl.batch import pack_rollouts, with_global_counts
+from rntp_megatron.rl.batch import RLBatch, pack_rollouts, policy_mask, with_global_counts
+from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
-from rntp_megatron.rollout.prefetch import RolloutPrefetcher
+from rntp_megatron.rollout.prefetch import RolloutPrefetcher, generate_single
 from rntp_megatron.runtime import device, init_distributed
 from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
 from rntp_megatron.side_models import SideModels
@@ -111,6 +113,7 @@ class Trainer:
         if s.token_budget:
             self.total_steps = steps_for_token_budget(s.token_budget, s.global_batch_size * s.seq_length)
         self.step, self.consumed_tokens, self.weight_version = 0, 0, 0
+        self.flops = FlopMeter(cfg.model)
         self.placement: Optional[EnginePlacement] = None
         self.engine: Optional[RolloutEngine] = None
         self.rollouts: Optional[RolloutPrefetcher] = None
@@ -119,7 +122,7 @@ class Trainer:
             self.placement = EnginePlacement(cfg, self.model, self.tokenizer, self.run_dir, engine)
             self.engine = self.placement.engine
             self.rollouts = RolloutPrefetcher(self.engine, self._plan_rollouts, cfg.rollout.off_policy_steps,
-                                              share=self.placement.share)
+                                              share=self.placement.share, generate=self._generate)
             self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
                                      total_steps=self.total_steps, resume_at=self.step, run_config=to_dict(cfg))
@@ -138,6 +141,7 @@ class Trainer:
             state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer, self.side.checkpointed())
             self.step, self.consumed_tokens = state["step"], state["consumed_tokens"]
             self.weight_version = state["weight_version"]
+            self.flops.load_state_dict(state.get("flops", {}))
             # one state per saved DP rank (the ranks of a model-parallel group hold the same data); at another
             # DP size the stream shares the unread rest of the data out anew (data/stream.py)
             by_dp = {s["data"]["dp_rank"]: s for s in load_rank_states(latest)}
@@ -160,7 +164,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "consumed_tokens": self.consumed_tokens, "weight_version": self.weight_version,
-                 "config": to_dict(self.cfg)}
+                 "flops": self.flops.state_dict(), "config": to_dict(self.cfg)}
         rank_state = {"data": self.stream.state_dict(), "rng": rng_state()}
         if self.rollouts is not None:  # the batch generated ahead was drawn before the saved data cursor
             rank_state["rollouts_ahead"] = self.rollouts.state_dict()
@@ -179,10 +183,13 @@ class Trainer:
         interval = self.cfg.checkpoint.save_interval
         if self.placement is not None:  # the engine serves the weights this run starts from, as their version
             self.placement.push_weights(self.weight_version)
-        while self.step < self.total_steps:
+        budget = self.cfg.schedule.flops_budget
+        while self.step < self.total_steps and (budget is None or sum(self.flops.totals.values()) < budget):
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
+            self.flops.begin()
             values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
+            values.update(self.flops.end(parallel_state.get_data_parallel_group()))
             values["lr"] = learning_rate(self.step, self.cfg.schedule)
             values.update(self.stream.metrics())  # this rank's: data/episodes, data/epoch/i, data/skipped/<reason>
             values["step_time_s"] = time.monotonic() - t0
@@ -209,6 +216,7 @@ class Trainer:
         for i, ep in enumerate(self.stream.take(self.rows_per_rank)):
             rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids, device="cpu")
             mask[i, :len(ep.prompt_ids) - 1] = 1
+        self.flops.count_train(mask.sum(1).long().tolist(), mask.sum(1).long().tolist())
         rows, mask = rows.to(device()), mask.to(device())
         batches = [lm_batch(rows[i:i + s.micro_batch_size], mask[i:i + s.micro_batch_size])
                    for i in range(0, self.rows_per_rank, s.micro_batch_size)]
@@ -229,22 +237,33 @@ class Trainer:
                                   seed=step_seed(self.cfg.seed, step, self.dp_rank))
         return episodes, sampling
 
+    def _generate(self, engine: RolloutEngine, episodes: list[Episode], sampling: SamplingParams) -> list[Rollout]:
+        """sampling.n rollouts per episode: one engine call, or turn by turn over an interleaved episode's sites."""
+        if self.cfg.data.episode_format == "interleaved":
+            _, suffix = self.cfg.data.prompt_template.split("{context}")
+            return generate_interleaved(engine, episodes, sampling, self.tokenizer.encode(suffix), self.tokenizer)
+        return generate_single(engine, episodes, sampling)
+
     def _rl_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rl.group_size
         t0 = time.monotonic()
         ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
         rollout_s = time.monotonic() - t0  # what the step waited for (less than the generation when ahead)
         episodes, rollouts = ahead.episodes, ahead.rollouts
-        shaped, likelihood = self._rewards(episodes, rollouts)
+        interleaved = cfg.data.episode_format == "interleaved"  # rewards per (rollout, site): rl/interleaved.py
+        scored_eps, scored = segment_views(episodes, rollouts, self.tokenizer) if interleaved else (episodes, rollouts)
+        shaped, likelihood = self._rewards(scored_eps, scored)
         rewards = shaped.total
         advantages = compute_advantages(rewards, G, cfg.rl.advantage)
         groups = zero_variance_filter(rewards, G)
-        batch = pack_rollouts(episodes, rollouts, advantages, rewards, self.think_close_ids,
-                              cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
+        pack = pack_interleaved if interleaved else pack_rollouts
+        batch = pack(episodes, rollouts, advantages, rewards, self.think_close_ids,
+                     cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
         batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
+        self._count_flops(rollouts, batch)
         batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         with self.placement.training():
             out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
@@ -258,12 +277,22 @@ class Trainer:
         self.weight_version += 1
         self.placement.push_weights(self.weight_version)
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
-        out.update(self._rollout_metrics(episodes, rollouts, shaped.terms["reward_base"], rewards,
+        out.update(self._rollout_metrics(scored_eps, scored, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
         out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         if self.engine is not None:
             out.update(self.engine.stats())
         return out
+
+    def _count_flops(self, rollouts: list[Rollout], batch: RLBatch) -> None:
+        """This step's rollouts, and its rows (fed tokens: prompt + generated - 1; logits at the tokens the loss
+        reads: the policy's, plus the context under the mixed objective)."""
+        self.flops.count_rollouts(rollouts)
+        read = policy_mask(batch, self.cfg.rl.train_on)
+        if self.cfg.rl.objective == "mixed":
+            read = ((read + batch.ntp_mask) > 0).float()
+        self.flops.count_train([len(r.prompt_ids) + len(r.token_ids) - 1 for r in rollouts],
+                               read.sum(1).long().tolist())
 
     def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:
         """One step ahead: log pi_trainer(token | prefix) of each generated token at the rollout temperature

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rntp_megatron.config import build_config
-from rntp_megatron.plan import forward_flops_per_token, non_embedding_params, total_params
+from rntp_megatron.flops import TokenTally, forward_flops, non_embedding_params
+from rntp_megatron.plan import total_params
 
 
 @pytest.mark.parametrize("card, active, total", [("qwen3_30b_a3b", 3.3e9, 30.5e9), ("qwen3_235b_a22b", 22e9, 235e9)])
@@ -20,8 +21,9 @@ def test_moe_flops_follow_active_parameters():
     dense = build_config({"model": {"card": "qwen3_8b"}}).model
     assert non_embedding_params(dense) == non_embedding_params(dense, active=False)
     moe = build_config({"model": {"card": "qwen3_30b_a3b"}}).model
-    top8 = forward_flops_per_token(moe, 1024)
-    all_experts = forward_flops_per_token(build_config({"model": {"card": "qwen3_30b_a3b",
-                                                                  "moe_router_topk": 128}}).model, 1024)
+    one_token = TokenTally().add(1, past=1023)
+    top8 = forward_flops(moe, one_token)
+    all_experts = forward_flops(build_config({"model": {"card": "qwen3_30b_a3b", "moe_router_topk": 128}}).model,
+                                one_token)
     expert = 3 * moe.hidden_size * moe.moe_ffn_hidden_size * moe.num_layers
     assert all_experts - top8 == pytest.approx(2 * 120 * expert)

@@ -28,6 +28,19 @@ def chunk_tokens(ids: np.ndarray, context_len: int, min_len: int) -> list[np.nda
     return [c for c in chunks if len(c) >= min_len]
 
 
+def interleave(site_episodes: list[Episode]) -> list[Episode]:
+    """The sites of one chunk (in order) as one interleaved episode: the first site's episode, with
+    meta["segments"][j] = {site, text_ids (the chunk's tokens from site j-1 to site j; empty for j = 0),
+    continuation_ids, continuation_text, token_class} of every site j."""
+    first = site_episodes[0]
+    starts = [first.site] + [e.site for e in site_episodes[:-1]]
+    segments = [{"site": e.site, "text_ids": e.context_ids[start:], "continuation_ids": e.continuation_ids,
+                 "continuation_text": e.continuation_text, "token_class": e.token_class}
+                for start, e in zip(starts, site_episodes)]
+    return [Episode(first.prompt_ids, first.context_ids, first.continuation_ids, first.continuation_text, first.site,
+                    first.doc_id, first.token_class, {**first.meta, "segments": segments})]
+
+
 class EpisodeBuilder:
     """Turns documents into Episodes under one DataConfig and tokenizer (and a proxy scorer when the site
     selection needs one)."""
@@ -70,9 +83,10 @@ class EpisodeBuilder:
         out = []
         for ci, (chunk, sites) in enumerate(zip(chunks, select_sites(chunks, cfg, rng, self.scorer, allowed))):
             context_ids = chunk.tolist()
+            made = []
             for t in sites:
                 cont = context_ids[t: t + cfg.answer_horizon]
-                out.append(Episode(
+                made.append(Episode(
                     prompt_ids=self.prompt_prefix + context_ids[:t] + self.prompt_suffix,
                     context_ids=context_ids[:t],
                     continuation_ids=cont,
@@ -82,6 +96,7 @@ class EpisodeBuilder:
                     token_class=None if labels is None else labels[ci * cfg.context_len + t],
                     meta={"chunk": ci},
                 ))
+            out.extend(interleave(made) if cfg.episode_format == "interleaved" and made else made)
         if not out:
             skips.add("too_short")
         return out

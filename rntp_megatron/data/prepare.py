@@ -135,8 +135,16 @@ def prepare_data(sources: Sequence[SourceConfig], tokenizer: TokenizerConfig, ou
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", action="append", required=True,
+    parser.add_argument("--source", action="append", default=[],
                         help="kind:path with kind jsonl | parquet | text, or 'pydoc'; repeat for several")
+    parser.add_argument("--recipe", choices=["encyclopedia"],
+                        help="a built-in corpus instead of --source: 'encyclopedia' = FOLDOC + Jargon File prose "
+                             "(tools/install_corpus.sh), written as OUTPUT/{train,heldout}.jsonl/.bin/.idx split "
+                             "by document (data/corpora.py)")
+    parser.add_argument("--dictd-root", default="data/dictd", help="--recipe encyclopedia: the dictd databases")
+    parser.add_argument("--heldout-percent", type=float, default=5.0, help="--recipe: documents held out")
+    parser.add_argument("--thought-chars", type=int, default=0,
+                        help="--recipe: the format examples' thoughts restate up to this many characters (0: empty)")
     parser.add_argument("--output", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
     parser.add_argument("--tokenizer", choices=["byte", "hf", "trained"], default="byte")
     parser.add_argument("--tokenizer-path", help="folder of an hf tokenizer, or where a trained one lives")
@@ -153,6 +161,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.recipe:
+            from rntp_megatron.data.corpora import prepare_encyclopedia
+
+            print(prepare_encyclopedia(args.output, TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path),
+                                       args.workers, args.dictd_root, args.heldout_percent,
+                                       progress=not args.no_progress, thought_chars=args.thought_chars))
+            return 0
+        if not args.source:
+            raise DataError("give --source (one or more) or --recipe")
         report = prepare_data(
             [parse_source(s, args.text_field, args.text_unit) for s in args.source],
             TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path), args.output, args.workers,

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from rntp_megatron.flops import record_scoring
 from rntp_megatron.model.moe import expert_parallel_max
 from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
 from rntp_megatron.runtime import device
@@ -46,6 +47,7 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
         raise ValueError(f"need as many continuations as prefixes (> 0), got {n} and {len(continuations)}")
     if any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (the first continuation token is predicted from it)")
+    record_scoring([len(p) for p in prefixes], [len(c) for c in continuations])
     rows = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
     length = expert_parallel_max(max(len(r) for r in rows) - 1, next(chunks[0].parameters()).device)
     length = -(-length // length_multiple) * length_multiple

@@ -31,7 +31,7 @@ class RLBatch:
     ntp_mask: torch.Tensor  # [b, s] 1 where the label is a chunk (context) token: the next-token loss
     old_logprobs: torch.Tensor  # [b, s] trainer log-probs before the update (at the rollout temperature)
     rollout_logprobs: torch.Tensor  # [b, s] the engine's log-probs of the sampled tokens
-    advantages: torch.Tensor  # [b]
+    advantages: torch.Tensor  # [b], or [b, s] per token (interleaved episodes: each site's own advantage)
     rewards: torch.Tensor  # [b] (metrics only)
     ref_logprobs: Optional[torch.Tensor] = None  # [b, s] reference policy, for the KL term
     global_policy_tokens: float = 0.0  # policy tokens of the whole step (all micro-batches, all DP ranks)

@@ -131,7 +131,8 @@ class RNTPLoss:
             "entropy": _pair((entropy.detach() * mask).sum(), n_tok),
             "logp_abs_diff_rollout": _pair(((logp.detach() - batch.rollout_logprobs).abs() * mask).sum(), n_tok),
             "reward": _pair(batch.rewards.sum(), rows),
-            "advantage": _pair(batch.advantages.sum(), rows),
+            "advantage": _pair(batch.advantages.sum() if batch.advantages.dim() == 1
+                               else ((batch.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum(), rows),
             "policy_tokens": _pair(n_tok, rows),
         }
         if terms.kl is not None:

@@ -64,7 +64,7 @@ def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch
     elif cfg.ratio_type != "token":
         raise ValueError(f"rl.ratio_type must be 'token' or 'gspo', got {cfg.ratio_type!r}")
     ratio = torch.exp(log_ratio)
-    adv = advantages[:, None].to(ratio.dtype)
+    adv = (advantages[:, None] if advantages.dim() == 1 else advantages).to(ratio.dtype)  # per row or per token
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     loss = torch.maximum(unclipped, clipped)

@@ -32,6 +32,9 @@ class Rollout:
     finish_reason: str  # "stop" (stop string/token) or "length"
     weight_version: int = 0
     prompt_index: int = 0  # which prompt of the generate() call it answers
+    # interleaved episodes (rl/interleaved.py): [start, end) of each site's generated tokens in token_ids; the
+    # tokens between them are the chunk's true text and the template, fed, not sampled (log-prob 0)
+    segments: list[list[int]] = field(default_factory=list)
 
 
 class RolloutEngine(abc.ABC):

@@ -29,6 +29,12 @@ from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 
 Plan = Callable[[int], tuple[list[Episode], SamplingParams]]  # step -> (episodes, sampling); main thread only
 Share = Callable[[Optional[list[Rollout]]], list[Rollout]]  # this rank's rollouts (None: none here) -> the group's
+Generate = Callable[[RolloutEngine, list[Episode], SamplingParams], list[Rollout]]  # n rollouts per episode
+
+
+def generate_single(engine: RolloutEngine, episodes: list[Episode], sampling: SamplingParams) -> list[Rollout]:
+    """The default: one engine call on the episodes' prompts (rl/interleaved.py generates turn by turn)."""
+    return engine.generate([ep.prompt_ids for ep in episodes], sampling)
 
 
 @dataclass
@@ -45,8 +51,8 @@ class _Generation:
     """One engine call for one step, run inline or in a thread; its result or error is kept for `result()`."""
 
     def __init__(self, step: int, episodes: list[Episode], sampling: SamplingParams,
-                 engine: Optional[RolloutEngine], background: bool) -> None:
-        self.step, self.episodes, self.sampling = step, episodes, sampling
+                 engine: Optional[RolloutEngine], background: bool, generate: Generate = generate_single) -> None:
+        self.step, self.episodes, self.sampling, self.generate = step, episodes, sampling, generate
         self.rollouts: Optional[list[Rollout]] = None
         self.error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -62,7 +68,7 @@ class _Generation:
     def _run(self, engine: RolloutEngine) -> None:
         """sampling.n rollouts per episode prompt from the engine (any error kept for the main thread)."""
         try:
-            self.rollouts = engine.generate([ep.prompt_ids for ep in self.episodes], self.sampling)
+            self.rollouts = self.generate(engine, self.episodes, self.sampling)
         except BaseException as e:  # re-raised in the main thread by result()
             self.error = e
 
@@ -89,10 +95,11 @@ class RolloutPrefetcher:
     is this rank's engine (None on ranks that receive rollouts through `share`)."""
 
     def __init__(self, engine: Optional[RolloutEngine], plan: Plan, off_policy_steps: int = 0,
-                 share: Share = _same) -> None:
+                 share: Share = _same, generate: Generate = generate_single) -> None:
         if off_policy_steps not in (0, 1):
             raise ValueError(f"off_policy_steps must be 0 or 1, got {off_policy_steps}")
         self.engine, self.plan, self.off_policy_steps, self.share = engine, plan, off_policy_steps, share
+        self.generate = generate
         self._ahead: Optional[_Generation] = None  # submitted, not yet joined
         self._ready: Optional[RolloutBatch] = None  # joined, not yet handed out
 
@@ -115,7 +122,7 @@ class RolloutPrefetcher:
 
     def _generate(self, step: int, background: bool) -> _Generation:
         episodes, sampling = self.plan(step)
-        return _Generation(step, episodes, sampling, self.engine, background)
+        return _Generation(step, episodes, sampling, self.engine, background, self.generate)
 
     def state_dict(self) -> dict[str, Any]:
         """The batch generated ahead, as plain data (torch.load(weights_only=True) reads it); {} when none."""
