@@ -93,7 +93,7 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    context_len: int = 256
+    context_len: int = 224  # with the template and rollout.max_new_tokens, fits schedule.seq_length + 1 = 257
     min_context: int = 16
     answer_horizon: int = 1
     sites_per_chunk: int = 1
@@ -205,8 +205,12 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where checkpoints go and when: every `save_interval` steps and every `save_interval_minutes` of wall
+    time, whichever comes first (0 turns either off), at the end of the run, and on SIGTERM/SIGUSR1."""
+
     dir: Optional[str] = None
-    save_interval: int = 0
+    save_interval: int = 500
+    save_interval_minutes: float = 30.0
     keep_last: int = 2
     load: Optional[str] = None
 
@@ -444,7 +448,12 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(bool(cfg.data.sources), "data.sources", "needs at least one source")
     for i, src in enumerate(cfg.data.sources):
         need(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+    need(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
+         f"must be >= 0 (0: no saves by step count), got {cfg.checkpoint.save_interval}")
+    need(cfg.checkpoint.save_interval_minutes >= 0, "checkpoint.save_interval_minutes",
+         f"must be >= 0 (0: no saves by wall time), got {cfg.checkpoint.save_interval_minutes}")
     validate_rollout(cfg)
+    validate_lengths(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
@@ -474,3 +483,37 @@ def validate_rollout(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.sglang.weight_sync: {r.sglang.weight_sync!r} does not fit rollout.placement="
                           f"{r.placement!r}, which takes one of {list(channels)} (tensor: shared memory with a "
                           "colocated server; distributed: a gloo/NCCL group with a server on devices of its own)")
+
+
+def template_token_bound(data: DataConfig) -> int:
+    """At most how many tokens the prompt template adds around the context, for any tokenizer of this project:
+    each of data's tags is one token, any other character at most one token per UTF-8 byte (byte-level BPE and
+    byte-fallback vocabularies; the trainer checks the exact count once its tokenizer exists)."""
+    text = data.prompt_template.replace("{context}", "")
+    tags = sorted((data.think_open, data.think_close, data.answer_open, data.answer_close), key=len, reverse=True)
+    count = 0
+    for tag in tags:
+        count += text.count(tag)
+        text = text.replace(tag, "")
+    return count + len(text.encode("utf-8"))
+
+
+def check_prompt_fits(cfg: RunConfig, template_tokens: int, exact: bool) -> None:
+    """An RL row is [prompt, generated]: the longest prompt (a site leaves answer_horizon tokens of a
+    context_len chunk after it, plus the template) with rollout.max_new_tokens must fit schedule.seq_length + 1."""
+    if cfg.rl.objective == "ntp":
+        return
+    d, s = cfg.data, cfg.schedule
+    longest = d.context_len - d.answer_horizon + template_tokens + cfg.rollout.max_new_tokens
+    if longest > s.seq_length + 1:
+        count = "" if exact else "at most "
+        raise ConfigError(
+            f"schedule.seq_length: a rollout row of data.context_len={d.context_len} - data.answer_horizon="
+            f"{d.answer_horizon} context tokens + {count}{template_tokens} tokens of data.prompt_template + "
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} = {longest} does not fit schedule.seq_length + 1 "
+            f"= {s.seq_length + 1}: raise schedule.seq_length or lower data.context_len or rollout.max_new_tokens")
+
+
+def validate_lengths(cfg: RunConfig) -> None:
+    """check_prompt_fits with the template counted by its bound (the exact count needs the tokenizer)."""
+    check_prompt_fits(cfg, template_token_bound(cfg.data), exact=False)

@@ -29,9 +29,10 @@ from megatron.core import parallel_state
 
 from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                       set_rng_state)
-from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, to_dict, validate
+from rntp_megatron.config import ConfigError, RunConfig, check_prompt_fits, data_parallel_size, to_dict, validate
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
+from rntp_megatron.data.fit import CUT_KEY, cut_prompt_left
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, tokenizer_for
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
@@ -91,6 +92,9 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size} ids, data.tokenizer.kind="
                               f"{cfg.data.tokenizer.kind!r})")
+        before, after = (self.tokenizer.encode(part) for part in cfg.data.prompt_template.split("{context}"))
+        check_prompt_fits(cfg, len(before) + len(after), exact=True)
+        self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
         self.model = build_model(cfg.model, cfg.parallel)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
@@ -167,8 +171,11 @@ class Trainer:
     def run(self) -> int:
         """Train to total_steps; 0 when done, EXIT_PREEMPTED after saving on SIGTERM/SIGUSR1."""
         interval = self.cfg.checkpoint.save_interval
+        every_s = self.cfg.checkpoint.save_interval_minutes * 60
+        device = next(self.model.parameters()).device
         if self.placement is not None:  # the engine serves the weights this run starts from, as their version
             self.placement.push_weights(self.weight_version)
+        last_save = time.monotonic()
         while self.step < self.total_steps:
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
@@ -177,14 +184,18 @@ class Trainer:
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
             self.step += 1
-            stop = torch.tensor([self._stop_signal or 0])
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
+            # [signal, save by time]: rank 0's clock decides the time, so every rank saves at the same step
+            due = dist.get_rank() == 0 and every_s > 0 and time.monotonic() - last_save >= every_s
+            flags = torch.tensor([self._stop_signal or 0, int(due)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = flags.tolist()
+            if stop:
                 self.save()
                 return EXIT_PREEMPTED
-            if interval and self.step % interval == 0 and self.step < self.total_steps:
+            if (due or (interval and self.step % interval == 0)) and self.step < self.total_steps:
                 self.save()
-        if interval or self.cfg.checkpoint.dir:
+                last_save = time.monotonic()
+        if interval or every_s or self.cfg.checkpoint.dir:
             self.save()
         self.metrics.close()
         return 0
@@ -208,7 +219,8 @@ class Trainer:
     def _plan_rollouts(self, step: int) -> tuple[list[Episode], SamplingParams]:
         """This DP rank's next rows_per_rank / G episodes and the sampling of `step` (seeded by the step)."""
         r, G = self.cfg.rollout, self.cfg.rl.group_size
-        episodes = self.stream.take(self.rows_per_rank // G)
+        episodes = [cut_prompt_left(ep, self.max_prompt_len, self.prompt_prefix_len)
+                    for ep in self.stream.take(self.rows_per_rank // G)]
         # Stop strings that are one token are also passed by id: an engine whose own tokenizer lacks the
         # special tokens (an SGLang server on a byte vocabulary) still stops on them.
         single = [ids[0] for ids in map(self.tokenizer.encode, r.stop) if len(ids) == 1]
@@ -312,6 +324,7 @@ class Trainer:
         }
         lengths = [len(self._thought_ids(r)) - len(self.think_close_ids) for r in rollouts]
         pairs["thought_len"] = (float(sum(lengths)), float(len(lengths)))
+        pairs["prompt_cut_rate"] = (float(sum(CUT_KEY in ep.meta for ep in episodes)), float(len(episodes)))
         closed = [float(r.finish_reason == "stop") for r in rollouts]
         pairs["finished_rate"] = (sum(closed), float(len(closed)))
         for cls in ("T", "C", "I"):
