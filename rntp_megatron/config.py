@@ -93,7 +93,7 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    context_len: int = 224  # with the template and rollout.max_new_tokens, fits schedule.seq_length + 1 = 257
+    context_len: int = 192  # leaves 34 tokens of template beside rollout.max_new_tokens in seq_length + 1 = 257
     min_context: int = 16
     answer_horizon: int = 1
     sites_per_chunk: int = 1

@@ -89,9 +89,11 @@ class Trainer:
                               f"rl.group_size={rl.group_size} (a group must stay on one rank)")
         self.tokenizer: Tokenizer = tokenizer_for(cfg.data)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            added = getattr(self.tokenizer, "added_tags", [])
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size} ids, data.tokenizer.kind="
-                              f"{cfg.data.tokenizer.kind!r})")
+                              f"{cfg.data.tokenizer.kind!r}" + (f", with the tags {added} added: it has neither "
+                              "them nor reserved special tokens to carry them" if added else "") + ")")
         before, after = (self.tokenizer.encode(part) for part in cfg.data.prompt_template.split("{context}"))
         check_prompt_fits(cfg, len(before) + len(after), exact=True)
         self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
