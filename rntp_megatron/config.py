@@ -382,14 +382,25 @@ def build_config(data: Optional[dict[str, Any]] = None, overrides: list[str] = (
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> RunConfig:
-    """`build_config` from a YAML file (or the defaults when path is None)."""
-    data = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+def load_config(path: Optional[str | Path | list[str | Path]] = None, overrides: list[str] = ()) -> RunConfig:
+    """`build_config` from a YAML file, or several laid over each other in order (a recipe, then a site's
+    changes to it: mappings merge key by key, any other value replaces), or the defaults when path is None."""
+    data: dict[str, Any] = {}
+    for p in [] if path is None else [path] if isinstance(path, (str, Path)) else path:
+        layer = yaml.safe_load(Path(p).read_text()) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = _merged(data, layer)
     return build_config(data, overrides)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """base with top laid over it: nested mappings merged, other values of top replacing base's."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def data_parallel_size(p: ParallelConfig, world_size: int) -> int:
