@@ -88,6 +88,17 @@ class TokenizerConfig:
 
 
 @dataclass
+class ProxyConfig:
+    """The frozen proxy model that scores chunks for entropy / logprob_window site selection (RPT uses a small
+    separate model) and gives the `run` reward its surprisal weights. `card`: a model card (name or YAML path)
+    sharing the policy's tokenizer; `load`: its checkpoint (a complete iter_* folder). Unset: the reference
+    model (rl.reference, else checkpoint.load) scores instead."""
+
+    card: Optional[str] = None
+    load: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     """Where episodes come from: sources, chunking, site selection and the prompt template."""
 
@@ -102,6 +113,7 @@ class DataConfig:
     entropy_threshold: float = 1.0
     entropy_top_k: int = 16
     logprob_window: tuple[float, float] = (-4.5, -1.0)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     think_open: str = "<think>"
     think_close: str = "</think>"
     answer_open: str = "<answer>"
@@ -159,6 +171,9 @@ class RewardConfig:
     overlong_buffer: int = 0
     ntp_weight: float = 0.0
     shuffle: bool = False  # control run: each rollout gets another rollout's reward (no information left)
+    # The no-thought model p_bar of info_gain / vrcli: the live policy, an EMA of it (RLP), or the reference.
+    baseline: Literal["policy", "ema", "frozen"] = "ema"
+    ema_decay: float = 0.999  # p_bar <- d p_bar + (1 - d) p after every optimizer step (RLP: 0.999)
 
 
 @dataclass
@@ -175,6 +190,7 @@ class RLConfig:
     ratio_type: Literal["token", "gspo"] = "token"
     kl_coef: float = 0.0
     kl_type: Literal["k1", "k2", "k3"] = "k3"
+    reference: Optional[str] = None  # the frozen KL reference's checkpoint (default: checkpoint.load's weights)
     tis_cap: Optional[float] = None
     icepop: Optional[tuple[float, float]] = None
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
@@ -465,6 +481,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"must be >= 0 (0: no saves by wall time), got {cfg.checkpoint.save_interval_minutes}")
     validate_rollout(cfg)
     validate_lengths(cfg)
+    validate_side_models(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
         need(s.global_batch_size % (s.micro_batch_size * dp) == 0, "schedule.global_batch_size",
@@ -528,3 +545,59 @@ def check_prompt_fits(cfg: RunConfig, template_tokens: int, exact: bool) -> None
 def validate_lengths(cfg: RunConfig) -> None:
     """check_prompt_fits with the template counted by its bound (the exact count needs the tokenizer)."""
     check_prompt_fits(cfg, template_token_bound(cfg.data), exact=False)
+def reference_path(cfg: RunConfig) -> Optional[str]:
+    """The checkpoint of the frozen reference model: rl.reference, else checkpoint.load (None: none)."""
+    return cfg.rl.reference or cfg.checkpoint.load
+
+
+def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
+    """Which frozen models beside the policy the run uses (model/side_models.py builds them):
+    reference (KL, the frozen baseline, or the scorer when there is no proxy), proxy, ema (the EMA baseline);
+    scores: something scores text (site selection or the `run` reward's surprisal weights), surprisal: the latter."""
+    from rntp_megatron.rewards.registry import get_reward
+
+    rl, r, d = cfg.rl, cfg.reward, cfg.data
+    try:
+        baseline = rl.objective != "ntp" and get_reward(r.name).needs_baseline
+    except ValueError:  # an unknown reward name is reported where the reward is looked up
+        baseline = False
+    surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
+    scores = d.site_selection != "uniform" or surprisal
+    return {"reference": (rl.objective != "ntp" and (rl.kl_coef > 0 or rl.reference is not None))
+            or (baseline and r.baseline == "frozen") or (scores and d.proxy.card is None),
+            "proxy": scores and d.proxy.card is not None, "ema": baseline and r.baseline == "ema",
+            "scores": scores, "surprisal": surprisal}
+
+
+def validate_side_models(cfg: RunConfig) -> None:
+    """The reference, proxy and baseline models: each one the run needs can be built, none is set for nothing."""
+    rl, r, proxy, p = cfg.rl, cfg.reward, cfg.data.proxy, cfg.parallel
+    if not 0.0 <= r.ema_decay < 1.0:
+        raise ConfigError(f"reward.ema_decay: must be in [0, 1) (RLP uses 0.999), got {r.ema_decay}; "
+                          "reward.baseline: frozen keeps the baseline fixed")
+    if rl.kl_coef < 0:
+        raise ConfigError(f"rl.kl_coef: must be >= 0, got {rl.kl_coef}")
+    needs = side_model_needs(cfg)
+    if needs["reference"] and reference_path(cfg) is None:
+        users = [name for name, used in (
+            (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", r.baseline == "frozen"),
+            (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]))
+            if used]
+        # A copy of the initial weights would be random for a run from scratch (a meaningless anchor, proxy
+        # and baseline) and would have to be checkpointed to keep resumes exact: refuse instead.
+        raise ConfigError(f"rl.reference: {', '.join(users)} needs a frozen reference model, and this run has "
+                          "none: set checkpoint.load (the run starts from those weights and they are the "
+                          "reference) or rl.reference (a complete checkpoint folder, iter_*)")
+    if (proxy.card is None) != (proxy.load is None):
+        raise ConfigError(f"data.proxy: needs both card and load (a proxy with random weights selects sites at "
+                          f"random: use data.site_selection=uniform), got card={proxy.card!r} load={proxy.load!r}")
+    if proxy.card is not None and not needs["scores"]:
+        raise ConfigError("data.proxy: set, but nothing uses it (data.site_selection is 'uniform' and the reward "
+                          "is not `run` with params.weighting=surprisal)")
+    if proxy.card is not None:
+        card = from_dict(ModelConfig, load_card(proxy.card), "data.proxy.card")
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if card.num_attention_heads % tp or card.num_query_groups % tp or card.num_layers % pp:
+            raise ConfigError(f"data.proxy.card: {proxy.card!r} ({card.num_layers} layers, "
+                              f"{card.num_attention_heads} heads, {card.num_query_groups} KV heads) does not split "
+                              f"at the trainer's layout TP={tp}, PP={pp}")

@@ -1,7 +1,7 @@
 """`rntp eval --config run.yaml --checkpoint DIR`: held-out next-token accuracy without and with a thought.
 
 Synthetic sources are evaluated on their held-out split per token class, with the thought-swap test; other
-text is bucketed by the model's own next-token entropy at the site (RPT protocol, TP1/PP1 for the entropy).
+text is bucketed by the model's own next-token entropy at the site (RPT protocol).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rntp_megatron.checkpoint import latest_checkpoint
     from rntp_megatron.config import load_config
-    from rntp_megatron.data.sites import ProxyScorer
+    from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
     from rntp_megatron.runtime import destroy_distributed
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     episodes = EpisodeStream(data, trainer.tokenizer).take(args.sites)
     entropies = None
     if not synthetic:
-        scorer = ProxyScorer(trainer.model, trainer.tokenizer.vocab_size, data.entropy_top_k, trainer.tokenizer.pad_id)
+        scorer = ProxyScorer(trainer.ddp, trainer.tokenizer.vocab_size, data.entropy_top_k, trainer.tokenizer.pad_id)
         scores = scorer.score([e.context_ids + e.continuation_ids for e in episodes])
         entropies = [float(ent[len(e.context_ids)]) for e, (ent, _) in zip(episodes, scores)]
     table = evaluate(trainer.engine, [trainer.ddp], trainer.tokenizer, data, episodes,

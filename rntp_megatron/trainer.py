@@ -49,6 +49,7 @@ from rntp_megatron.rollout.placement import EnginePlacement
 from rntp_megatron.rollout.prefetch import RolloutPrefetcher
 from rntp_megatron.runtime import init_distributed
 from rntp_megatron.schedule import learning_rate, set_learning_rate, steps_for_token_budget
+from rntp_megatron.side_models import SideModels
 from rntp_megatron.step import train_step
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1; slurm/train.sbatch requeues on it
@@ -100,8 +101,10 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.parallel)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
+        self.side = SideModels(cfg, self.tokenizer)  # reference, proxy, EMA baseline: those the config uses
         builder = ChunkBuilder(cfg.data, self.tokenizer, s.seq_length + 1) if rl.objective == "ntp" else None
-        self.stream = EpisodeStream(cfg.data, self.tokenizer, self.dp_rank, self.dp, builder=builder)
+        self.stream = EpisodeStream(cfg.data, self.tokenizer, self.dp_rank, self.dp, scorer=self.side.scorer,
+                                    builder=builder)
         self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens,
                              vocab_size=self.tokenizer.vocab_size)
         self.reward_kind = get_reward(cfg.reward.name).kind if rl.objective != "ntp" else "none"
@@ -137,7 +140,7 @@ class Trainer:
         latest = latest_checkpoint(self.ckpt_dir)
         pending: dict[str, Any] = {}
         if latest is not None:
-            state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer)
+            state, rank_state = load_checkpoint(latest, [self.ddp], self.optimizer, self.side.checkpointed())
             if rank_state is None:
                 raise ConfigError(f"checkpoint {latest} was written by another world size: its data cursors and RNG "
                                   "states are per rank (start a new run from it with checkpoint.load and a new "
@@ -149,7 +152,8 @@ class Trainer:
             pending = rank_state.get("rollouts_ahead", {})
         elif self.cfg.checkpoint.load:
             load_checkpoint(self.cfg.checkpoint.load, [self.ddp], optimizer=None)
-        else:
+        self.side.start(self.model, resumed=latest is not None)
+        if latest is None and not self.cfg.checkpoint.load:
             return pending
         if dist.get_rank() == 0:
             print(f"resumed from {latest or self.cfg.checkpoint.load} at step {self.step}", flush=True)
@@ -162,7 +166,7 @@ class Trainer:
         if self.rollouts is not None:  # the batch generated ahead was drawn before the saved data cursor
             rank_state["rollouts_ahead"] = self.rollouts.state_dict()
         return save_checkpoint(self.ckpt_dir, self.step, [self.ddp], self.optimizer, state, rank_state,
-                               self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last, self.side.checkpointed())
 
     def close(self) -> None:
         """Stop what the trainer started for its rollouts (an SGLang server; an engine passed in stays open)."""
@@ -247,11 +251,13 @@ class Trainer:
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
+        batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
         batch = with_global_counts(batch, cfg.rl.train_on, parallel_state.get_data_parallel_group())
         with self.placement.training():
             out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
                              batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
                              cfg.schedule.micro_batch_size)
+        self.side.after_step(self.model)
         t0 = time.monotonic()
         self.rollouts.wait()  # the batch generated ahead is all of the weights it started under
         rollout_s += time.monotonic() - t0
@@ -281,6 +287,7 @@ class Trainer:
     def _rewards(self, episodes: list[Episode], rollouts: list[Rollout]):
         """Shaped rewards; likelihood rewards score [prompt, thought, <answer>] -> true continuation here."""
         likelihood = None
+        self.side.add_surprisal(episodes)  # the `run` reward's weights, when it asks for them
         if self.reward_kind == "likelihood":
             from rntp_megatron.rewards.scoring import continuation_logprobs
 
@@ -292,7 +299,8 @@ class Trainer:
             baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
             vocab = self.tokenizer.vocab_size
             logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
-            base, _ = continuation_logprobs([self.ddp], baseline_prefixes, conts, mbs, pad, vocab_size=vocab)
+            base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], baseline_prefixes, conts, mbs, pad,
+                                            vocab_size=vocab)
             likelihood = (logp, mask, base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
                                  self.cfg.rollout.max_new_tokens, likelihood=likelihood,

@@ -8,15 +8,18 @@ a prefix too (prefix caching makes them cheap to roll out).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from rntp_megatron.config import DataConfig
 from rntp_megatron.data.episode import Episode
-from rntp_megatron.data.sites import ProxyScorer, select_sites
+from rntp_megatron.data.sites import select_sites
 from rntp_megatron.data.sources import DataError, Document, SkipCounts
 from rntp_megatron.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the scorer runs a GPTModel: megatron is imported only by who builds one
+    from rntp_megatron.data.proxy import ProxyScorer
 
 
 def chunk_tokens(ids: np.ndarray, context_len: int, min_len: int) -> list[np.ndarray]:
@@ -29,7 +32,7 @@ class EpisodeBuilder:
     """Turns documents into Episodes under one DataConfig and tokenizer (and a proxy scorer when the site
     selection needs one)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, scorer: Optional[ProxyScorer] = None) -> None:
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, scorer: Optional["ProxyScorer"] = None) -> None:
         if cfg.site_selection != "uniform" and scorer is None:
             raise ValueError(f"data.site_selection={cfg.site_selection!r} needs a ProxyScorer (a proxy model)")
         self.cfg = cfg

@@ -14,17 +14,19 @@ emitted, so a restored stream continues with exactly the episodes an uninterrupt
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 
 from rntp_megatron.config import DataConfig, to_dict
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.episodes import EpisodeBuilder
-from rntp_megatron.data.sites import ProxyScorer
 from rntp_megatron.data.sources import (DataError, Document, Position, Reader, SkipCounts, check_megatron_vocab,
                                         open_source, source_name)
 from rntp_megatron.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the scorer runs a GPTModel: megatron is imported only by who builds one
+    from rntp_megatron.data.proxy import ProxyScorer
 
 STATE_VERSION = 1
 
@@ -33,7 +35,7 @@ class EpisodeStream:
     """Endless iterator of this data-parallel rank's Episodes, with a checkpointable cursor."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1,
-                 scorer: Optional[ProxyScorer] = None, builder: Optional[EpisodeBuilder] = None) -> None:
+                 scorer: Optional["ProxyScorer"] = None, builder: Optional[EpisodeBuilder] = None) -> None:
         self.cfg = cfg
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # `builder` turns a document into items: RL sites by default, whole chunks for pretraining (chunks.py)
@@ -170,7 +172,7 @@ class EpisodeStream:
 
 
 def data_parallel_stream(cfg: DataConfig, tokenizer: Tokenizer,
-                         scorer: Optional[ProxyScorer] = None) -> EpisodeStream:
+                         scorer: Optional["ProxyScorer"] = None) -> EpisodeStream:
     """The stream of this process's data-parallel rank (megatron parallel_state must be initialized)."""
     from megatron.core import parallel_state
 

@@ -1,0 +1,100 @@
+"""The proxy scorer behind entropy / logprob_window site selection: per-token entropy and log-prob arrays of
+chunks under a frozen GPTModel at the trainer's TP/PP layout, forward-only through megatron's schedule.
+
+entropy[t] is the top-k renormalised entropy of p(. | x_<t) and logprob[t] = log p(x_t | x_<t) (index 0: NaN).
+Under TP each rank holds a vocabulary slice: its top-k are all-gathered, and the global top-k are the top-k of
+those tp * k values, so the entropy is exact. The last pipeline stage computes the arrays; they are broadcast
+to every stage and then from the first TP rank, so every rank of a model-parallel group holds the same bits
+(the sites drawn from them must agree). A document is scored in one call, so a resumed stream that re-reads it
+gets the same arrays and draws the same sites.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from rntp_megatron.data.sites import topk_entropy
+from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
+from rntp_megatron.step import forward_backward
+
+
+def parallel_topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """topk_entropy over the whole vocabulary from this TP rank's slice logits[..., V/tp] -> [...] (float64)."""
+    top = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values.double()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        parts = [torch.empty_like(top) for _ in range(tp)]
+        dist.all_gather(parts, top.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        top = torch.cat(parts, dim=-1)
+    return topk_entropy(top, k)
+
+
+def _score_loss(labels: torch.Tensor, vocab_size: int, top_k: int, logits: torch.Tensor):
+    """Forward-only 'loss': entropy[b, s] of the prediction at each position and logprob[b, s] of labels."""
+    logits = mask_padded_vocab(logits.float(), vocab_size)
+    logp, _ = vocab_parallel_logprobs(logits, labels)
+    scores = {"entropy": parallel_topk_entropy(logits, top_k).detach(), "logprob": logp.detach().double()}
+    return torch.zeros((), dtype=torch.float32), torch.tensor(1, dtype=torch.int), scores
+
+
+def _score_forward_step(vocab_size: int, top_k: int, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(_score_loss, batch["labels"], vocab_size, top_k)
+
+
+def share_over_model_parallel(t: torch.Tensor) -> torch.Tensor:
+    """The last pipeline stage's `t`, then TP rank 0's, on every rank of the model-parallel group (in place)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                       group=parallel_state.get_tensor_model_parallel_group())
+    return t
+
+
+class ProxyScorer:
+    """Per-token (entropy, logprob) arrays of chunks under `model` (one GPTModel stage, or the policy's DDP
+    chunk); only the tokenizer's `vocab_size` ids count (megatron's vocab padding is masked out)."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, top_k: int = 16, pad_id: int = 0,
+                 micro_batch_size: int = 1, length_multiple: int = 1) -> None:
+        self.model, self.vocab_size, self.top_k, self.pad_id = model, vocab_size, top_k, pad_id
+        self.micro_batch_size, self.length_multiple = micro_batch_size, length_multiple
+
+    @torch.no_grad()
+    def score(self, chunks: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each chunk x[n]: (entropy[n], logprob[n]) as float64, position 0 NaN. Collective over the
+        model-parallel group: every rank passes the same chunks. Rows are right-padded (causal attention
+        keeps padding out of real positions) to a multiple of length_multiple, their number to a multiple of
+        micro_batch_size."""
+        if not chunks:
+            return []
+        device = next(self.model.parameters()).device
+        mbs = self.micro_batch_size
+        width = -(-max(len(c) for c in chunks) // self.length_multiple) * self.length_multiple
+        rows = -(-len(chunks) // mbs) * mbs
+        tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        tokens = tokens.to(device)
+        positions = torch.arange(width, device=device).expand(mbs, width).contiguous()
+        microbatches = [{"tokens": tokens[i:i + mbs, :-1], "labels": tokens[i:i + mbs, 1:], "position_ids": positions}
+                        for i in range(0, rows, mbs)]
+        out = forward_backward([self.model], partial(_score_forward_step, self.vocab_size, self.top_k),
+                               microbatches, len(microbatches), width, mbs, forward_only=True)
+        # [2, rows, width]: entropy and logprob of the token at position j + 1 (predicted at j)
+        both = torch.empty(2, rows, width, dtype=torch.float64, device=device)
+        if parallel_state.is_pipeline_last_stage():
+            both = torch.stack([torch.cat([o[name] for o in out]) for name in ("entropy", "logprob")])
+        both = share_over_model_parallel(both).cpu()
+        nan = torch.full((2, rows, 1), float("nan"), dtype=torch.float64)
+        ent, lp = torch.cat([nan, both], dim=2).numpy()
+        return [(ent[i, :len(c)].copy(), lp[i, :len(c)].copy()) for i, c in enumerate(chunks)]
