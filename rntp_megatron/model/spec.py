@@ -59,5 +59,8 @@ def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | Tr
         return spec
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if model.qk_layernorm:  # per-head norms: finalize_model_grads sums their grads over TP (by name and flag)
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelRMSNorm)

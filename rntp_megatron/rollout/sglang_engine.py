@@ -54,8 +54,9 @@ class SGLangEngine(RolloutEngine):
         if cfg.url is None and model_path is None:
             raise ValueError("SGLangEngine needs model_path (an HF folder to start the server) or rollout.sglang.url")
         self.cfg = cfg
-        self.model_path = str(model_path) if model_path is not None else None
-        self.run_dir = Path(run_dir)
+        # absolute: the server runs in run_dir, and the disk channel names folders to it
+        self.model_path = str(Path(model_path).absolute()) if model_path is not None else None
+        self.run_dir = Path(run_dir).absolute()
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.decode = decode
