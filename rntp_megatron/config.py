@@ -178,7 +178,7 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """How rewards become gradients (ALGORITHMS.md section 4)."""
+    """How rewards become gradients (docs/method.md, section 4)."""
 
     objective: Literal["ntp", "rntp", "mixed"] = "rntp"
     group_size: int = 8

@@ -151,6 +151,7 @@ def test_recipe_trains_two_steps_and_resumes(name, tmp_path):
     assert [m["step"] for m in metrics] == [0, 1]
     for m in metrics:
         assert math.isfinite(m["loss"]) and m["consumed_tokens"] > 0, m
-        if "reward" in m:
-            assert m["policy_tokens"] > 0 and m["prompt_cut_rate"] == 0, m
+        if "reward" in m:  # rollouts came back, were scored and trained on; the weights reached the engine
+            assert m["thought_len"] > 0 and math.isfinite(m["reward"]) and m["prompt_cut_rate"] == 0, m
+            assert m["weight_version"] == m["step"] + 1, m
     assert (tmp_path / "run" / "checkpoints" / "iter_0000002").is_dir()

@@ -206,7 +206,7 @@ class SGLangEngine(RolloutEngine):
         self._call(f"/flush_cache?timeout={timeout_s:g}", {}, timeout=timeout_s + 30)
 
     def sleep(self) -> None:
-        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see DESIGN.md)."""
+        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see docs/design.md)."""
         self._call("/release_memory_occupation", {}, timeout=300)
 
     def wake(self) -> None:
