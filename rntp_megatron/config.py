@@ -451,6 +451,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
          f"PP={pp} must divide model.num_layers={m.num_layers}")
     need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", "needs TP > 1")
+    need(not p.sequence_parallel or s.seq_length % tp == 0, "schedule.seq_length",
+         f"{s.seq_length} must be a multiple of TP={tp} under parallel.sequence_parallel (rows split over TP)")
     need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
          f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'")
     need(s.micro_batch_size >= 1, "schedule.micro_batch_size", f"must be >= 1, got {s.micro_batch_size}")
@@ -494,6 +496,10 @@ def validate_rollout(cfg: RunConfig) -> None:
     r = cfg.rollout
     if r.off_policy_steps not in (0, 1):
         raise ConfigError(f"rollout.off_policy_steps: must be 0 or 1, got {r.off_policy_steps}")
+    if r.engine == "megatron" and cfg.parallel.sequence_parallel and cfg.rl.objective != "ntp":
+        raise ConfigError("rollout.engine: the in-process 'megatron' engine decodes one token a step, which "
+                          "parallel.sequence_parallel cannot split over TP; use rollout.engine='sglang' or turn "
+                          "sequence_parallel off")
     if r.engine == "megatron" and r.placement != "colocated":
         raise ConfigError(f"rollout.placement: {r.placement!r} needs rollout.engine='sglang'; the in-process "
                           "megatron engine samples from the trainer's own module, so it is colocated by nature")
