@@ -557,9 +557,10 @@ def reference_path(cfg: RunConfig) -> Optional[str]:
 
 
 def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
-    """Which frozen models beside the policy the run uses (model/side_models.py builds them):
-    reference (KL, the frozen baseline, or the scorer when there is no proxy), proxy, ema (the EMA baseline);
-    scores: something scores text (site selection or the `run` reward's surprisal weights), surprisal: the latter."""
+    """Which models beside the policy the run uses (side_models.py builds them): reference (KL, the frozen
+    baseline, or the scorer when there is no proxy), proxy, ema (the EMA baseline); frozen_baseline: the reward's
+    baseline is the reference; scores: something scores text (site selection, or the `run` reward's surprisal
+    weights); surprisal: the latter."""
     from rntp_megatron.rewards.registry import get_reward
 
     rl, r, d = cfg.rl, cfg.reward, cfg.data
@@ -568,11 +569,12 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     except ValueError:  # an unknown reward name is reported where the reward is looked up
         baseline = False
     surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
-    scores = d.site_selection != "uniform" or surprisal
+    scores = (rl.objective != "ntp" and d.site_selection != "uniform") or surprisal  # ntp trains on whole chunks
+    frozen_baseline = baseline and r.baseline == "frozen"
     return {"reference": (rl.objective != "ntp" and (rl.kl_coef > 0 or rl.reference is not None))
-            or (baseline and r.baseline == "frozen") or (scores and d.proxy.card is None),
+            or frozen_baseline or (scores and d.proxy.card is None),
             "proxy": scores and d.proxy.card is not None, "ema": baseline and r.baseline == "ema",
-            "scores": scores, "surprisal": surprisal}
+            "frozen_baseline": frozen_baseline, "scores": scores, "surprisal": surprisal}
 
 
 def validate_side_models(cfg: RunConfig) -> None:
@@ -586,7 +588,7 @@ def validate_side_models(cfg: RunConfig) -> None:
     needs = side_model_needs(cfg)
     if needs["reference"] and reference_path(cfg) is None:
         users = [name for name, used in (
-            (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", r.baseline == "frozen"),
+            (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", needs["frozen_baseline"]),
             (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]))
             if used]
         # A copy of the initial weights would be random for a run from scratch (a meaningless anchor, proxy

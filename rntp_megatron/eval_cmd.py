@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     synthetic = all(s.kind == "synthetic" for s in data.sources)
     if synthetic:
         data = heldout_synthetic(data)
-    episodes = EpisodeStream(data, trainer.tokenizer).take(args.sites)
+    episodes = EpisodeStream(data, trainer.tokenizer, scorer=trainer.side.scorer).take(args.sites)
     entropies = None
     if not synthetic:
         scorer = ProxyScorer(trainer.ddp, trainer.tokenizer.vocab_size, data.entropy_top_k, trainer.tokenizer.pad_id)

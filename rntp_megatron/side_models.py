@@ -50,10 +50,12 @@ class SideModels:
             self.proxy = build_frozen(card, p, cfg.data.proxy.load, "data.proxy.load")
         self.scorer: Optional[ProxyScorer] = None
         if needs["scores"]:
-            self.scorer = ProxyScorer(self.proxy or self.reference, tokenizer.vocab_size, cfg.data.entropy_top_k,
-                                      tokenizer.pad_id, cfg.schedule.micro_batch_size, self.length_multiple)
+            model = self.proxy if self.proxy is not None else self.reference
+            self.scorer = ProxyScorer(model, tokenizer.vocab_size, cfg.data.entropy_top_k, tokenizer.pad_id,
+                                      cfg.schedule.micro_batch_size, self.length_multiple)
         self.ema = EMABaseline.build(cfg.model, p, cfg.reward.ema_decay) if needs["ema"] else None
         self.surprisal = needs["surprisal"]
+        self.frozen_baseline = needs["frozen_baseline"]
         # a reference built only to score sites adds no KL forward (rl.reference set alone: KL logged, not trained)
         self.kl = self.reference is not None and (cfg.rl.kl_coef > 0 or cfg.rl.reference is not None)
 
@@ -63,8 +65,10 @@ class SideModels:
 
     def start(self, policy: torch.nn.Module, resumed: bool) -> None:
         """After the policy's weights are in place: the EMA starts at them, or continues the checkpoint's."""
-        if self.ema is not None:
-            self.ema.loaded() if resumed else self.ema.reset(policy)
+        if self.ema is not None and resumed:
+            self.ema.loaded()
+        elif self.ema is not None:
+            self.ema.reset(policy)
 
     def after_step(self, policy: torch.nn.Module) -> None:
         """After each optimizer step: one EMA step toward the policy's new weights."""
@@ -72,9 +76,11 @@ class SideModels:
             self.ema.update(policy)
 
     def baseline_model(self, policy: torch.nn.Module) -> torch.nn.Module:
-        """The no-thought baseline p_bar of info_gain / vrcli by reward.baseline: policy, ema or frozen."""
-        return {"policy": policy, "ema": self.ema and self.ema.model, "frozen": self.reference}[
-            self.cfg.reward.baseline]
+        """The no-thought baseline p_bar of info_gain / vrcli by reward.baseline: policy, ema or frozen. Rewards
+        without a baseline (loglik, prob: their info_gain metric only) use the policy, as `policy` does."""
+        if self.ema is not None:
+            return self.ema.model
+        return self.reference if self.frozen_baseline else policy
 
     def ref_logprobs(self, rollouts: Sequence[Rollout]) -> Optional[torch.Tensor]:
         """ref[N, seq_length] for RLBatch.ref_logprobs (None when the run has no KL term to compute)."""

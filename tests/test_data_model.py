@@ -3,6 +3,8 @@ selection, and packed rows (a packed forward must equal the forwards of its sequ
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,10 @@ from rntp_megatron.runtime.spawn import run_ranks
 def _model_checks(rank: int, world_size: int) -> dict:
     from rntp_megatron.config import build_config
     from rntp_megatron.data.packing import attention_mask, pack_sequences
-    from rntp_megatron.data.sites import ProxyScorer
+    from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
+    from rntp_megatron.model.frozen import freeze
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.runtime import destroy_distributed, init_distributed
 
@@ -25,8 +28,8 @@ def _model_checks(rank: int, world_size: int) -> dict:
                                  "sites_per_chunk": 2}})
     init_distributed(cfg.parallel, seed=3)
     try:
-        model = build_model(cfg.model, cfg.parallel).eval()
-        scorer = ProxyScorer(model, tok.vocab_size, top_k=16, pad_id=tok.pad_id)
+        model = freeze(build_model(cfg.model, cfg.parallel))
+        scorer = ProxyScorer(model, tok.vocab_size, top_k=16, pad_id=tok.pad_id, micro_batch_size=3)
         rng = np.random.default_rng(0)
         chunks = [rng.integers(0, 256, n).tolist() for n in (48, 17, 33, 5)]
         batched = scorer.score(chunks)
@@ -47,8 +50,8 @@ def _model_checks(rank: int, world_size: int) -> dict:
         kept = {}
         for selection, extra in (("entropy", {"entropy_threshold": threshold}),
                                  ("logprob_window", {"logprob_window": (-5.55, -5.4)})):
-            data = build_config({"data": {**cfg.data.__dict__, "sources": [{"kind": "pydoc"}],
-                                          "tokenizer": {}, "site_selection": selection, **extra}}).data
+            # the data section alone: a whole run would also need the reference that scores (a checkpoint)
+            data = dataclasses.replace(cfg.data, site_selection=selection, **extra)
             eps = EpisodeStream(data, tok, scorer=scorer).take(30)
             for e in eps:
                 ent, lp = scorer.score([e.context_ids + e.continuation_ids[:1]])[0]

@@ -151,7 +151,8 @@ def test_synthetic_source_gives_labelled_episodes_and_resumes():
     resumed = EpisodeStream(cfg, TOK, 1, 2)
     resumed.load_state_dict(first.state_dict())
     assert resumed.take(177) == eps[123:]
-    only_c = build_config({"data": {**{k: v for k, v in cfg.__dict__.items() if k not in ("sources", "tokenizer")},
+    kept = {k: v for k, v in cfg.__dict__.items() if k not in ("sources", "tokenizer", "proxy")}
+    only_c = build_config({"data": {**kept,
                                     "sources": [{"kind": "synthetic", "seed": 3}], "site_classes": ["C"]}}).data
     c_eps = EpisodeStream(only_c, TOK).take(50)
     assert all(e.token_class == "C" and e.continuation_text.isdigit() for e in c_eps)

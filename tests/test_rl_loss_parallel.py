@@ -52,7 +52,7 @@ def run_layouts(rank: int, world: int, layouts: list[tuple[dict, int]], ckpt: st
     """For each (parallel sizes, micro-batch size): one forward/backward of the RNTP loss; loss and local grads."""
     from megatron.core import dist_checkpointing, parallel_state
 
-    from rntp_megatron.config import build_config
+    from rntp_megatron.config import RLConfig, build_config, from_dict
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.optimizer import wrap_ddp
     from rntp_megatron.rl.loss import RNTPLoss
@@ -61,7 +61,7 @@ def run_layouts(rank: int, world: int, layouts: list[tuple[dict, int]], ckpt: st
 
     out = []
     for parallel, mbs in layouts:
-        cfg = build_config({"model": {"card": "tiny"}, "parallel": parallel, "rl": RL, "reward": {"ntp_weight": 0.5}})
+        cfg = build_config({"model": {"card": "tiny"}, "parallel": parallel, "reward": {"ntp_weight": 0.5}})
         init_distributed(cfg.parallel, seed=1234)
         model = build_model(cfg.model, cfg.parallel)
         if save:
@@ -71,7 +71,8 @@ def run_layouts(rank: int, world: int, layouts: list[tuple[dict, int]], ckpt: st
         ddp = wrap_ddp(model, cfg.parallel)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         mbs_list = global_batch().data_parallel_shard(dp_rank, dp).microbatches(mbs)
-        loss = RNTPLoss(cfg.rl, temperature=0.7, ntp_weight=cfg.reward.ntp_weight)
+        # the loss alone: its reference log-probs come in the batch (a run would need a reference model)
+        loss = RNTPLoss(from_dict(RLConfig, RL), temperature=0.7, ntp_weight=cfg.reward.ntp_weight)
         ddp.zero_grad_buffer()
         logged = forward_backward([ddp], loss.forward_step, mbs_list, len(mbs_list), SEQ, mbs)
         metrics = reduce_logged(logged)

@@ -1,5 +1,7 @@
 """Exact resume: a run killed with SIGKILL at a random step, or preempted with SIGTERM, then restarted, logs the
-same metrics as an uninterrupted run; `latest` never names a partial checkpoint. Real `rntp train` processes."""
+same metrics as an uninterrupted run; `latest` never names a partial checkpoint. Real `rntp train` processes.
+The `method` variant adds the side models: sites chosen by the frozen reference's entropy (re-scored when the
+stream replays a document), the KL to it, and info_gain against the EMA baseline (restored from the checkpoint)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,13 @@ STEPS = 5
 TIMING = {"step_time_s", "rollout_s"}  # wall-clock values differ between runs by nature
 
 
-def _command(run_dir: Path, objective: str) -> list[str]:
+# the side models of the `method` variant (its fixture appends checkpoint.load, the weights they start from)
+METHOD = ["data.site_selection=entropy", "reward.name=info_gain", "reward.baseline=ema", "reward.ema_decay=0.9",
+          "rl.kl_coef=0.05"]
+
+
+def _command(run_dir: Path, variant: tuple[str, tuple[str, ...]]) -> list[str]:
+    objective, extra = variant
     overrides = [
         "model.card=tiny", "model.vocab_size=262", f"rl.objective={objective}", "rl.group_size=4",
         "schedule.global_batch_size=8", "schedule.micro_batch_size=4", f"schedule.train_steps={STEPS}",
@@ -33,7 +41,8 @@ def _command(run_dir: Path, objective: str) -> list[str]:
     ]
     if objective == "ntp":
         overrides = [o for o in overrides if not o.startswith(("rl.group", "reward."))]
-    return [sys.executable, "-m", "rntp_megatron.cli", "train"] + [a for o in overrides for a in ("--set", o)]
+    sets = [a for o in [*overrides, *extra] for a in ("--set", o)]
+    return [sys.executable, "-m", "rntp_megatron.cli", "train", *sets]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -48,12 +57,12 @@ def _one_thread_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run(run_dir: Path, objective: str) -> subprocess.CompletedProcess:
+def _run(run_dir: Path, objective: tuple[str, tuple[str, ...]]) -> subprocess.CompletedProcess:
     return subprocess.run(_command(run_dir, objective), env=_one_thread_env(), capture_output=True, text=True,
                           timeout=900)
 
 
-def _interrupt(run_dir: Path, objective: str, sig: int, after_steps: int) -> int:
+def _interrupt(run_dir: Path, objective: tuple[str, tuple[str, ...]], sig: int, after_steps: int) -> int:
     """Start a run, send `sig` once `after_steps` steps are logged, return its exit code."""
     # its own session: SIGKILL goes to the whole group, so the checkpoint writer's helper process dies too
     proc = subprocess.Popen(_command(run_dir, objective), env=_one_thread_env(), stdout=subprocess.DEVNULL,
@@ -73,14 +82,22 @@ def _interrupt(run_dir: Path, objective: str, sig: int, after_steps: int) -> int
             proc.kill()
 
 
-@pytest.fixture(scope="module", params=["rntp", "ntp"])
+@pytest.fixture(scope="module", params=["rntp", "ntp", "method"])
 def uninterrupted(request, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"uninterrupted_{request.param}")
-    out = _run(run_dir, request.param)
+    variant = (request.param, ())
+    if request.param == "method":  # start from (and refer to) the weights of a short pretraining run
+        pretrained = tmp_path_factory.mktemp("pretrained")
+        out = _run(pretrained, ("ntp", ("schedule.train_steps=2",)))
+        assert out.returncode == 0, out.stderr[-3000:]
+        variant = ("rntp", (*METHOD, f"checkpoint.load={latest_checkpoint(pretrained / 'checkpoints')}"))
+    out = _run(run_dir, variant)
     assert out.returncode == 0, out.stderr[-3000:]
     records = _records(run_dir)
     assert [r["step"] for r in records] == list(range(STEPS))
-    return request.param, records
+    if request.param == "method":
+        assert all(r["kl"] >= 0 and "info_gain" in r for r in records) and records[-1]["kl"] > 0
+    return variant, records
 
 
 def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
@@ -92,13 +109,14 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
     latest = latest_checkpoint(tmp_path / "checkpoints")
     out = _run(tmp_path, objective)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ("resumed from" in out.stdout) == (latest is not None)
+    # a run with checkpoint.load says where it started even without a checkpoint of its own
+    assert ("resumed from" in out.stdout) == (latest is not None or "checkpoint.load" in str(objective))
     assert _records(tmp_path) == reference, f"killed after step {kill_after}: metrics differ after resume"
 
 
 def test_sigterm_saves_a_complete_checkpoint_and_exits_for_requeue(uninterrupted, tmp_path):
     objective, reference = uninterrupted
-    if objective != "rntp":
+    if objective != ("rntp", ()):
         pytest.skip("one objective is enough for the preemption path")
     code = _interrupt(tmp_path, objective, signal.SIGTERM, 2)
     assert code == EXIT_PREEMPTED

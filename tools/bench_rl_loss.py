@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--policy-tokens", type=int, default=96, help="thought+answer tokens at the end of each row")
     args = ap.parse_args()
 
-    from rntp_megatron.config import build_config
+    from rntp_megatron.config import RLConfig, build_config, from_dict
     from rntp_megatron.lm_loss import lm_batch, lm_forward_step
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.optimizer import wrap_ddp
@@ -47,8 +47,8 @@ def main() -> int:
     cfg = build_config({"model": {"card": "tiny", "num_layers": args.layers, "hidden_size": args.hidden,
                                   "ffn_hidden_size": args.hidden * 11 // 4, "num_attention_heads": 8,
                                   "num_query_groups": 4, "vocab_size": args.vocab,
-                                  "max_position_embeddings": args.seq},
-                        "rl": {"kl_coef": 0.01, "tis_cap": 2.0}})
+                                  "max_position_embeddings": args.seq}})
+    rl = from_dict(RLConfig, {"kl_coef": 0.01, "tis_cap": 2.0})  # the loss alone: ref log-probs come in the batch
     init_distributed(cfg.parallel)
     ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg.parallel)
     n = args.micro_batch * args.micro_batches
@@ -66,10 +66,10 @@ def main() -> int:
             tokens=rows[:, :-1], position_ids=torch.arange(args.seq).expand(n, -1).contiguous(),
             labels=rows[:, 1:], thought_mask=policy, answer_mask=torch.zeros_like(policy), ntp_mask=1 - policy,
             old_logprobs=old, rollout_logprobs=old + 0.05, ref_logprobs=old - 0.05, advantages=advantages,
-            rewards=rewards), cfg.rl.train_on)
+            rewards=rewards), rl.train_on)
         return batch.microbatches(args.micro_batch)
 
-    rntp = RNTPLoss(cfg.rl, temperature=0.7)
+    rntp = RNTPLoss(rl, temperature=0.7)
     plain_name = "plain next-token (megatron CE, all tokens)"
     steps = {plain_name: (lm_forward_step, plain),
              f"RNTP loss hook ({args.policy_tokens} policy tokens a row)":

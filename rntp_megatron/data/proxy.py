@@ -40,7 +40,8 @@ def _score_loss(labels: torch.Tensor, vocab_size: int, top_k: int, logits: torch
     logits = mask_padded_vocab(logits.float(), vocab_size)
     logp, _ = vocab_parallel_logprobs(logits, labels)
     scores = {"entropy": parallel_topk_entropy(logits, top_k).detach(), "logprob": logp.detach().double()}
-    return torch.zeros((), dtype=torch.float32), torch.tensor(1, dtype=torch.int), scores
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    return zero, torch.ones((), dtype=torch.int, device=logits.device), scores
 
 
 def _score_forward_step(vocab_size: int, top_k: int, data_iterator, model):
@@ -81,9 +82,9 @@ class ProxyScorer:
         mbs = self.micro_batch_size
         width = -(-max(len(c) for c in chunks) // self.length_multiple) * self.length_multiple
         rows = -(-len(chunks) // mbs) * mbs
-        tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long)
+        tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long, device="cpu")
         for i, c in enumerate(chunks):
-            tokens[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            tokens[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long, device="cpu")
         tokens = tokens.to(device)
         positions = torch.arange(width, device=device).expand(mbs, width).contiguous()
         microbatches = [{"tokens": tokens[i:i + mbs, :-1], "labels": tokens[i:i + mbs, 1:], "position_ids": positions}
@@ -95,6 +96,6 @@ class ProxyScorer:
         if parallel_state.is_pipeline_last_stage():
             both = torch.stack([torch.cat([o[name] for o in out]) for name in ("entropy", "logprob")])
         both = share_over_model_parallel(both).cpu()
-        nan = torch.full((2, rows, 1), float("nan"), dtype=torch.float64)
+        nan = torch.full((2, rows, 1), float("nan"), dtype=torch.float64, device="cpu")
         ent, lp = torch.cat([nan, both], dim=2).numpy()
         return [(ent[i, :len(c)].copy(), lp[i, :len(c)].copy()) for i, c in enumerate(chunks)]
