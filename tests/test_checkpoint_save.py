@@ -50,33 +50,37 @@ def test_saves_are_complete_named_latest_and_megatron_sees_an_empty_folder(tmp_p
     assert not [w for w in report["warnings"] if "Overwriting" in w], report["warnings"]
 
 
-def _train_saving(rank: int, world_size: int, root: str, overrides: list[str]) -> list[str]:
-    """The checkpoints a 3-step next-token run leaves under `root` with these checkpoint overrides."""
+def _train_saving(rank: int, world_size: int, root: str, cases: dict[str, list[str]]) -> dict[str, list[str]]:
+    """For each case, the checkpoints a 3-step next-token run leaves under root/case with its overrides."""
     from pathlib import Path
 
     from rntp_megatron.config import build_config
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
-    cfg = build_config({}, ["model.card=tiny", "model.vocab_size=262", "rl.objective=ntp", "schedule.train_steps=3",
-                            "schedule.global_batch_size=2", "schedule.micro_batch_size=2", "schedule.seq_length=32",
-                            "data.context_len=32", "checkpoint.keep_last=10", f"checkpoint.dir={root}",
-                            f"logging.dir={root}/log", "logging.progress=false", *overrides])
+    saved = {}
     try:
-        assert Trainer(cfg).run() == 0
+        for name, overrides in cases.items():
+            folder = f"{root}/{name}"
+            cfg = build_config({}, ["model.card=tiny", "model.vocab_size=262", "rl.objective=ntp",
+                                    "schedule.train_steps=3", "schedule.global_batch_size=2",
+                                    "schedule.micro_batch_size=2", "schedule.seq_length=32", "data.context_len=32",
+                                    "checkpoint.keep_last=10", f"checkpoint.dir={folder}",
+                                    f"logging.dir={folder}/log", "logging.progress=false", *overrides])
+            assert Trainer(cfg).run() == 0
+            saved[name] = sorted(p.name for p in Path(folder).glob("iter_*"))
     finally:
         destroy_distributed()
-    return sorted(p.name for p in Path(root).glob("iter_*"))
+    return saved
 
 
 @pytest.mark.distributed
 def test_saves_come_every_n_steps_or_every_m_minutes_whichever_first(tmp_path):
-    by_steps = ["checkpoint.save_interval=2", "checkpoint.save_interval_minutes=600"]
-    [saved] = run_ranks(_train_saving, 1, (str(tmp_path / "steps"), by_steps))
-    assert saved == ["iter_0000002", "iter_0000003"]  # step 2, then the end of the run
-    by_time = ["checkpoint.save_interval=100", "checkpoint.save_interval_minutes=1e-5"]  # 0.6 ms: due at each step
-    [saved] = run_ranks(_train_saving, 1, (str(tmp_path / "time"), by_time))
-    assert saved == ["iter_0000001", "iter_0000002", "iter_0000003"]
+    cases = {"steps": ["checkpoint.save_interval=2", "checkpoint.save_interval_minutes=600"],
+             "time": ["checkpoint.save_interval=100", "checkpoint.save_interval_minutes=1e-5"]}  # 0.6 ms: every step
+    [saved] = run_ranks(_train_saving, 1, (str(tmp_path), cases))
+    assert saved["steps"] == ["iter_0000002", "iter_0000003"]  # step 2, then the end of the run
+    assert saved["time"] == ["iter_0000001", "iter_0000002", "iter_0000003"]
 
 
 def _distopt_resume(rank: int, world_size: int, root: str) -> list[list[dict]]:
