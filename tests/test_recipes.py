@@ -138,13 +138,19 @@ def _case(name: str):
     return pytest.param(name, marks=marks, id=name)
 
 
+def _failure(out: subprocess.CompletedProcess) -> str:
+    """What a failed run said: its stdout's end, every distinct error line of every rank, stderr's end."""
+    errors = list(dict.fromkeys(line for line in out.stderr.splitlines() if "Error" in line and "Warn" not in line))
+    return "\n".join([out.stdout[-2000:], *errors[:40], out.stderr[-3000:]])
+
+
 @pytest.mark.parametrize("name", [_case(n) for n in RECIPES])
 def test_recipe_trains_two_steps_and_resumes(name, tmp_path):
     _scratch(tmp_path, name)
     first = _train(tmp_path, name, ["schedule.train_steps=1"])
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-6000:]
+    assert first.returncode == 0, _failure(first)
     second = _train(tmp_path, name, [])
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-6000:]
+    assert second.returncode == 0, _failure(second)
     assert "resumed from run/checkpoints/iter_0000001 at step 1" in second.stdout
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines if line.strip()]
