@@ -107,6 +107,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside megatron's DDP: checkpoints carry the model's own names (no `module.` prefix)."""
     return getattr(chunk, "module", chunk)
@@ -119,7 +122,9 @@ def _sharded_state(chunks: list[torch.nn.Module], optimizer: Optional[MegatronOp
         f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # megatron's default layout for the distributed optimizer (fully_sharded_model_space) uses flattened
+        # ranges, which its own checkpoint validation refuses; dp_reshardable is what Megatron-LM saves
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_LAYOUT)
     for name, module in extra.items():
         state[name] = module.sharded_state_dict(prefix=f"{name}.")
     return state
@@ -178,6 +183,19 @@ def save_checkpoint(root: str | Path, step: int, chunks: list[torch.nn.Module], 
     return final
 
 
+def _allocate_distributed_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet its state tensors, which the load fills in place.
+
+    Without Transformer Engine or Apex (CPU) megatron's DistributedOptimizer.state_dict reads the step from
+    the torch optimizer's state and fails on an empty one; megatron fills it the same way for its FSDP loads
+    (a step on zero gradients; the load then overwrites states, master weights and step)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: Optional[MegatronOptimizer],
                     extra: Optional[dict[str, torch.nn.Module]] = None) -> tuple[dict[str, Any], Optional[dict]]:
     """Load model (+ optimizer, + extra models) at this run's layout; returns (trainer_state, this rank's
@@ -186,6 +204,8 @@ def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: 
     if not (path / COMPLETE).exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE})")
     extra = extra or {}
+    if optimizer is not None:
+        _allocate_distributed_optimizer_state(optimizer)
     try:
         loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, extra, is_loading=True), str(path))
     except (Exception, CheckpointException) as e:  # megatron and torch raise many kinds (torch's is a BaseException)
@@ -196,7 +216,8 @@ def load_checkpoint(path: str | Path, chunks: list[torch.nn.Module], optimizer: 
         for i, c in enumerate(chunks):
             _unwrapped(c).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # float32 runs: the distributed optimizer's main params are views of the weights
+            optimizer.load_state_dict(loaded["optimizer"])
     for name, module in extra.items():
         module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in loaded[name].items()})
     meta = json.loads((path / COMPLETE).read_text())

@@ -114,7 +114,7 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    context_len: int = 256
+    context_len: int = 192  # leaves 34 tokens of template beside rollout.max_new_tokens in seq_length + 1 = 257
     min_context: int = 16
     answer_horizon: int = 1
     sites_per_chunk: int = 1
@@ -202,7 +202,7 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """How rewards become gradients (ALGORITHMS.md section 4)."""
+    """How rewards become gradients (docs/method.md, section 4)."""
 
     objective: Literal["ntp", "rntp", "mixed"] = "rntp"
     group_size: int = 8
@@ -246,8 +246,12 @@ class ScheduleConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where checkpoints go and when: every `save_interval` steps and every `save_interval_minutes` of wall
+    time, whichever comes first (0 turns either off), at the end of the run, and on SIGTERM/SIGUSR1."""
+
     dir: Optional[str] = None
-    save_interval: int = 0
+    save_interval: int = 500
+    save_interval_minutes: float = 30.0
     keep_last: int = 2
     load: Optional[str] = None
 
@@ -452,15 +456,26 @@ def build_config(data: Optional[dict[str, Any]] = None, overrides: list[str] = (
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> RunConfig:
-    """`build_config` from a YAML file (or the defaults when path is None)."""
-    data = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections; fix: start it with a "
+def load_config(path: Optional[str | Path | list[str | Path]] = None, overrides: list[str] = ()) -> RunConfig:
+    """`build_config` from a YAML file, or several laid over each other in order (a recipe, then a site's
+    changes to it: mappings merge key by key, any other value replaces), or the defaults when path is None."""
+    data: dict[str, Any] = {}
+    for p in [] if path is None else [path] if isinstance(path, (str, Path)) else path:
+        layer = yaml.safe_load(Path(p).read_text()) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections; fix: start it with a "
                               "section such as `model: {card: tiny}`")
+        data = _merged(data, layer)
     return build_config(data, overrides)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """base with top laid over it: nested mappings merged, other values of top replacing base's."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def divisors(n: int) -> list[int]:
@@ -523,6 +538,9 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"{p.context_parallel_size} is not supported: Megatron-Core's context parallelism needs Transformer "
          "Engine's attention, and the RNTP batch (tokens, masks, log-probs) is not split into CP chunks here",
          "parallel.context_parallel_size: 1")
+    need(not p.sequence_parallel or s.seq_length % tp == 0, "schedule.seq_length",
+         f"{s.seq_length} must be a multiple of TP={tp} under parallel.sequence_parallel (rows split over TP)",
+         f"schedule.seq_length: {next_multiple(s.seq_length, tp)}")
     need(m.fp8 is None or m.transformer_impl != "local", "model.fp8",
          f"FP8 recipe {m.fp8!r} needs model.transformer_impl 'transformer_engine' or 'auto', not 'local'",
          "model.transformer_impl: auto, or model.fp8: null")
@@ -574,7 +592,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         need(not cfg.rl.dynamic_sampling, "rl.dynamic_sampling",
              "drops whole rows, but an interleaved row holds one group member of each of its sites' groups",
              "rl.dynamic_sampling: false")
+    need(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
+         f"must be >= 0 (0: no saves by step count), got {cfg.checkpoint.save_interval}", "checkpoint.save_interval: 500")
+    need(cfg.checkpoint.save_interval_minutes >= 0, "checkpoint.save_interval_minutes",
+         f"must be >= 0 (0: no saves by wall time), got {cfg.checkpoint.save_interval_minutes}",
+         "checkpoint.save_interval_minutes: 30")
     validate_rollout(cfg)
+    validate_lengths(cfg)
     validate_side_models(cfg)
     if world_size is not None:
         dp = data_parallel_size(p, world_size)
@@ -619,6 +643,10 @@ def validate_rollout(cfg: RunConfig) -> None:
     if r.off_policy_steps not in (0, 1):
         raise ConfigError(f"rollout.off_policy_steps: must be 0 or 1, got {r.off_policy_steps}; fix: "
                           "rollout.off_policy_steps: 0 (on-policy) or 1 (one step ahead)")
+    if r.engine == "megatron" and cfg.parallel.sequence_parallel and cfg.rl.objective != "ntp":
+        raise ConfigError("rollout.engine: the in-process 'megatron' engine decodes one token a step, which "
+                          "parallel.sequence_parallel cannot split over TP; fix: rollout.engine: sglang, or "
+                          "parallel.sequence_parallel: false")
     if r.engine == "megatron" and r.placement != "colocated":
         raise ConfigError(f"rollout.placement: {r.placement!r} needs rollout.engine='sglang'; the in-process "
                           "megatron engine samples from the trainer's own module, so it is colocated by nature; "
@@ -655,6 +683,38 @@ def validate_rollout(cfg: RunConfig) -> None:
                           f"fix: rollout.sglang.weight_sync: {channels[0]}")
 
 
+def template_token_bound(data: DataConfig) -> int:
+    """At most how many tokens the prompt template adds around the context, for any tokenizer of this project:
+    each of data's tags is one token, any other character at most one token per UTF-8 byte (byte-level BPE and
+    byte-fallback vocabularies; the trainer checks the exact count once its tokenizer exists)."""
+    text = data.prompt_template.replace("{context}", "")
+    tags = sorted((data.think_open, data.think_close, data.answer_open, data.answer_close), key=len, reverse=True)
+    count = 0
+    for tag in tags:
+        count += text.count(tag)
+        text = text.replace(tag, "")
+    return count + len(text.encode("utf-8"))
+
+
+def check_prompt_fits(cfg: RunConfig, template_tokens: int, exact: bool) -> None:
+    """An RL row is [prompt, generated]: the longest prompt (a site leaves answer_horizon tokens of a
+    context_len chunk after it, plus the template) with rollout.max_new_tokens must fit schedule.seq_length + 1."""
+    if cfg.rl.objective == "ntp":
+        return
+    d, s = cfg.data, cfg.schedule
+    longest = d.context_len - d.answer_horizon + template_tokens + cfg.rollout.max_new_tokens
+    if longest > s.seq_length + 1:
+        count = "" if exact else "at most "
+        raise ConfigError(
+            f"schedule.seq_length: a rollout row of data.context_len={d.context_len} - data.answer_horizon="
+            f"{d.answer_horizon} context tokens + {count}{template_tokens} tokens of data.prompt_template + "
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} = {longest} does not fit schedule.seq_length + 1 "
+            f"= {s.seq_length + 1}: raise schedule.seq_length or lower data.context_len or rollout.max_new_tokens")
+
+
+def validate_lengths(cfg: RunConfig) -> None:
+    """check_prompt_fits with the template counted by its bound (the exact count needs the tokenizer)."""
+    check_prompt_fits(cfg, template_token_bound(cfg.data), exact=False)
 def reference_path(cfg: RunConfig) -> Optional[str]:
     """The checkpoint of the frozen reference model: rl.reference, else checkpoint.load (None: none)."""
     return cfg.rl.reference or cfg.checkpoint.load

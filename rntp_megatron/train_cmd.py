@@ -1,4 +1,4 @@
-"""`rntp train --config run.yaml [--set a.b=c ...]`: one training run (under torchrun, srun, or alone)."""
+"""`rntp train --config run.yaml [--config changes.yaml ...] [--set a.b=c ...]`: one training run (under torchrun, srun, or alone)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of the run config (defaults when omitted)")
+    parser.add_argument("--config", action="append", help="YAML file of the run config (defaults when omitted); "
+                        "repeat it to lay files over each other in order, e.g. a recipe and then site changes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set rl.group_size=16 (repeatable)")
 

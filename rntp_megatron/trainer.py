@@ -30,9 +30,11 @@ from megatron.core import parallel_state
 
 from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, resolve_checkpoint,
                                       rng_state, save_checkpoint, set_rng_state)
-from rntp_megatron.config import ConfigError, RunConfig, data_parallel_size, next_multiple, to_dict, validate
+from rntp_megatron.config import (ConfigError, RunConfig, check_prompt_fits, data_parallel_size, next_multiple,
+                                  to_dict, validate)
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
+from rntp_megatron.data.fit import CUT_KEY, cut_prompt_left
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, check_model_vocab, tokenizer_for
 from rntp_megatron.flops import FlopMeter
@@ -94,7 +96,10 @@ class Trainer:
                               f"rl.group_size={rl.group_size} (a group must stay on one rank); fix: "
                               f"schedule.global_batch_size: {fits}")
         self.tokenizer: Tokenizer = tokenizer_for(cfg.data)
-        check_model_vocab(cfg, self.tokenizer.vocab_size)
+        check_model_vocab(cfg, self.tokenizer.vocab_size, getattr(self.tokenizer, "added_tags", []))
+        before, after = (self.tokenizer.encode(part) for part in cfg.data.prompt_template.split("{context}"))
+        check_prompt_fits(cfg, len(before) + len(after), exact=True)
+        self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
         self.model = build_model(cfg.model, cfg.parallel)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
@@ -181,9 +186,11 @@ class Trainer:
     def run(self) -> int:
         """Train to total_steps; 0 when done, EXIT_PREEMPTED after saving on SIGTERM/SIGUSR1."""
         interval = self.cfg.checkpoint.save_interval
+        every_s = self.cfg.checkpoint.save_interval_minutes * 60
         if self.placement is not None:  # the engine serves the weights this run starts from, as their version
             self.placement.push_weights(self.weight_version)
         budget = self.cfg.schedule.flops_budget
+        last_save = time.monotonic()
         while self.step < self.total_steps and (budget is None or sum(self.flops.totals.values()) < budget):
             t0 = time.monotonic()
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
@@ -195,14 +202,18 @@ class Trainer:
             values["step_time_s"] = time.monotonic() - t0
             self.metrics.log(self.step, values)
             self.step += 1
-            stop = torch.tensor([self._stop_signal or 0], device=device())
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
+            # [signal, save by time]: rank 0's clock decides the time, so every rank saves at the same step
+            due = dist.get_rank() == 0 and every_s > 0 and time.monotonic() - last_save >= every_s
+            flags = torch.tensor([self._stop_signal or 0, int(due)], device=device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = flags.tolist()
+            if stop:
                 self.save()
                 return EXIT_PREEMPTED
-            if interval and self.step % interval == 0 and self.step < self.total_steps:
+            if (due or (interval and self.step % interval == 0)) and self.step < self.total_steps:
                 self.save()
-        if interval or self.cfg.checkpoint.dir:
+                last_save = time.monotonic()
+        if interval or every_s or self.cfg.checkpoint.dir:
             self.save()
         self.metrics.close()
         return 0
@@ -227,7 +238,8 @@ class Trainer:
     def _plan_rollouts(self, step: int) -> tuple[list[Episode], SamplingParams]:
         """This DP rank's next rows_per_rank / G episodes and the sampling of `step` (seeded by the step)."""
         r, G = self.cfg.rollout, self.cfg.rl.group_size
-        episodes = self.stream.take(self.rows_per_rank // G)
+        episodes = [cut_prompt_left(ep, self.max_prompt_len, self.prompt_prefix_len)
+                    for ep in self.stream.take(self.rows_per_rank // G)]
         # Stop strings that are one token are also passed by id: an engine whose own tokenizer lacks the
         # special tokens (an SGLang server on a byte vocabulary) still stops on them.
         single = [ids[0] for ids in map(self.tokenizer.encode, r.stop) if len(ids) == 1]
@@ -358,6 +370,7 @@ class Trainer:
         }
         lengths = [len(self._thought_ids(r)) - len(self.think_close_ids) for r in rollouts]
         pairs["thought_len"] = (float(sum(lengths)), float(len(lengths)))
+        pairs["prompt_cut_rate"] = (float(sum(CUT_KEY in ep.meta for ep in episodes)), float(len(episodes)))
         closed = [float(r.finish_reason == "stop") for r in rollouts]
         pairs["finished_rate"] = (sum(closed), float(len(closed)))
         for cls in ("T", "C", "I"):

@@ -42,6 +42,10 @@ def test_model_card_fills_defaults_and_keys_override_it():
     ({}, ["parallel.sequence_parallel=true"], r"parallel.sequence_parallel: true needs TP > 1"),
     ({}, ["parallel.context_parallel_size=2"], r"parallel.context_parallel_size: 2 is not supported: .*Transformer "
      r"Engine's attention"),
+    ({}, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "schedule.seq_length=255",
+          "data.context_len=128"], r"schedule.seq_length: 255 must be a multiple of TP=2"),
+    ({}, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+     r"rollout.engine: the in-process 'megatron' engine decodes one token a step"),
     ({}, ["model.fp8=mxfp8", "model.transformer_impl=local"], r"model.fp8: FP8 recipe 'mxfp8' needs"),
     ({}, ["data.logprob_window=[-1, -4]"], r"data.logprob_window: low -1.0 must be below high -4.0"),
     ({}, ["nonsense"], r"override 'nonsense' must look like section.key=value"),

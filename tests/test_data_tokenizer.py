@@ -73,3 +73,38 @@ def test_configured_tags_are_single_tokens():
     tok = tokenizer_for(data)
     assert tok.encode("x<reason>y</reason>") == [120, 256, 121, 257]
     assert tok.encode("<think>") == list(b"<think>")
+
+
+TAGGED = "Ab <think>x y</think><answer> 42</answer>é"
+
+
+def test_qwen3_keeps_its_think_tags_and_adds_only_the_answer_tags(tmp_path):
+    from tests.family_tokenizers import write_family_tokenizer
+
+    folder = write_family_tokenizer(tmp_path, "qwen3")
+    tok = HFTokenizer(folder)
+    base = 256 + 26
+    assert tok._tok.convert_tokens_to_ids(["<think>", "</think>"]) == [base - 2, base - 1]  # Qwen3's own ids
+    assert tok.added_tags == ["<answer>", "</answer>"] and tok.mapped_tags == {}
+    assert tok.vocab_size == base + 2 and tok.eos_id == 256 + 2 and tok.pad_id == 256  # <|im_end|>, <|endoftext|>
+    ids = tok.encode(TAGGED)
+    assert [ids.count(i) for i in (base - 2, base - 1, base, base + 1)] == [1, 1, 1, 1]
+    assert tok.decode(ids) == TAGGED and b"".join(tok.token_bytes(i) for i in ids) == TAGGED.encode()
+
+
+def test_llama3_puts_the_tags_on_reserved_special_tokens_without_growing(tmp_path):
+    from tests.family_tokenizers import write_family_tokenizer
+
+    folder = write_family_tokenizer(tmp_path, "llama3")
+    tok = HFTokenizer(folder)
+    assert tok.vocab_size == 512 and tok.added_tags == []  # Llama 3's 128,256 stays 128,256
+    reserved = [tok._tok.convert_tokens_to_ids(f"<|reserved_special_token_{k}|>") for k in range(4)]
+    assert reserved == [256 + 2, 256 + 3, 256 + 5, 256 + 11]  # reserved 0..3 in Llama 3.1's layout
+    assert tok.mapped_tags == dict(zip(DEFAULT_TAGS, reserved))
+    ids = tok.encode(TAGGED)
+    assert [ids.count(i) for i in reserved] == [1, 1, 1, 1] and len(ids) == len(TAGGED.encode()) - sum(map(len, DEFAULT_TAGS)) + 4
+    assert tok.decode(ids) == TAGGED and b"".join(tok.token_bytes(i) for i in ids) == TAGGED.encode()
+    assert tok.eos_id == 256 + 1 and tok.pad_id == tok.eos_id
+    # the trainer's tokenizer, with the run's tags: the same mapping
+    data = build_config({"data": {"tokenizer": {"kind": "hf", "path": str(folder)}}}).data
+    assert tokenizer_for(data).encode("<answer>") == [reserved[2]]

@@ -1,5 +1,5 @@
 """The method learns: the CPU demo's recipe (recipes/configs/demo_*.yaml), pretrained once, then RNTP RL with real
-rewards and, from the same weights, with shuffled rewards (the control of ALGORITHMS.md section 5). Held-out
+rewards and, from the same weights, with shuffled rewards (the control of docs/method.md, section 5). Held-out
 synthetic sites, greedy decoding, real `rntp train` / `rntp eval` processes."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""MegatronEngine: KV-cache sampling agrees with a full forward of the same GPTModel, at TP1 and TP2."""
+"""MegatronEngine: KV-cache sampling agrees with a full forward of the same GPTModel, at TP1 and TP2; at PP2
+(hidden states passed stage to stage) it writes the same rollouts as at PP1 from the same weights."""
 
 from __future__ import annotations
 
@@ -147,3 +148,46 @@ def test_samplers_draw_from_the_right_distribution():
     out = run_ranks(_sampler_statistics, 2)[0]
     assert out["gumbel"] < 0.012, out
     assert out["topk"] < 0.012, out
+
+
+def _pipeline_rollouts(rank: int, world_size: int, root: str) -> dict:
+    """Greedy and sampled rollouts of the tiny model at PP = world_size; at PP1 it first saves its weights to
+    `root`, at PP2 it loads them from there (a checkpoint loads at another layout)."""
+    from rntp_megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from rntp_megatron.config import build_config
+    from rntp_megatron.data.tokenizer import ByteTokenizer
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.rollout.engine import SamplingParams
+    from rntp_megatron.rollout.megatron_engine import MegatronEngine
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({"model": {"card": "tiny", "vocab_size": 262},
+                        "parallel": {"pipeline_model_parallel_size": world_size}})
+    init_distributed(cfg.parallel, seed=11)
+    try:
+        model = build_model(cfg.model, cfg.parallel)
+        if world_size == 1:
+            save_checkpoint(root, 1, [model], None, trainer_state={"step": 1}, rank_state={})
+        else:
+            load_checkpoint(latest_checkpoint(root), [model], optimizer=None)
+        tok = ByteTokenizer()
+        engine = MegatronEngine(model, tok, max_batch_size=8)
+        prompts = [tok.encode(p) for p in PROMPTS]
+        greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12))
+        sampled = engine.generate(prompts, SamplingParams(temperature=1.0, n=2, max_new_tokens=12, seed=3,
+                                                          stop_token_ids=[ord("a")]))
+        return {name: [(r.token_ids, r.logprobs, r.finish_reason, r.prompt_index) for r in rollouts]
+                for name, rollouts in (("greedy", greedy), ("sampled", sampled))}
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.distributed
+def test_engine_generates_at_pp2_as_at_pp1(tmp_path):
+    [pp1] = run_ranks(_pipeline_rollouts, 1, args=(str(tmp_path),))
+    pp2 = run_ranks(_pipeline_rollouts, 2, args=(str(tmp_path),))
+    assert pp2[0] == pp2[1]  # both stages return the same rollouts
+    for name in ("greedy", "sampled"):
+        for (ids1, lp1, fin1, i1), (ids2, lp2, fin2, i2) in zip(pp1[name], pp2[0][name], strict=True):
+            assert (ids1, fin1, i1) == (ids2, fin2, i2), name
+            assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-5, name

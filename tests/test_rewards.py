@@ -1,4 +1,4 @@
-"""Rewards of ALGORITHMS.md section 3 on hand-made cases: leading/trailing spaces, multi-byte UTF-8, token
+"""Rewards of docs/method.md section 3 on hand-made cases: leading/trailing spaces, multi-byte UTF-8, token
 boundaries, empty answers, missing or repeated tags, answers longer than the horizon, and the shaping terms."""
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def head_logits(head: OutputLayerInput) -> torch.Tensor:
 
 
 def reference_objective(z: torch.Tensor, b: RLBatch, cfg: RLConfig, ntp_weight: float) -> torch.Tensor:
-    """The step objective in float64, row by row, written from ALGORITHMS.md section 4 (not from loss.py)."""
+    """The step objective in float64, row by row, written from docs/method.md section 4 (not from loss.py)."""
     old, roll = b.old_logprobs.double(), b.rollout_logprobs.double()
     logp_t = torch.log_softmax(z / TEMPERATURE, -1).gather(-1, b.labels[..., None]).squeeze(-1)
     logp_1 = torch.log_softmax(z, -1).gather(-1, b.labels[..., None]).squeeze(-1)

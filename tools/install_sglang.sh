@@ -3,7 +3,7 @@
 # imports sglang itself.
 #   tools/install_sglang.sh [VENV_DIR]          default: <repo>/sglang-venv
 # GPU machine (nvidia-smi present): a plain `pip install sglang==0.5.21`.
-# CPU machine: the recipe of DESIGN.md (~3 min, ~3.4 GB): torch 2.13.0 (CPU wheel, the version sglang 0.5.21
+# CPU machine: the recipe of docs/design.md ("Running on CPU") (~3 min, ~3.4 GB): torch 2.13.0 (CPU wheel, the version sglang 0.5.21
 # pins), sglang without its CUDA-only dependencies, torchvision (transformers' image processors import it)
 # with its CUDA op registrations skipped, and a pure-torch stand-in for the two sgl-kernel CPU ops
 # (tools/sglang_cpu/sgl_kernel_cpu_standin.py, installed as the `sgl_kernel` module).

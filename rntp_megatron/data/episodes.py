@@ -1,4 +1,4 @@
-"""Document -> chunks -> sites -> Episodes, with the prompt template of DataConfig (ALGORITHMS.md section 1).
+"""Document -> chunks -> sites -> Episodes, with the prompt template of DataConfig (docs/method.md, section 1).
 
 A document's tokens are cut into consecutive chunks of at most `context_len` tokens; each chunk gets up to
 `sites_per_chunk` sites t, and site t becomes an Episode whose prompt is the template around x_<t (the chunk

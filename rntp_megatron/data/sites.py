@@ -1,4 +1,4 @@
-"""Site selection: which token positions t of a chunk become RNTP episodes (ALGORITHMS.md section 2).
+"""Site selection: which token positions t of a chunk become RNTP episodes (docs/method.md, section 2).
 
 A site t needs `min_context` tokens before it and `horizon` tokens from it on: min_context <= t <= n - horizon.
 `uniform` draws k of them; `entropy` and `logprob_window` draw k among those a proxy model finds

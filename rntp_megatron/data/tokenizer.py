@@ -8,14 +8,16 @@ so a prompt ends exactly where the policy starts to think and the answer slot is
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 from rntp_megatron.config import ConfigError, DataConfig, RunConfig, TokenizerConfig, padded_vocab_size
 
 DEFAULT_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN = "<|eos|>"
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>")  # Llama 3's unused special tokens
 PAD_TOKEN = "<|pad|>"
 
 
@@ -54,18 +56,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of `text` as ids, with each special string replaced by its single id."""
         ids: list[int] = []
-        pos = 0
-        while pos < len(text):
-            nxt, which = len(text), None
-            for s in self._by_length:
-                i = text.find(s, pos)
-                if i != -1 and i < nxt:
-                    nxt, which = i, s
-            ids.extend(text[pos:nxt].encode("utf-8"))
-            if which is None:
-                break
-            ids.append(self._special_ids[which])
-            pos = nxt + len(which)
+        for piece, special in _split_on(text, self._by_length):
+            ids.extend(piece.encode("utf-8"))
+            if special is not None:
+                ids.append(self._special_ids[special])
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -96,7 +90,13 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local folder (tokenizer.json or a transformers tokenizer)."""
+    """A Hugging Face tokenizer loaded from a local folder (tokenizer.json or a transformers tokenizer).
+
+    Each RNTP tag becomes one token without growing the vocabulary when it can: a tag the tokenizer has
+    (Qwen3's `<think>`, `</think>`) keeps its id; a missing one takes the next unused reserved special token
+    (Llama 3's `<|reserved_special_token_k|>`, in order of k), encoded and decoded as the tag's text here; only
+    a tokenizer with neither gets the tag as an added token (`added_tags`), which the model's vocab must hold.
+    """
 
     def __init__(self, path: str | Path, tags: Sequence[str] = DEFAULT_TAGS) -> None:
         from transformers import AutoTokenizer
@@ -106,14 +106,19 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
         self.path = path
         self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        missing = [t for t in tags if t not in self._tok.get_vocab()]
-        if missing:
-            # Tags become single added tokens; the model's vocab must cover them (vocab_size says how big).
-            self._tok.add_special_tokens({"additional_special_tokens": missing})
+        vocab = self._tok.get_vocab()
+        missing = [t for t in tags if t not in vocab]
+        reserved = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := RESERVED_TOKEN.fullmatch(t)))
+        self.mapped_tags = {tag: i for tag, (_, i) in zip(missing, reserved)}  # tag -> reserved token id
+        self.added_tags = missing[len(self.mapped_tags):]
+        if self.added_tags:
+            self._tok.add_special_tokens({"additional_special_tokens": self.added_tags})
         if self._tok.eos_token is None:
             self._tok.add_special_tokens({"eos_token": EOS_TOKEN})
         if self._tok.pad_token is None:
             self._tok.pad_token = self._tok.eos_token
+        self._mapped_by_id = {i: tag for tag, i in self.mapped_tags.items()}
+        self._mapped_by_length = sorted(self.mapped_tags, key=len, reverse=True)
         self.vocab_size = len(self._tok)
         self.eos_id = int(self._tok.eos_token_id)
         self.pad_id = int(self._tok.pad_token_id)
@@ -122,16 +127,36 @@ class HFTokenizer:
         self._byte_level = _has_byte_level(decoder)
 
     def encode(self, text: str) -> list[int]:
-        """The tokenizer's ids for `text`, without BOS/EOS added."""
-        return list(self._tok.encode(text, add_special_tokens=False))
+        """The tokenizer's ids for `text`, without BOS/EOS added; tags on reserved tokens become their ids."""
+        ids: list[int] = []
+        for piece, tag in _split_on(text, self._mapped_by_length):
+            if piece:
+                ids.extend(self._tok.encode(piece, add_special_tokens=False))
+            if tag is not None:
+                ids.append(self.mapped_tags[tag])
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The tokenizer's decoding of `ids`, special tokens kept."""
-        return self._tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """The tokenizer's decoding of `ids`, special tokens kept; reserved tokens that carry a tag read as it."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._mapped_by_id:
+                out += [self._decode_run(run), self._mapped_by_id[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._decode_run(run)
+
+    def _decode_run(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self._tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """Bytes of one token: byte-level BPE pieces are mapped back through the GPT-2 byte alphabet,
         SentencePiece byte-fallback pieces `<0xNN>` are one byte, other pieces are their decoded text."""
+        if int(token_id) in self._mapped_by_id:
+            return self._mapped_by_id[int(token_id)].encode("utf-8")
         piece = self._tok.convert_ids_to_tokens(int(token_id))
         if piece is None:
             raise ValueError(f"token id {token_id} is outside the tokenizer's vocab [0, {self.vocab_size})")
@@ -143,6 +168,20 @@ class HFTokenizer:
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes((int(piece[3:5], 16),))
         return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _split_on(text: str, specials: Sequence[str]) -> Iterator[tuple[str, Optional[str]]]:
+    """(text before, special) pieces of `text` split at each occurrence of a special string (longest first at
+    a position); the last piece has special None."""
+    pos = 0
+    while True:
+        found = min(((i, -len(s), s) for s in specials if (i := text.find(s, pos)) != -1), default=None)
+        if found is None:
+            yield text[pos:], None
+            return
+        at, _, special = found
+        yield text[pos:at], special
+        pos = at + len(special)
 
 
 def _has_byte_level(decoder: Optional[dict]) -> bool:
@@ -193,15 +232,18 @@ def tokenizer_for(data: DataConfig) -> Tokenizer:
     return build_tokenizer(data.tokenizer, (data.think_open, data.think_close, data.answer_open, data.answer_close))
 
 
-def check_model_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
+def check_model_vocab(cfg: RunConfig, tokenizer_vocab: int, added_tags: Sequence[str] = ()) -> None:
     """model.vocab_size must hold every tokenizer id (tags included); the error names the smallest padded size
-    that does: tokenizer_vocab rounded up to make_vocab_size_divisible_by * TP, as the model pads it anyway."""
+    that does: tokenizer_vocab rounded up to make_vocab_size_divisible_by * TP, as the model pads it anyway.
+    added_tags: the tags the tokenizer had to add (it had neither them nor reserved special tokens)."""
     if tokenizer_vocab <= cfg.model.vocab_size:
         return
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    added = (f", with the tags {list(added_tags)} added: it has neither them nor reserved special tokens to carry "
+             "them" if added_tags else "")
     raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
                       f"({tokenizer_vocab} ids with the think/answer tags, data.tokenizer.kind="
-                      f"{cfg.data.tokenizer.kind!r}); fix: model.vocab_size: "
+                      f"{cfg.data.tokenizer.kind!r}{added}); fix: model.vocab_size: "
                       f"{padded_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by, tp)} (the tokenizer's "
                       f"{tokenizer_vocab} rounded up to make_vocab_size_divisible_by * TP = "
                       f"{m.make_vocab_size_divisible_by} * {tp}), or a tokenizer of at most {m.vocab_size} ids")

@@ -1,4 +1,4 @@
-"""How answers are scored: a registry of reward functions and shaping terms (ALGORITHMS.md section 3)."""
+"""How answers are scored: a registry of reward functions and shaping terms (docs/method.md, section 3)."""
 
 from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import REWARDS, RewardContext, RewardSpec, get_reward, register_reward

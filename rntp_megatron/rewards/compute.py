@@ -24,7 +24,7 @@ def compute_rewards(episodes: Sequence[Episode], rollouts: Sequence[Rollout], to
 
     String rewards read the parsed answer; likelihood rewards take `likelihood` = (logp[N, K], mask[N, K],
     baseline[N, K] or None) from rewards/scoring.py, computed by the trainer. With `reward.shuffle` the base
-    rewards are permuted across the batch by `shuffle_seed` (the shuffled-reward control of ALGORITHMS.md 5).
+    rewards are permuted across the batch by `shuffle_seed` (the shuffled-reward control of docs/method.md, section 5).
     """
     spec = get_reward(reward.name)
     eps = [episodes[r.prompt_index] for r in rollouts]

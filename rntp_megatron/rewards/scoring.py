@@ -7,12 +7,14 @@ The trainer scores [context, thought] prefixes with the policy and [context] pre
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.utils import get_model_config
 
 from rntp_megatron.flops import record_scoring
 from rntp_megatron.model.moe import expert_parallel_max
@@ -40,7 +42,7 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """logp[N, K] = log p(continuations[i][k] | prefixes[i], continuations[i][:k]) and mask[N, K] (K = longest
     continuation), on the host, on every rank of the pipeline. Rows are right-padded to one length (a multiple of
-    `length_multiple`, e.g. TP under sequence parallelism; the longest of the EP group's ranks under expert
+    `length_multiple`, and of TP under sequence parallelism; the longest of the EP group's ranks under expert
     parallelism) and N to a multiple of micro_batch_size."""
     n = len(prefixes)
     if n != len(continuations) or n == 0:
@@ -48,6 +50,9 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
     if any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (the first continuation token is predicted from it)")
     record_scoring([len(p) for p in prefixes], [len(c) for c in continuations])
+    config = get_model_config(chunks[0])
+    if config.sequence_parallel:  # the embedding scatters the sequence over TP: every caller needs this
+        length_multiple = math.lcm(length_multiple, config.tensor_model_parallel_size)
     rows = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
     length = expert_parallel_max(max(len(r) for r in rows) - 1, next(chunks[0].parameters()).device)
     length = -(-length // length_multiple) * length_multiple

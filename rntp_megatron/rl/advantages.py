@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md section 4) and the dynamic-sampling filter (section 2).
+"""Group-relative advantages (docs/method.md, section 4) and the dynamic-sampling filter (section 2).
 
 Rewards arrive as one flat tensor, grouped in order: the G samples of group 0, then group 1, ... (the order
 `RolloutEngine.generate` returns them in). Advantages are computed within each group, never across sites.

@@ -1,4 +1,4 @@
-"""Per-token policy-gradient terms (ALGORITHMS.md section 4): PPO clip (clip-higher, dual clip), GSPO's sequence
+"""Per-token policy-gradient terms (docs/method.md, section 4): PPO clip (clip-higher, dual clip), GSPO's sequence
 ratio, KL estimators to a reference policy, and train/rollout importance corrections (TIS, icepop).
 
 Everything here is elementwise over [b, s] tensors plus per-row reductions; aggregation over the step lives

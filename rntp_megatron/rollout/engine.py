@@ -1,4 +1,4 @@
-"""The RolloutEngine contract every engine implements (DESIGN.md, "Contracts worth keeping stable")."""
+"""The RolloutEngine contract every engine implements (docs/design.md, "Contracts worth keeping stable")."""
 
 from __future__ import annotations
 

@@ -10,7 +10,10 @@ rows decode in lockstep, one token a forward. Logits stay vocab-parallel over th
   whole slice for top-p alone, i.e. the full vocab is gathered then) to one all-gather;
 - the log-prob of the sampled token comes from a vocab-parallel log-softmax (all-reduce of max and sum).
 
-Runs at TP >= 1 with PP = 1 (the colocated trainer holds the whole stage), on CPU and GPU.
+Under pipeline parallelism (PP > 1) each stage runs its layers on the prefill and on every decode step, with
+its own KV cache, and sends its hidden states [s, b, h] to the next stage; the last stage samples and
+broadcasts (id, log-prob) of each row to every stage of its pipeline, which all keep the same rollouts.
+Runs at any TP x PP, on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -96,21 +99,29 @@ def truncated_sample(scores: torch.Tensor, vocab_start: int, top_k: int, top_p: 
     return ids.gather(1, choice[:, None])[:, 0]
 
 
+def _from_last_stage(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last pipeline stage's sampled ids[N] and their log-probs[N] on every stage (one broadcast of both as
+    float64, exact for ids below 2**53); unchanged at PP = 1."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return ids, logprobs
+    both = torch.stack([ids.double(), logprobs.double()])
+    dist.broadcast(both, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return both[0].long(), both[1].float()
+
+
 class MegatronEngine(RolloutEngine):
-    """A colocated RolloutEngine over the trainer's GPTModel (PP = 1, any TP).
+    """A colocated RolloutEngine over the trainer's GPTModel stage (any TP and PP).
 
     It shares the trainer's module, so `update_weights` loads nothing: it only records the version that
     later rollouts report. `tokenizer` decodes text for stop strings (Tokenizer protocol of data/tokenizer);
     ids at or above tokenizer.vocab_size (Megatron's vocab padding) are never sampled and are left out of
     the log-probs. Log-probs are those of softmax(logits / temperature) before top-k/top-p truncation
     (temperature 1 for greedy), the distribution the trainer recomputes. Every TP rank of a group must
-    call generate() with the same prompts; all of them return the same rollouts.
+    call generate() with the same prompts, and so must every stage of a pipeline; all return the same rollouts.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 256) -> None:
-        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError("MegatronEngine needs pipeline_model_parallel_size=1, got "
-                             f"{parallel_state.get_pipeline_model_parallel_world_size()}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -193,14 +204,17 @@ class MegatronEngine(RolloutEngine):
         context = StaticInferenceContext(max_batch_size=rows, max_sequence_length=length + sampling.max_new_tokens)
         tokens = torch.tensor(prompts, dtype=torch.long, device=device)
         positions = torch.arange(length, device=device).expand(len(prompts), length)
-        logits = self.model(tokens, positions, None, inference_context=context)[:, -1]  # [P, V/tp]
+        logits = self._forward(tokens, positions, context)  # [P, V/tp] on the last stage, None before it
         for layer, (keys, values) in context.key_value_memory_dict.items():  # [seq, batch, groups, dim]
             keys[:length, :rows] = keys[:length, :len(prompts)].repeat_interleave(n, dim=1)
             values[:length, :rows] = values[:length, :len(prompts)].repeat_interleave(n, dim=1)
-        logits = logits.repeat_interleave(n, dim=0)
         context.sequence_len_offset = length
-        vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-        padding = torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device) >= self.tokenizer.vocab_size
+        last_stage = logits is not None
+        if last_stage:
+            logits = logits.repeat_interleave(n, dim=0)
+            vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+            padding = (torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device)
+                       >= self.tokenizer.vocab_size)
         stop_ids = set(sampling.stop_token_ids)
         generated: list[list[int]] = [[] for _ in range(rows)]
         logprobs: list[list[float]] = [[] for _ in range(rows)]
@@ -212,14 +226,17 @@ class MegatronEngine(RolloutEngine):
         # prefill and reused by training forwards, so it must stay a normal tensor.
         with cuda_redirects_paused(), torch.inference_mode():
             for step in range(sampling.max_new_tokens):
-                scores = logits.float().masked_fill(padding, float("-inf"))
-                if sampling.temperature > 0:
-                    scores = scores / sampling.temperature
-                if sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1.0):
-                    next_ids = truncated_sample(scores, vocab_start, sampling.top_k, sampling.top_p, shared)
-                else:
-                    next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
-                next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
+                next_ids = next_lp = torch.zeros(rows, dtype=torch.long, device=device)
+                if last_stage:
+                    scores = logits.float().masked_fill(padding, float("-inf"))
+                    if sampling.temperature > 0:
+                        scores = scores / sampling.temperature
+                    if sampling.temperature > 0 and (sampling.top_k > 0 or sampling.top_p < 1.0):
+                        next_ids = truncated_sample(scores, vocab_start, sampling.top_k, sampling.top_p, shared)
+                    else:
+                        next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
+                    next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
+                next_ids, next_lp = _from_last_stage(next_ids, next_lp)
                 ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
                 for r in active:
                     tok = ids_now[r]
@@ -231,11 +248,27 @@ class MegatronEngine(RolloutEngine):
                 if not active or step == sampling.max_new_tokens - 1:
                     break
                 position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
-                logits = self.model(next_ids[:, None], position, None, inference_context=context)[:, -1]
+                logits = self._forward(next_ids[:, None], position, context)
                 context.sequence_len_offset += 1
         return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
                         text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],
                         finish_reason=finish[r], weight_version=self.weight_version) for r in range(rows)]
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 context: StaticInferenceContext) -> Optional[torch.Tensor]:
+        """This stage's forward of tokens[b, s] (KV cache in `context`): hidden states [s, b, h] come from the
+        previous stage and go to the next; the last stage returns the logits of the last position [b, V/tp]."""
+        if not parallel_state.is_pipeline_first_stage():
+            config = self.model.config
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], config.hidden_size, device=tokens.device,
+                                 dtype=config.pipeline_dtype or config.params_dtype)
+            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            self.model.set_input_tensor(hidden)
+        out = self.model(tokens, positions, None, inference_context=context)
+        if not parallel_state.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            return None
+        return out[:, -1]
 
     def _hits_stop(self, token_ids: Sequence[int], stops: list[str]) -> bool:
         """Whether the text of token_ids ends with a stop string completed by its last token."""

@@ -59,8 +59,9 @@ class SGLangEngine(RolloutEngine):
         if cfg.url is None and model_path is None:
             raise ValueError("SGLangEngine needs model_path (an HF folder to start the server) or rollout.sglang.url")
         self.cfg = cfg
-        self.model_path = str(model_path) if model_path is not None else None
-        self.run_dir = Path(run_dir)
+        # absolute: the server runs in run_dir, and the disk channel names folders to it
+        self.model_path = str(Path(model_path).absolute()) if model_path is not None else None
+        self.run_dir = Path(run_dir).absolute()
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.decode = decode
@@ -217,7 +218,7 @@ class SGLangEngine(RolloutEngine):
         self._call(f"/flush_cache?timeout={timeout_s:g}", {}, timeout=timeout_s + 30)
 
     def sleep(self) -> None:
-        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see DESIGN.md)."""
+        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see docs/design.md)."""
         self._call("/release_memory_occupation", {}, timeout=300)
 
     def wake(self) -> None:

@@ -35,7 +35,7 @@ class SGLangServerError(RuntimeError):
 
 
 def on_cpu() -> bool:
-    """Whether the server runs on CPU (no CUDA here): the CPU engine flags of DESIGN.md apply."""
+    """Whether the server runs on CPU (no CUDA here): the CPU engine flags of docs/design.md apply."""
     return not torch.cuda.is_available()
 
 
@@ -46,7 +46,7 @@ def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, a
             "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--skip-server-warmup",
             "--log-level", "info"]
     if on_cpu():
-        # Measured recipe for SGLang on these CPUs (DESIGN.md, "Platform facts").
+        # Measured recipe for SGLang on these CPUs (docs/design.md, "Running on CPU").
         argv += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                  "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
     return argv + list(cfg.extra_args)
