@@ -12,7 +12,9 @@ its layout). So a sync costs one TP transfer per rank and group and one PP trans
 per parameter. Data-parallel and context-parallel replicas other than the first hold copies and take no part.
 
 Each yielded bucket's tensors are views of one fresh buffer that the consumer owns (buckets.flatten returns
-that buffer without a copy). The same stream feeds SGLang and HF checkpoints.
+that buffer without a copy). The same stream feeds SGLang and HF checkpoints. Buffers live where the group that
+moves them works (buckets.group_device): on the GPU under NCCL, so the buckets a GPU run yields are CUDA tensors
+(the SGLang tensor channel then sends CUDA IPC handles, a checkpoint writer copies each shard to the host once).
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from megatron.core import parallel_state
 
 from rntp_megatron.config import ModelConfig
 from rntp_megatron.model import hf_mapping
-from rntp_megatron.runtime import device
-from rntp_megatron.weights.buckets import (DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten, nbytes, packed,
-                                           unflatten)
+from rntp_megatron.weights.buckets import (DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten, group_device,
+                                           nbytes, packed, unflatten)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -55,11 +56,12 @@ def _gathered_shards(group: NamedTensors, tp_group: dist.ProcessGroup) -> Option
     partitioned = [(name, p.detach()) for name, p in group if hf_mapping.tp_partition_dim(name) is not None]
     if not partitioned:
         return {} if tp_rank == 0 else None
-    local, metas = flatten(partitioned)
+    device = group_device(tp_group)
+    local, metas = flatten(partitioned, device=device)
     if tp_rank != 0:
         dist.send(local, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
         return None
-    others = torch.empty(tp_size - 1, local.numel(), dtype=torch.uint8, device=local.device)
+    others = torch.empty(tp_size - 1, local.numel(), dtype=torch.uint8, device=device)
     # Point-to-point, not dist.gather: gloo's gather moved 0.15 GB/s here against 1.7 GB/s for send/recv.
     receives = [dist.irecv(others[r - 1], src=dist.get_global_rank(tp_group, r), group=tp_group)
                 for r in range(1, tp_size)]
@@ -70,9 +72,9 @@ def _gathered_shards(group: NamedTensors, tp_group: dist.ProcessGroup) -> Option
 
 
 def _stage_buckets(model: torch.nn.Module, cfg: ModelConfig, dtype: Optional[torch.dtype], bucket_bytes: int,
-                   tp_group: dist.ProcessGroup) -> Iterator[NamedTensors]:
-    """This stage's HF buckets (views of one flat buffer each) on its TP rank 0; other TP ranks only join the
-    gathers. Parameters are grouped by full size, so a group's HF tensors make one bucket unless one
+                   tp_group: dist.ProcessGroup, device: torch.device) -> Iterator[NamedTensors]:
+    """This stage's HF buckets (views of one flat buffer each, on device) on its TP rank 0; other TP ranks only
+    join the gathers. Parameters are grouped by full size, so a group's HF tensors make one bucket unless one
     parameter alone exceeds bucket_bytes (its HF tensors are then bucketed apart, a larger one alone)."""
     tp_size = dist.get_world_size(tp_group)
 
@@ -88,7 +90,7 @@ def _stage_buckets(model: torch.nn.Module, cfg: ModelConfig, dtype: Optional[tor
             full = hf_mapping.merge_tp_shards(name, shards[name]) if name in shards else param.detach()
             hf += hf_mapping.to_hf(name, full, cfg)
         for bucket in bucketed(hf, bucket_bytes):
-            yield packed(bucket, dtype)
+            yield packed(bucket, dtype, device)
 
 
 def stream_hf_weights(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -101,12 +103,13 @@ def stream_hf_weights(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: in
     pp_rank, pp_size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
     tp_rank = dist.get_rank(tp_group)
     on_dst = dist.get_rank() == 0
+    device = group_device(pp_group)
     if on_dst and (pp_rank, tp_rank) != (0, 0):
         raise RuntimeError(f"global rank 0 must be pipeline stage 0, TP rank 0; it is PP {pp_rank}, TP {tp_rank}")
     for stage in range(pp_size):
         src = dist.get_global_rank(pp_group, stage)
         if stage == pp_rank:
-            for bucket in _stage_buckets(model, cfg, dtype, bucket_bytes, tp_group):
+            for bucket in _stage_buckets(model, cfg, dtype, bucket_bytes, tp_group, device):
                 if stage == 0:
                     yield bucket
                 else:
@@ -121,7 +124,7 @@ def stream_hf_weights(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: in
                 dist.broadcast_object_list(box, src=src, group=pp_group)
                 if box[0] is None:
                     break
-                flat = torch.empty(sum(m.nbytes for m in box[0]), dtype=torch.uint8, device=device())
+                flat = torch.empty(sum(m.nbytes for m in box[0]), dtype=torch.uint8, device=device)
                 dist.broadcast(flat, src=src, group=pp_group)
                 if on_dst:
                     yield unflatten(flat, box[0])
