@@ -164,7 +164,7 @@ def test_import_then_export_is_bit_exact(tmp_path, card):
 
 def _to_hf_args(ckpt: Path, out: Path):
     return argparse_namespace(direction="to-hf", checkpoint=str(ckpt), out=str(out), config=None, overrides=[],
-                              tokenizer=None, dtype=None, overwrite=False, tp=None, pp=1)
+                              tokenizer=None, dtype=None, fp8=False, overwrite=False, tp=None, pp=1)
 
 
 def test_missing_and_incomplete_checkpoints_fail_clearly(tmp_path):
