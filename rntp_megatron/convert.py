@@ -7,9 +7,9 @@ and the same weight stream that feeds SGLang (weights/export).
 to-hf reads a checkpoint saved at any TP/PP layout (dist_checkpointing reshards on load) and writes config.json,
 safetensors shards with their index, the tokenizer and generation_config.json; with --fp8 the decoder's linear
 weights are blockwise FP8 (128x128 e4m3 + float32 weight_scale_inv) and config.json carries the
-quantization_config that SGLang (`--quantization fp8`) and transformers (FineGrainedFP8) read. from-hf builds the Megatron model
-of a llama / qwen2 / qwen3 HF folder and saves it as step 0 of a checkpoint directory (model only, no optimizer)
-that a run starts from with `checkpoint.load`. Either runs in one process, or under torchrun with
+quantization_config that SGLang (`--quantization fp8`) and transformers (FineGrainedFP8) read. from-hf builds the
+Megatron model of a llama / qwen2 / qwen3 HF folder and saves it as step 0 of a checkpoint directory (model only,
+no optimizer) that a run starts from with `checkpoint.load`. Either runs in one process, or under torchrun with
 WORLD_SIZE = TP * PP to spread a large model. Outputs appear whole or not at all.
 """
 

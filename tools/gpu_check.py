@@ -189,7 +189,7 @@ def check_resume(report: Report, work: Path, size: dict, on_gpu: bool) -> None:
                ok=sorted(again) == list(range(half, steps)) and diff <= (1e-3 if on_gpu else 0.0))
 
 
-def check_export(report: Report, work: Path, device: Any, on_gpu: bool) -> None:
+def check_export(report: Report, work: Path, on_gpu: bool) -> None:
     """`rntp convert to-hf` of the pretrained model; transformers' logits against Megatron's on the device."""
     import torch
     import transformers
@@ -197,7 +197,7 @@ def check_export(report: Report, work: Path, device: Any, on_gpu: bool) -> None:
     from rntp_megatron.checkpoint import latest_checkpoint, load_checkpoint
     from rntp_megatron.config import load_config
     from rntp_megatron.model.provider import build_model
-    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.runtime import destroy_distributed, device, init_distributed
 
     ckpt, out = latest_checkpoint(work / "pretrain" / "checkpoints"), work / "hf"
     _rntp("convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out))
@@ -207,20 +207,20 @@ def check_export(report: Report, work: Path, device: Any, on_gpu: bool) -> None:
         model = build_model(cfg.model, cfg.parallel).eval()
         load_checkpoint(ckpt, [model], None)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-        tokens = tokens.to(device)
+        tokens, positions = tokens.to(device()), torch.arange(64, device=device()).expand_as(tokens)
         with torch.no_grad():
-            ours = model(tokens, torch.arange(64, device=device).expand_as(tokens), None)[..., :cfg.model.vocab_size]
+            ours = model(tokens, positions, None)[..., :cfg.model.vocab_size]
     finally:
         destroy_distributed()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32,
-                                                           attn_implementation="eager").to(device).eval()
+                                                           attn_implementation="eager").to(tokens.device).eval()
     with torch.no_grad():
         theirs = hf(tokens).logits
     diff = (theirs.float() - ours.float()).abs().max().item()
     report.add("export", "max |HF - Megatron| logit (float32)", diff, ok=diff <= (1e-3 if on_gpu else 1e-4))
 
 
-def check_loss_hook_and_mfu(report: Report, size: dict, device: Any, on_gpu: bool) -> None:
+def check_loss_hook_and_mfu(report: Report, size: dict, on_gpu: bool) -> None:
     """Plain next-token vs RNTP loss-hook train steps on one model and the same tokens; MFU of the plain one."""
     import torch
 
@@ -230,7 +230,7 @@ def check_loss_hook_and_mfu(report: Report, size: dict, device: Any, on_gpu: boo
     from rntp_megatron.optimizer import build_optimizer, wrap_ddp
     from rntp_megatron.rl.batch import RLBatch, with_global_counts
     from rntp_megatron.rl.loss import RNTPLoss
-    from rntp_megatron.runtime import init_distributed
+    from rntp_megatron.runtime import device, init_distributed
     from rntp_megatron.step import train_step
 
     cfg = build_config({"model": size["card"], "schedule": {"lr": 1e-5, "clip_grad": 1.0},
@@ -240,7 +240,7 @@ def check_loss_hook_and_mfu(report: Report, size: dict, device: Any, on_gpu: boo
     optimizer = build_optimizer([ddp], cfg.schedule, cfg.parallel)
     n_params = sum(p.numel() for p in ddp.module.parameters())
     b, s, vocab = size["batch"], size["seq"], cfg.model.vocab_size
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # host data, moved to the model's device once, as the trainer does
     rows = torch.randint(0, vocab, (b, s + 1), generator=g)
     policy = torch.zeros(b, s)
     policy[:, s - size["policy"]:] = 1  # the thought + answer at the end of each row; the rest is context
@@ -249,8 +249,8 @@ def check_loss_hook_and_mfu(report: Report, size: dict, device: Any, on_gpu: boo
         tokens=rows[:, :-1], position_ids=torch.arange(s).expand(b, -1).contiguous(), labels=rows[:, 1:],
         thought_mask=policy, answer_mask=torch.zeros_like(policy), ntp_mask=1 - policy, old_logprobs=old,
         rollout_logprobs=old + 0.05, ref_logprobs=old - 0.05, advantages=torch.randn(b, generator=g),
-        rewards=torch.rand(b, generator=g)), cfg.rl.train_on)
-    variants = {"plain next-token": (lm_forward_step, [lm_batch(rows)]),
+        rewards=torch.rand(b, generator=g)).to(device()), cfg.rl.train_on)
+    variants = {"plain next-token": (lm_forward_step, [lm_batch(rows.to(device()))]),
                 "RNTP loss hook": (RNTPLoss(cfg.rl, temperature=0.7).forward_step, rl.microbatches(b))}
     seconds: dict[str, float] = {}
     for name, (forward_step, microbatches) in variants.items():
@@ -312,7 +312,6 @@ def main() -> int:
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --cpu")
     size = SIZES["gpu" if on_gpu else "cpu"]
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     report = Report("gpu" if on_gpu else "cpu")
     report.facts["wheels_installed"] = installed
     t0 = time.monotonic()
@@ -320,8 +319,8 @@ def main() -> int:
         work = Path(args.work or tmp)
         report.run("demo", lambda: check_demo(report, work, size))
         report.run("resume", lambda: check_resume(report, work, size, on_gpu))
-        report.run("export", lambda: check_export(report, work, device, on_gpu))
-        report.run("loss hook", lambda: check_loss_hook_and_mfu(report, size, device, on_gpu))
+        report.run("export", lambda: check_export(report, work, on_gpu))
+        report.run("loss hook", lambda: check_loss_hook_and_mfu(report, size, on_gpu))
     report.facts["wall_s"] = round(time.monotonic() - t0, 1)
     report.write(Path(args.out))
     print(report.table(), flush=True)
