@@ -160,6 +160,9 @@ class SGLangConfig:
     weights_dir: Optional[str] = None  # disk channel: a folder every replica can read (default: the run's)
     group_host: Optional[str] = None  # distributed channel: the trainer's address the replicas connect to
     # (default: MASTER_ADDR, or the first Slurm node: rank 0's host)
+    # "fp8": the server runs blockwise FP8 weights (--quantization fp8, started from an FP8 folder); every push
+    # sends weight + weight_scale_inv per linear layer (weights/fp8.py). Needs a GPU server.
+    quantization: Optional[Literal["fp8"]] = None
 
 
 @dataclass

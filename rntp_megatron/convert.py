@@ -1,13 +1,15 @@
 """`rntp convert`: Megatron dist checkpoints <-> Hugging Face folders, through the one mapping (model/hf_mapping)
 and the same weight stream that feeds SGLang (weights/export).
 
-    rntp convert to-hf   --checkpoint runs/x/checkpoints --out hf/x [--config run.yaml] [--tokenizer DIR]
+    rntp convert to-hf   --checkpoint runs/x/checkpoints --out hf/x [--config run.yaml] [--tokenizer DIR] [--fp8]
     rntp convert from-hf --hf /models/Qwen3-8B --out ckpt/qwen3-8b-init [--tp 2 --pp 1]
 
 to-hf reads a checkpoint saved at any TP/PP layout (dist_checkpointing reshards on load) and writes config.json,
-safetensors shards with their index, the tokenizer and generation_config.json. from-hf builds the Megatron model
-of a llama / qwen2 / qwen3 HF folder and saves it as step 0 of a checkpoint directory (model only, no optimizer)
-that a run starts from with `checkpoint.load`. Either runs in one process, or under torchrun with
+safetensors shards with their index, the tokenizer and generation_config.json; with --fp8 the decoder's linear
+weights are blockwise FP8 (128x128 e4m3 + float32 weight_scale_inv) and config.json carries the
+quantization_config that SGLang (`--quantization fp8`) and transformers (FineGrainedFP8) read. from-hf builds the
+Megatron model of a llama / qwen2 / qwen3 HF folder and saves it as step 0 of a checkpoint directory (model only,
+no optimizer) that a run starts from with `checkpoint.load`. Either runs in one process, or under torchrun with
 WORLD_SIZE = TP * PP to spread a large model. Outputs appear whole or not at all.
 """
 
@@ -43,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer folder to ship (default: the run's data.tokenizer; byte vocab is generated)")
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="tensor dtype in the HF folder (default: the model's)")
+    to_hf.add_argument("--fp8", action="store_true",
+                       help="blockwise FP8 linear weights (+ weight_scale_inv), quantization_config in config.json")
     to_hf.add_argument("--overwrite", action="store_true")
     from_hf = sub.add_parser("from-hf", help="Hugging Face folder -> Megatron dist checkpoint (step 0)")
     from_hf.add_argument("--hf", required=True, help="Hugging Face folder (config.json + safetensors)")
@@ -129,6 +133,7 @@ def to_hf(args: argparse.Namespace) -> Path:
     from rntp_megatron.model.provider import DTYPES, build_model
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.weights.export import stream_hf_weights
+    from rntp_megatron.weights.fp8 import QUANTIZATION_CONFIG, fp8_buckets
     from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
     out = Path(args.out)
@@ -161,8 +166,11 @@ def to_hf(args: argparse.Namespace) -> Path:
         if dist.get_rank() == 0:
             with tempfile.TemporaryDirectory() as staging:
                 tokenizer_dir, ids = _stage_tokenizer(cfg, args.tokenizer, Path(staging))
-                save_hf_checkpoint(stream, out, cfg.model, tokenizer_dir=tokenizer_dir, torch_dtype=args.dtype,
-                                   overwrite=args.overwrite, **ids)
+                # an FP8 folder's torch_dtype is that of its unquantized tensors (norms, embeddings)
+                save_hf_checkpoint(fp8_buckets(stream) if args.fp8 else stream, out, cfg.model,
+                                   tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
+                                   torch_dtype=args.dtype or (cfg.model.params_dtype if args.fp8 else None),
+                                   quantization_config=QUANTIZATION_CONFIG if args.fp8 else None, **ids)
         else:
             for _ in stream:  # every rank takes part in the gathers
                 pass

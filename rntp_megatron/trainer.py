@@ -281,6 +281,7 @@ class Trainer:
             out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
                              batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
                              cfg.schedule.micro_batch_size)
+        out.update(self.placement.memory_metrics())  # free GPU memory while a colocated server slept ({} on CPU)
         self.side.after_step(self.model)
         t0 = time.monotonic()
         self.rollouts.wait()  # the batch generated ahead is all of the weights it started under

@@ -34,3 +34,24 @@ def test_server_does_not_inherit_the_trainers_distributed_world():
                "PYTHONPATH": "/work/main", "HOME": "/root", "OMP_NUM_THREADS": "1"}
     env = server_env(trainer)
     assert env == {"HOME": "/root", "OMP_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}
+
+
+def _flags(quantization=None, **kw):
+    cfg = SGLangConfig(quantization=quantization)
+    return server_command("/venv/bin/python", "/models/m", cfg, 31000, "k", "bfloat16", **kw)
+
+
+def test_memory_saver_only_for_a_colocated_server_on_a_gpu():
+    assert "--enable-memory-saver" in _flags(colocated=True, gpu=True)
+    assert "--device" not in _flags(colocated=True, gpu=True)  # a GPU server takes SGLang's defaults
+    assert "--enable-memory-saver" not in _flags(colocated=False, gpu=True)  # separate: serves while we train
+    cpu = _flags(colocated=True, gpu=False)  # no torch_memory_saver on CPU: SGLang would not start
+    assert "--enable-memory-saver" not in cpu and "--device" in cpu
+
+
+def test_fp8_server_gets_the_quantization_flag_and_is_refused_on_cpu():
+    argv = _flags(quantization="fp8", colocated=True, gpu=True)
+    assert argv[argv.index("--quantization") + 1] == "fp8"
+    assert "--quantization" not in _flags(gpu=True)
+    with pytest.raises(SGLangServerError, match="rollout.sglang.quantization.*needs a GPU"):
+        _flags(quantization="fp8", gpu=False)

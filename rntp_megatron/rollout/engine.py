@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -61,8 +61,8 @@ class RolloutEngine(abc.ABC):
     def sleep(self) -> None:
         """Free memory for the trainer (colocated placement); a no-op where nothing can be freed."""
 
-    def wake(self) -> None:
-        """Take memory back after sleep()."""
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take memory back after sleep(): all of it, or the parts that tags name (engine-defined)."""
 
     def close(self) -> None:
         """Stop the engine and anything it started."""

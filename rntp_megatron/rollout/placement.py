@@ -2,8 +2,10 @@
 
 colocated: the engine shares the trainer's devices. The in-process MegatronEngine samples from the trainer's
   own module, so there is nothing to send and nothing to free. An SGLang server sleeps while the trainer
-  trains (/release_memory_occupation before the train step, /resume_memory_occupation after it) and receives
-  the new weights through the tensor channel (shared memory).
+  trains (/release_memory_occupation of its KV cache, weights and CUDA graphs before the train step; on a GPU
+  it runs with --enable-memory-saver, and the GPU memory free after the release is measured: memory_metrics),
+  takes its weights back after the step, receives the new ones through the tensor channel (CUDA IPC on a GPU,
+  shared memory on CPU), and only then takes back its KV cache.
 separate: an SGLang server on devices of its own keeps serving while the trainer trains (this is what lets
   rollouts run one step ahead, rollout/prefetch.py); weights go through the distributed channel (a gloo group
   on CPU, NCCL on GPU).
@@ -61,6 +63,7 @@ class EnginePlacement:
         # one host, CPU shards: each rank writes its shards in place into shared memory (no shard transfers)
         self._mirror = None if self.in_process else shared_mirror(model, cfg.model, self._bucket_bytes())
         self.engine = engine  # on every rank in-process; else on the ranks that generate (None elsewhere)
+        self._memory: dict[str, float] = {}
 
     def _start_sglang(self, tokenizer: Tokenizer, run_dir: Path) -> Optional[RolloutEngine]:
         """Rank 0 starts rollout.sglang.replicas servers from the trainer's current weights (or attaches to
@@ -88,7 +91,8 @@ class EnginePlacement:
                                         hf_config=hf_mapping.hf_config(self.cfg.model), **common) for u in urls]
             else:
                 engines = [SGLangEngine(dataclasses.replace(own, port=sg.port if i == 0 else free_port()),
-                                        model_path=folder, run_dir=run_dir / "sglang" / f"replica{i}", **common)
+                                        model_path=folder, run_dir=run_dir / "sglang" / f"replica{i}",
+                                        colocated=self.colocated, **common)
                            for i in range(count)]
             fleet = SGLangFleet(engines, owned=not urls, max_restarts=sg.max_restarts,
                                 retry_backoff_s=sg.retry_backoff_s)
@@ -103,9 +107,11 @@ class EnginePlacement:
     def _export_initial(self, tokenizer: Tokenizer, folder: Path) -> Optional[Path]:
         """The trainer's current weights as an HF folder with a tokenizer (rank 0; None elsewhere)."""
         from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+        from rntp_megatron.weights.fp8 import QUANTIZATION_CONFIG, fp8_buckets
         from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
         stream = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
+        fp8 = self.cfg.rollout.sglang.quantization == "fp8"
         if dist.get_rank() != 0:
             for _ in stream:  # the gathers need every rank
                 pass
@@ -113,7 +119,10 @@ class EnginePlacement:
         # A byte-vocabulary server needs tokenizer files only to start: the trainer sends token ids, passes
         # its stop tokens by id and decodes the replies itself (specials live above the 256 bytes).
         tok_dir = self.cfg.data.tokenizer.path or write_byte_tokenizer(folder / "tokenizer", eos_id=None)
-        return save_hf_checkpoint(stream, folder / "initial", self.cfg.model, tokenizer_dir=tok_dir, overwrite=True)
+        return save_hf_checkpoint(fp8_buckets(stream) if fp8 else stream, folder / "initial", self.cfg.model,
+                                  tokenizer_dir=tok_dir, overwrite=True,
+                                  torch_dtype=self.cfg.model.params_dtype if fp8 else None,
+                                  quantization_config=QUANTIZATION_CONFIG if fp8 else None)
 
     def _bucket_bytes(self) -> int:
         """rollout.weight_bucket_mb in bytes: the largest piece of the weight stream held at once."""
@@ -130,17 +139,34 @@ class EnginePlacement:
 
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
-        """Around a train step: a colocated server sleeps, once no rank is generating any more."""
+        """Around a train step: a colocated server sleeps, once no rank is generating any more; after the step
+        it takes back its weights only (push_weights brings back the rest once the new weights are in)."""
         asleep = self.colocated and not self.in_process
         if asleep:
             dist.barrier()  # every rank's prompts are answered (releasing under a running request kills it)
             if dist.get_rank() == 0:
                 self.engine.sleep()
+                self._measure_release()
         try:
             yield
         finally:
             if asleep and dist.get_rank() == 0:
-                self.engine.wake()
+                self.engine.wake(("weights",))
+
+    def _measure_release(self) -> None:
+        """On a GPU: the device memory free after the server's release (torch.cuda.mem_get_info), printed once."""
+        device = next(self.model.parameters()).device
+        if device.type != "cuda":
+            return
+        free, total = torch.cuda.mem_get_info(device)
+        if not self._memory:
+            print(f"SGLang server released its KV cache, weights and CUDA graphs: {free / 2**30:.1f} of "
+                  f"{total / 2**30:.1f} GiB free on {device}", flush=True)
+        self._memory = {"gpu_free_gib_after_release": free / 2**30, "gpu_total_gib": total / 2**30}
+
+    def memory_metrics(self) -> dict[str, float]:
+        """The GPU memory measured after the latest release ({} on CPU or with a server that never slept)."""
+        return dict(self._memory)
 
     def push_weights(self, version: int) -> None:
         """The trainer's weights to the engine, tagged `version`; no rank generates again before it is served."""
@@ -155,6 +181,8 @@ class EnginePlacement:
         if dist.get_rank() == 0:
             try:
                 self.engine.update_weights_from_buckets(buckets, version)
+                if self.colocated:
+                    self.engine.wake()  # the KV cache and CUDA graphs, after the weights are in
             except Exception as e:  # told to every rank below, so none waits out a process-group timeout
                 failure = e
         else:

@@ -3,15 +3,22 @@ the RolloutEngine contract.
 
 Weights reach the server through one of three channels (rollout.sglang.weight_sync), each inside
 /begin_weight_update ... /end_weight_update and tagged with a weight version:
-- "tensor": same machine; tensors are put in shared memory (torch's file_system strategy) and the server
-  maps them (POST /update_weights_from_tensor). Copies: trainer -> shm, shm -> server params.
+- "tensor": same machine; each bucket is pickled the way SGLang's MultiprocessingSerializer pickles (torch's
+  ForkingPickler), once per server TP rank, and POST /update_weights_from_tensor maps it. The path follows the
+  tensors' device (`sharing_path`): CUDA tensors stay on the GPU and travel as CUDA IPC handles (copy: trainer
+  GPU -> server params); CPU tensors go through shared memory (torch's file_system strategy; copies: trainer ->
+  shm, shm -> server params).
 - "distributed": a gloo (CPU) or NCCL (GPU) group of this process (rank 0) and the server's ranks; each bucket
-  is one flat byte buffer broadcast while POST /update_weights_from_distributed (flattened_bucket) receives it.
+  is one flat byte buffer, on the group's device (weights/buckets.backend_device), broadcast while
+  POST /update_weights_from_distributed (flattened_bucket) receives it.
 - "disk": an HF checkpoint folder written with weights/hf_checkpoint, loaded with /update_weights_from_disk
   (fallback, and the only channel across clusters). The folder of a version appears whole (written aside, then
   renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
 `peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
 folder loaded by all, each tensor payload sent to each, one broadcast group holding every server's ranks.
+With rollout.sglang.quantization "fp8" every channel sends blockwise FP8 linear weights with their
+`weight_scale_inv` (weights/fp8.py). A colocated server on a GPU runs with --enable-memory-saver: sleep() releases
+its KV cache, weights and CUDA graphs; wake(("weights",)) brings the weights back for an update, wake() the rest.
 `paused()` retracts running requests around an update so weights can change while requests are in flight
 (they finish under the new version). An owned server that dies is restarted with the current weights (the
 last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
@@ -31,7 +38,7 @@ import time
 import urllib.error
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,9 +48,11 @@ from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
 from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.runtime.spawn import free_port
-from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, bucketed, flatten
+from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, backend_device, bucketed, flatten
+from rntp_megatron.weights.fp8 import fp8_buckets
 
 CHANNELS = ("tensor", "distributed", "disk")
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES
 PADDING_BIAS = -1.0e4  # added to a logit, exp() underflows to 0 in float32; JSON has no -inf
 
 
@@ -53,7 +62,7 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, cfg: SGLangConfig, model_path: Optional[str | Path] = None, run_dir: str | Path = "runs/sglang",
                  dtype: str = "bfloat16", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  decode: Optional[Callable[[list[int]], str]] = None, padding_ids: range = range(0),
-                 hf_config: Optional[dict] = None):
+                 hf_config: Optional[dict] = None, colocated: bool = False):
         if cfg.weight_sync not in CHANNELS:
             raise ValueError(f"rollout.sglang.weight_sync {cfg.weight_sync!r} is not one of {CHANNELS}")
         if cfg.url is None and model_path is None:
@@ -65,6 +74,7 @@ class SGLangEngine(RolloutEngine):
         self.dtype = dtype
         self.bucket_bytes = bucket_bytes
         self.decode = decode
+        self.colocated = colocated  # an owned server on a GPU then runs with the memory saver
         self.logit_bias = {str(i): PADDING_BIAS for i in padding_ids}
         self.hf_config = hf_config  # config.json of the served model, for disk pushes to an attached server
         self.weight_version = 0
@@ -75,6 +85,8 @@ class SGLangEngine(RolloutEngine):
         self._host_copy: dict[str, torch.Tensor] = {}  # the newest pushed tensors, for a restart
         self._group: Optional[Any] = None
         self._group_name = ""
+        self._released: set[str] = set()  # memory tags the server has released (sleep) and not resumed
+        self._server_info: Optional[dict[str, Any]] = None
         self._lock = threading.Lock()
         if cfg.url is not None:
             self.client = HTTPClient(cfg.url, self.api_key)
@@ -88,7 +100,8 @@ class SGLangEngine(RolloutEngine):
     def _start(self) -> None:
         port = self.cfg.port if self.restarts == 0 else free_port()
         self._server = ServerProcess(self.cfg.python, self.model_path, self.cfg, self.run_dir, port, self.api_key,
-                                     self.dtype, attempt=self.restarts)
+                                     self.dtype, attempt=self.restarts, colocated=self.colocated)
+        self._released, self._server_info = set(), None
         self.client = HTTPClient(self._server.url, self.api_key)
         self.startup_s = self._server.wait_healthy(self.client, self.cfg.startup_timeout_s)
 
@@ -218,11 +231,18 @@ class SGLangEngine(RolloutEngine):
         self._call(f"/flush_cache?timeout={timeout_s:g}", {}, timeout=timeout_s + 30)
 
     def sleep(self) -> None:
-        """Release the server's KV cache and weights for a colocated trainer (a no-op on CPU, see docs/design.md)."""
-        self._call("/release_memory_occupation", {}, timeout=300)
+        """Release the server's KV cache, weights and CUDA graphs for a colocated trainer (with the memory saver on
+        a GPU; on CPU the server answers but frees nothing, see docs/design.md)."""
+        self._call("/release_memory_occupation", {"tags": list(MEMORY_TAGS)}, timeout=300)
+        self._released = set(MEMORY_TAGS)
 
-    def wake(self) -> None:
-        self._call("/resume_memory_occupation", {}, timeout=300)
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Take back the released memory of `tags` (default all; only those released, SGLang refuses others):
+        ("weights",) first lets a weight update land before the KV cache comes back, as slime orders it."""
+        tags = [t for t in MEMORY_TAGS if (tags is None or t in tags) and t in self._released]
+        if tags:
+            self._call("/resume_memory_occupation", {"tags": tags}, timeout=300)
+            self._released.difference_update(tags)
 
     # -------------------------------------------------------------------------------------------
     # weights
@@ -240,6 +260,8 @@ class SGLangEngine(RolloutEngine):
         spent per phase. The buckets must stay unchanged until the next update (true of weights/' streams: fresh
         buffers, or the mirror that only the next sync rewrites): an owned server's restart copy refers to them."""
         channel = self.cfg.weight_sync
+        if self.cfg.quantization == "fp8":
+            buckets = fp8_buckets(buckets)
         if channel == "disk":
             return self._push_disk(buckets, version)
         with self._lock:
@@ -314,56 +336,54 @@ class SGLangEngine(RolloutEngine):
         return {"write_s": t1 - t0, "server_s": time.perf_counter() - t1}
 
     def _remember(self, bucket: NamedTensors, keep_host_copy: bool) -> None:
-        if keep_host_copy and self._server is not None:
-            self._host_copy.update((name, t.detach()) for name, t in bucket)
+        if keep_host_copy and self._server is not None:  # on the host: a GPU bucket is copied (no GPU memory held)
+            self._host_copy.update((name, t.detach().to("cpu")) for name, t in bucket)
+
+    def _server_ranks(self) -> dict[str, int]:
+        """The server's tp, pp and dp sizes (GET /get_server_info, once per server start)."""
+        if self._server_info is None:
+            self._server_info = self._call("/get_server_info", timeout=60) or {}
+        return {k: int(self._server_info.get(f"{k}_size", 1) or 1) for k in ("tp", "pp", "dp")}
 
     def _push_tensor(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool = False
                      ) -> dict[str, float]:
-        """Shared-memory tensors via POST /update_weights_from_tensor, one call per bucket as it arrives, then an
-        empty call that flushes the cache and sets the version (no lookahead: a bucket never waits for the next)."""
-        import torch.multiprocessing as tmp
-        from multiprocessing.reduction import ForkingPickler
-
-        tmp.set_sharing_strategy("file_system")  # fds cannot cross HTTP; named shm files can
-
-        def serialized(bucket: NamedTensors) -> str:
-            buf = io.BytesIO()  # a tensor already in shared memory (SharedHFMirror) pickles as its name alone
-            ForkingPickler(buf).dump([(n, t.detach().contiguous()) for n, t in bucket])
-            return base64.b64encode(buf.getvalue()).decode()
-
+        """Tensors via POST /update_weights_from_tensor (CUDA IPC handles or shared memory, tensor_payloads), one
+        call per bucket as it arrives, then an empty call that flushes the cache and sets the version (no
+        lookahead: a bucket never waits for the next)."""
         timing = {"serialize_s": 0.0, "server_s": 0.0}
         with self._updating():
             for bucket in buckets:
-                t0 = time.perf_counter()
-                payload = serialized(bucket)
-                timing["serialize_s"] += time.perf_counter() - t0
-                timing["server_s"] += self._send_tensor_bucket(payload, version, last=False)
+                self._send_tensor_bucket(bucket, version, False, timing)
                 self._remember(bucket, keep_host_copy)
-            timing["server_s"] += self._send_tensor_bucket(serialized([]), version, last=True)
+            self._send_tensor_bucket([], version, True, timing)
         return timing
 
-    def _send_tensor_bucket(self, payload: str, version: int, last: bool) -> float:
-        """One serialized bucket to every receiver (each maps the same shared-memory tensors); seconds spent."""
-        t0 = time.perf_counter()
+    def _send_tensor_bucket(self, bucket: NamedTensors, version: int, last: bool, timing: dict[str, float]) -> None:
+        """One bucket to every receiver (each maps the same tensors), as one payload per TP rank of each; the
+        seconds spent serializing and in the servers are added to timing."""
         for r in self._receivers():
+            t0 = time.perf_counter()
+            payloads = tensor_payloads(bucket, r._server_ranks()["tp"])
+            t1 = time.perf_counter()
             reply = r.client.call("/update_weights_from_tensor", {
-                "serialized_named_tensors": [payload], "flush_cache": last,
+                "serialized_named_tensors": payloads, "flush_cache": last,
                 "weight_version": str(version) if last else None})
             _check(reply, "/update_weights_from_tensor")
-        return time.perf_counter() - t0
+            timing["serialize_s"] += t1 - t0
+            timing["server_s"] += time.perf_counter() - t1
 
     def _join_group(self) -> None:
         """Form the weight-update group: this process is rank 0, each receiver's ranks follow in turn (gloo on CPU),
         at the trainer's routable address (rollout.sglang.group_host, else MASTER_ADDR / the first Slurm node)."""
         port = free_port()
         self._group_name = f"rntp-weights-{secrets.token_hex(4)}"
-        backend = "gloo" if not torch.cuda.is_available() else "nccl"
+        backend = weight_group_backend()
         host = self.cfg.group_host or rank_info().master_addr
         offsets, world = [], 1
         for r in self._receivers():
-            info = r.client.call("/get_server_info", timeout=60) or {}
+            sizes = r._server_ranks()
             offsets.append(world)
-            world += int(info.get("tp_size", 1)) * int(info.get("pp_size", 1)) * int(info.get("dp_size", 1) or 1)
+            world += sizes["tp"] * sizes["pp"] * sizes["dp"]
         replies: list[dict[str, Any]] = [{} for _ in offsets]
         joiners = [threading.Thread(target=lambda r=r, out=out, offset=offset: out.update(r=r._try_call(
             "/init_weights_update_group", {"master_address": host, "master_port": port, "rank_offset": offset,
@@ -404,6 +424,7 @@ class SGLangEngine(RolloutEngine):
         """Each bucket as one flat byte buffer broadcast over the weight-update group (load_format flattened_bucket)."""
         if self._group is None:
             self._join_group()
+        device = backend_device(weight_group_backend())
         timing = {"flatten_s": 0.0, "broadcast_s": 0.0, "server_s": 0.0}
         with self._updating():
             items = iter(buckets)
@@ -411,7 +432,7 @@ class SGLangEngine(RolloutEngine):
             while bucket is not None:
                 following = next(items, None)
                 t0 = time.perf_counter()
-                flat, metas = flatten(bucket)
+                flat, metas = flatten(bucket, device=device)
                 timing["flatten_s"] += time.perf_counter() - t0
                 payload = {"names": [m.name for m in metas],
                            "dtypes": [str(m.dtype).replace("torch.", "") for m in metas],
@@ -435,6 +456,42 @@ class SGLangEngine(RolloutEngine):
                 self._remember(bucket, keep_host_copy)
                 bucket = following
         return timing
+
+
+def weight_group_backend() -> str:
+    """The weight-update group's backend: NCCL between GPUs, gloo on a machine without one."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def sharing_path(bucket: NamedTensors) -> str:
+    """How a bucket's tensors reach a server on this machine: "cuda_ipc" (CUDA tensors: a handle to the GPU
+    memory, which stays where it is) or "shared_memory" (CPU tensors: a named shared-memory file)."""
+    devices = {t.device.type for _, t in bucket} or {"cpu"}
+    if len(devices) > 1:
+        raise ValueError(f"a weight bucket mixes devices {sorted(devices)}; pack it on one (weights/buckets.packed)")
+    (device,) = devices
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"tensors on {device!r} cannot be shared with a server process (only cuda or cpu)")
+    return "cuda_ipc" if device == "cuda" else "shared_memory"
+
+
+def tensor_payloads(bucket: NamedTensors, ranks: int) -> list[str]:
+    """`serialized_named_tensors` for /update_weights_from_tensor: the bucket pickled by torch's ForkingPickler and
+    base64-encoded (SGLang's MultiprocessingSerializer.serialize(..., output_str=True)), once per server TP rank:
+    each rank unpickles its own copy, as a CUDA IPC handle must be opened once per receiver."""
+    import torch.multiprocessing as tmp  # registers torch's reducers with ForkingPickler
+    from multiprocessing.reduction import ForkingPickler
+
+    if sharing_path(bucket) == "shared_memory":
+        tmp.set_sharing_strategy("file_system")  # fds cannot cross HTTP; named shm files can
+    items = [(n, t.detach().contiguous()) for n, t in bucket]
+
+    def serialized() -> str:
+        buf = io.BytesIO()  # a tensor already in shared memory (SharedHFMirror) pickles as its name alone
+        ForkingPickler(buf).dump(items)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    return [serialized() for _ in range(ranks)]
 
 
 def _process_group(backend: str, host: str, port: int, world_size: int, group_name: str) -> Any:

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -195,9 +195,9 @@ class SGLangFleet(RolloutEngine):
         for r in self._live():
             r.engine.sleep()
 
-    def wake(self) -> None:
+    def wake(self, tags: Optional[Sequence[str]] = None) -> None:
         for r in self._live():
-            r.engine.wake()
+            r.engine.wake(tags)
 
     def close(self) -> None:
         if self._leader is not None:

@@ -40,15 +40,26 @@ def on_cpu() -> bool:
 
 
 def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, api_key: str,
-                   dtype: str) -> list[str]:
-    """argv of `python -m sglang.launch_server` for the model (CPU flags when there is no GPU)."""
+                   dtype: str, colocated: bool = False, gpu: Optional[bool] = None) -> list[str]:
+    """argv of `python -m sglang.launch_server` for the model. Without a GPU (gpu None: detected), the CPU
+    flags; on a GPU a colocated server gets --enable-memory-saver (torch_memory_saver: its KV cache, weights and
+    CUDA graphs can be released while the trainer trains; the CPU build has no memory saver, so the flag is never
+    passed there). rollout.sglang.quantization adds --quantization (a GPU server only)."""
+    gpu = not on_cpu() if gpu is None else gpu
     argv = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--host", cfg.host,
             "--port", str(port), "--api-key", api_key, "--dtype", dtype, "--skip-server-warmup",
             "--log-level", "info"]
-    if on_cpu():
+    if not gpu:
+        if cfg.quantization is not None:
+            raise SGLangServerError(f"rollout.sglang.quantization: {cfg.quantization!r} needs a GPU server; the CPU "
+                                    "build of SGLang has no FP8 kernels (leave it null on CPU)")
         # Measured recipe for SGLang on these CPUs (docs/design.md, "Running on CPU").
         argv += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
                  "--mem-fraction-static", "0.05", "--max-total-tokens", "4096"]
+    elif colocated:
+        argv += ["--enable-memory-saver"]
+    if cfg.quantization is not None:
+        argv += ["--quantization", cfg.quantization]
     return argv + list(cfg.extra_args)
 
 
@@ -93,7 +104,7 @@ class ServerProcess:
     """One launched server: its process (own process group), log file and URL."""
 
     def __init__(self, python: str, model_path: str, cfg: SGLangConfig, run_dir: Path, port: int, api_key: str,
-                 dtype: str, attempt: int):
+                 dtype: str, attempt: int, colocated: bool = False):
         exe = shutil.which(python) if os.sep not in python else str(Path(python).absolute())  # cwd changes below
         if exe is None or not Path(exe).exists():
             raise SGLangServerError(f"rollout.sglang.python {python!r} does not exist; install the server with "
@@ -102,10 +113,10 @@ class ServerProcess:
         self.log_path = run_dir / f"sglang_server.{attempt}.log"
         self.url = f"http://{cfg.host}:{port}"
         env = server_env(os.environ)
+        argv = server_command(exe, model_path, cfg, port, api_key, dtype, colocated)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(server_command(exe, model_path, cfg, port, api_key, dtype), stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=run_dir,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=run_dir, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -4,6 +4,8 @@ The flat form is the tensors' raw bytes back to back in list order, with no padd
 `load_format: "flattened_bucket"` reads, so the same buffer serves a pipeline-stage send and an engine push.
 A bucket whose tensors already are such views of one buffer (what `packed` and the weight stream make)
 flattens without a copy.
+
+Buffers live on the device of the group that moves them (`backend_device`): the GPU for NCCL, the CPU for gloo.
 """
 
 from __future__ import annotations
@@ -12,10 +14,24 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
 Item = TypeVar("Item")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a collective of this backend takes its tensors: the current CUDA device for NCCL (also a mixed
+    'cpu:gloo,cuda:nccl' group, whose GPU path is the fast one), the CPU for gloo."""
+    if "nccl" not in backend.lower():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+
+
+def group_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """backend_device of a process group (the default group when None)."""
+    return backend_device(str(dist.get_backend(group)))
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -63,27 +79,37 @@ def layout(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> list[Te
     return metas
 
 
-def flatten(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, list[TensorMeta]]:
-    """One uint8 buffer[sum of bytes] holding every tensor's bytes in order (cast to dtype when given), and each
-    tensor's place in it. One copy per tensor (it also makes strided views contiguous and casts), none at all
-    when the tensors already lie back to back in one buffer of the right dtype."""
+def flatten(bucket: NamedTensors, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+            ) -> tuple[torch.Tensor, list[TensorMeta]]:
+    """One uint8 buffer[sum of bytes] on `device` (default: the first tensor's) holding every tensor's bytes in
+    order (cast to dtype when given), and each tensor's place in it. One copy per tensor (it also makes strided
+    views contiguous, casts and moves), none at all when the tensors already lie back to back in one buffer of the
+    right dtype on that device."""
     metas = layout(bucket, dtype)
-    ready = _shared_buffer(bucket, metas)
-    return (ready if ready is not None else _copied(bucket, metas)), metas
+    device = _device(bucket, device)
+    ready = _shared_buffer(bucket, metas, device)
+    return (ready if ready is not None else _copied(bucket, metas, device)), metas
 
 
-def packed(bucket: NamedTensors, dtype: Optional[torch.dtype] = None) -> NamedTensors:
-    """The bucket copied into one fresh flat buffer (cast to dtype when given), as views of it; always a copy,
-    so the result never aliases the tensors it came from (e.g. a model's parameters)."""
+def packed(bucket: NamedTensors, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
+           ) -> NamedTensors:
+    """The bucket copied into one fresh flat buffer on `device` (default: the first tensor's; cast to dtype when
+    given), as views of it; always a copy, so the result never aliases the tensors it came from (e.g. a model's
+    parameters)."""
     metas = layout(bucket, dtype)
-    return unflatten(_copied(bucket, metas), metas)
+    return unflatten(_copied(bucket, metas, _device(bucket, device)), metas)
 
 
-def _copied(bucket: NamedTensors, metas: list[TensorMeta]) -> torch.Tensor:
-    """A fresh uint8 buffer holding the bucket's tensors at metas' offsets, cast to metas' dtypes, on the device of
-    its first tensor (a GPU bucket for NCCL transfers, a host one for gloo and files)."""
-    where = bucket[0][1].device if bucket else torch.device("cpu")
-    flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=where)
+def _device(bucket: NamedTensors, device: Optional[torch.device]) -> torch.device:
+    """device, else the bucket's first tensor's device (the CPU for an empty bucket)."""
+    if device is not None:
+        return torch.device(device)
+    return bucket[0][1].device if bucket else torch.device("cpu")
+
+
+def _copied(bucket: NamedTensors, metas: list[TensorMeta], device: torch.device) -> torch.Tensor:
+    """A fresh uint8 buffer on device holding the bucket's tensors at metas' offsets, cast to metas' dtypes."""
+    flat = torch.empty(sum(m.nbytes for m in metas), dtype=torch.uint8, device=device)
     for (_, t), m in zip(bucket, metas):
         target = _typed_view(flat, m)
         if target is not None:
@@ -111,16 +137,22 @@ def _typed_view(flat: torch.Tensor, m: TensorMeta) -> Optional[torch.Tensor]:
     return flat[m.offset: m.offset + m.nbytes].view(m.dtype).reshape(m.shape)
 
 
-def _shared_buffer(bucket: NamedTensors, metas: list[TensorMeta]) -> Optional[torch.Tensor]:
-    """The uint8 buffer that the bucket's tensors tile exactly (contiguous, in order, dtypes as in metas), else None."""
+def _shared_buffer(bucket: NamedTensors, metas: list[TensorMeta], device: torch.device) -> Optional[torch.Tensor]:
+    """The uint8 buffer on device that the bucket's tensors tile exactly (contiguous, in order, dtypes as in
+    metas), else None."""
     if not bucket:
         return None
     storage = bucket[0][1].untyped_storage()
     start = bucket[0][1].storage_offset() * bucket[0][1].element_size()
     for (_, t), m in zip(bucket, metas):
-        if (t.dtype != m.dtype or t.device != storage.device or not t.is_contiguous()
+        if (t.dtype != m.dtype or not _same_device(t.device, device) or not t.is_contiguous()
                 or t.untyped_storage().data_ptr() != storage.data_ptr()
                 or t.storage_offset() * t.element_size() != start + m.offset):
             return None
     whole = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
     return whole[start: start + sum(m.nbytes for m in metas)]
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a is b, where a device without an index ('cuda') means the current one of its type."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
