@@ -344,8 +344,10 @@ def check_sources(cfg: RunConfig, tokenizer: Optional[object] = None) -> list[Ch
         try:
             if src.kind == "megatron" and tokenizer is not None:
                 check_megatron_vocab(src, tokenizer.vocab_size)
-            reader = open_source(src, 0, 1, cfg.data.max_document_bytes, skips)
-            first = next((doc for doc, _ in reader({})), None)  # readers yield usable records only
+            source = open_source(src, cfg.data.max_document_bytes, skips, cfg.data.shard_bytes)
+            # sources yield usable records only; an endless one (synthetic) from its first unit
+            docs = source.documents() if source.num_units is not None else (d for d, _ in source.read(0, {}))
+            first = next(iter(docs), None)
         except Exception as e:
             fix = ("rntp prepare-data again with this run's data.tokenizer" if "tokenized with" in str(e) else
                    f"{name}.path: an existing {src.kind} file, folder or glob readable from this node")

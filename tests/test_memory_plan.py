@@ -50,7 +50,7 @@ def test_terms_follow_the_config():
     unfused = memory_plan(cfg, 16, fused_attention=False).training[0].bytes
     recomputed = memory_plan(cfg, 16, fused_attention=True, recompute=True).training[0].bytes
     assert recomputed < fused < unfused  # the s^2 scores dominate at 4096 tokens without flash attention
-    with_kl = build_config({"model": {"card": "tiny"}, "rl": {"kl_coef": 0.01}})
+    with_kl = build_config({"model": {"card": "tiny"}, "rl": {"kl_coef": 0.01}, "checkpoint": {"load": "init"}})  # the reference
     names = [t.name for t in memory_plan(with_kl, 1, False).static]
     assert "reference model" in names
     ema = build_config({"model": {"card": "tiny"}})
