@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from rntp_megatron.checkpoint import resolve_checkpoint
-    from rntp_megatron.config import load_config
+    from rntp_megatron.config import load_config, template_token_bound
     from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.evaluate import evaluate, format_table, heldout_synthetic, save_table
@@ -31,8 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from rntp_megatron.wandb_run import log_results
 
     path = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    # Rows long enough for the longest prompt and its thought: a next-token run's seq_length need not be (eval
+    # trains nothing, so the length changes nothing else).
+    shape = load_config(args.config, [*args.overrides, "rl.objective=ntp"])
+    longest = (shape.data.context_len - shape.data.answer_horizon + template_token_bound(shape.data)
+               + shape.rollout.max_new_tokens)
     cfg = load_config(args.config, [*args.overrides, f"checkpoint.load={path}", "checkpoint.dir=",
-                                    "rl.objective=rntp", "logging.dir=" + str(path / "eval_run")])
+                                    "rl.objective=rntp", "logging.dir=" + str(path / "eval_run"),
+                                    f"schedule.seq_length={max(shape.schedule.seq_length, longest - 1)}"])
     trainer = Trainer(cfg)
     data = cfg.data
     synthetic = all(s.kind == "synthetic" for s in data.sources)

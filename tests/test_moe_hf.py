@@ -19,7 +19,7 @@ TOKENS = torch.tensor([[1, 5, 9, 200, 3, 77, 31, 4, 18, 250], [8, 8, 2, 250, 0, 
 
 def moe_card(**parallel):
     return build_config({"model": {"card": "tiny_qwen3_moe", "transformer_impl": "local"},
-                         "parallel": parallel})
+                         "parallel": parallel, "rl": {"objective": "ntp"}})  # the model only: no rollout engine
 
 
 def save_random_hf_moe(folder, **model) -> torch.Tensor:

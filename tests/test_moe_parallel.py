@@ -22,7 +22,8 @@ def run_layout(rank: int, world: int, parallel: dict, ckpt: str, save: bool) -> 
     from rntp_megatron.runtime import destroy_distributed, init_distributed
 
     cfg = build_config({"model": {"card": "tiny_qwen3_moe", "moe_aux_loss_coeff": 0.01}, "parallel": parallel,
-                        "reward": {"ntp_weight": 0.5}})  # loss_step builds the loss from RL itself
+                        "rl": {"objective": "ntp"},  # the model only: loss_step builds the RNTP loss from RL
+                        "reward": {"ntp_weight": 0.5}})
     init_distributed(cfg.parallel, seed=1234)
     try:
         return loss_step(cfg, ckpt, save, MICRO)

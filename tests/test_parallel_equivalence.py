@@ -63,7 +63,7 @@ def run_layout(rank: int, world: int, card: str, parallel: dict, micro_batch_siz
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.step import forward_backward, train_step
 
-    cfg = build_config({"model": {"card": card}, "parallel": parallel,
+    cfg = build_config({"model": {"card": card}, "parallel": parallel, "rl": {"objective": "ntp"},  # next-token
                         "schedule": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": micro_batch_size,
                                      "lr": 1e-2, "clip_grad": 1.0, "weight_decay": 0.01}})
     init_distributed(cfg.parallel, seed=1234)
