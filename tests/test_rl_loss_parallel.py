@@ -83,7 +83,8 @@ def run_layouts(rank: int, world: int, layouts: list[tuple[dict, int]], ckpt: st
 
     out = []
     for parallel, mbs in layouts:
-        cfg = build_config({"model": {"card": "tiny"}, "parallel": parallel, "reward": {"ntp_weight": 0.5}})
+        cfg = build_config({"model": {"card": "tiny"}, "parallel": parallel, "reward": {"ntp_weight": 0.5},
+                            "rl": {"objective": "ntp"}})  # the model only: loss_step builds the RNTP loss from RL
         init_distributed(cfg.parallel, seed=1234)
         out.append(loss_step(cfg, ckpt, save, mbs))
         save = False
