@@ -23,7 +23,8 @@ import pytest
 
 from rntp_megatron.rollout.engine import SamplingParams
 from rntp_megatron.rollout.sglang_fleet import SGLangFleet
-from tests.test_trainer_placement import LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang, sglang_test
+from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang, sglang_test,
+                                          tiny_hf_folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -61,22 +62,12 @@ def test_the_package_names_no_loopback_address_outside_config_defaults():
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     """Two servers of a random tiny llama, one bound to 127.0.0.2 and one to 127.0.0.3, one API key."""
-    import transformers
-
-    from rntp_megatron.config import SGLangConfig, build_config
-    from rntp_megatron.model import hf_mapping
-    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+    from rntp_megatron.config import SGLangConfig
     from rntp_megatron.rollout.sglang_engine import SGLangEngine
     from rntp_megatron.runtime.spawn import free_port
-    from rntp_megatron.weights.buckets import bucketed
-    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
     folder = tmp_path_factory.mktemp("two_hosts")
-    model_cfg = build_config({}, _overrides(folder, [])).model
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(**hf_mapping.hf_config(model_cfg, torch_dtype="float32")))
-    save_hf_checkpoint(bucketed(model.state_dict().items(), 1 << 30), folder / "hf", model_cfg,
-                       tokenizer_dir=write_byte_tokenizer(folder / "tokenizer", eos_id=None))
+    tiny_hf_folder(folder)
     engines: dict[str, SGLangEngine] = {}
 
     def start(host: str) -> None:

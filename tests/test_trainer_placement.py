@@ -255,25 +255,32 @@ def _overrides(run_dir: Path, extra: list[str]) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory):
-    """One server for the runs that attach by URL: a random tiny llama (the trainer pushes its own weights)."""
+def tiny_hf_folder(folder: Path) -> Path:
+    """folder/hf: a random tiny llama of these tests' card as an HF folder with a byte tokenizer (a server starts
+    from it; the trainer then pushes its own weights)."""
     import transformers
 
-    from rntp_megatron.config import SGLangConfig
     from rntp_megatron.model import hf_mapping
     from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from rntp_megatron.runtime.spawn import free_port
     from rntp_megatron.weights.buckets import bucketed
     from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
 
-    folder = tmp_path_factory.mktemp("shared_server")
     model_cfg = build_config({}, _overrides(folder, [])).model
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(**hf_mapping.hf_config(model_cfg, torch_dtype="float32")))
-    save_hf_checkpoint(bucketed(model.state_dict().items(), 1 << 30), folder / "hf", model_cfg,
-                       tokenizer_dir=write_byte_tokenizer(folder / "tokenizer", eos_id=None))
+    return save_hf_checkpoint(bucketed(model.state_dict().items(), 1 << 30), folder / "hf", model_cfg,
+                              tokenizer_dir=write_byte_tokenizer(folder / "tokenizer", eos_id=None))
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for the runs that attach by URL: a random tiny llama (the trainer pushes its own weights)."""
+    from rntp_megatron.config import SGLangConfig
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.runtime.spawn import free_port
+
+    folder = tmp_path_factory.mktemp("shared_server")
+    tiny_hf_folder(folder)
     engine = SGLangEngine(SGLangConfig(python=str(SGLANG_PYTHON), port=free_port(), max_restarts=0),
                           model_path=folder / "hf", run_dir=folder / "server", dtype="float32")
     yield engine
