@@ -23,8 +23,8 @@ import pytest
 
 from rntp_megatron.rollout.engine import SamplingParams
 from rntp_megatron.rollout.sglang_fleet import SGLangFleet
-from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang, sglang_test,
-                                          tiny_hf_folder)
+from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang,
+                                          logged_metrics, sglang_test, tiny_hf_folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -142,8 +142,7 @@ def _train_through_faults(rank: int, world_size: int, overrides: list[str]) -> d
     finally:
         trainer.close()
         destroy_distributed()
-    lines = (Path(trainer.cfg.logging.dir) / "metrics.jsonl").read_text().splitlines()
-    out["metrics"] = [json.loads(line) for line in lines if line.strip()]
+    out["metrics"] = logged_metrics(trainer)
     return out
 
 

@@ -329,9 +329,14 @@ def _train_with_sglang(rank: int, world_size: int, overrides: list[str]) -> dict
     finally:
         trainer.close()
         destroy_distributed()
-    lines = (Path(trainer.cfg.logging.dir) / "metrics.jsonl").read_text().splitlines()
-    out["metrics"] = [json.loads(line) for line in lines if line.strip()]
+    out["metrics"] = logged_metrics(trainer)
     return out
+
+
+def logged_metrics(trainer) -> list[dict]:
+    """The records of the run's metrics.jsonl."""
+    lines = (Path(trainer.cfg.logging.dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _run(tmp_path: Path, extra: list[str]) -> dict:
