@@ -1,7 +1,7 @@
 """Qwen3-MoE <-> Hugging Face: a random transformers Qwen3MoeForCausalLM loads into the Megatron MoE model at EP1
 and TP2 x EP2 x DP2 (each EP rank takes its own experts), gives transformers' logits to 1e-4 in float32, and the
-weight stream gives back every HF tensor (per-expert gate/up/down, router) bit for bit; the HF folder it writes
-loads in transformers with the same logits."""
+weight stream and the shared-memory mirror give back every HF tensor (per-expert gate/up/down, router) bit for bit;
+the HF folder it writes loads in transformers with the same logits."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def _check(rank: int, world: int, parallel: dict, hf_dir: str, out_dir: str) -> 
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.weights.export import stream_hf_weights
     from rntp_megatron.weights.hf_checkpoint import SafetensorsFolder, load_hf_weights, save_hf_checkpoint
+    from rntp_megatron.weights.shared_mirror import shared_mirror
 
     cfg = moe_card(**parallel)
     init_distributed(cfg.parallel, seed=7)
@@ -82,6 +83,12 @@ def _check(rank: int, world: int, parallel: dict, hf_dir: str, out_dir: str) -> 
                 pass
             for _ in stream_hf_weights(model, cfg.model, bucket_bytes=16 * 1024):
                 pass
+        # the shared-memory mirror: each EP rank writes its own experts in place, nothing is gathered
+        mirror = shared_mirror(model, cfg.model, bucket_bytes=16 * 1024)
+        mirrored = {name: t.clone() for bucket in (mirror.stream() if mirror else ()) for name, t in bucket}
+        if rank == 0:
+            report["mirror_bit_exact"] = (sorted(mirrored) == sorted(hf)
+                                          and all(torch.equal(mirrored[k], hf[k]) for k in hf))
         return report
     finally:
         destroy_distributed()
@@ -104,6 +111,7 @@ def test_moe_logits_match_transformers_and_export_round_trips(hf_reference, tmp_
         err = (r["logits"] - hf_logits).abs().max().item()
         assert err < 1e-4, f"{parallel}: logits differ from transformers' by {err:.2e}"
     assert reports[0]["names_equal"] and reports[0]["bit_exact"], reports[0]
+    assert reports[0]["mirror_bit_exact"], "the shared-memory mirror's HF tensors differ from the HF folder's"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():

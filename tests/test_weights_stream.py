@@ -119,7 +119,7 @@ def _mirror_syncs(rank: int, world_size: int) -> dict:
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.weights.export import gather_hf_state_dict
-    from rntp_megatron.weights.shared_mirror import SharedHFMirror
+    from rntp_megatron.weights.shared_mirror import shared_mirror
 
     # vocab 250 is padded to 256 over TP2: the last TP shard of the embedding is trimmed
     cfg = build_config({"model": {"card": "tiny_qwen2", "transformer_impl": "local", "vocab_size": 250},
@@ -127,7 +127,7 @@ def _mirror_syncs(rank: int, world_size: int) -> dict:
     init_distributed(cfg.parallel, seed=5)
     try:
         model = build_model(cfg.model, cfg.parallel)
-        mirror = SharedHFMirror(model, cfg.model, bucket_bytes=64 * 1024)
+        mirror = shared_mirror(model, cfg.model, bucket_bytes=64 * 1024)
         report: dict = {"syncs": []}
         for sync in range(2):
             reference = gather_hf_state_dict(model, cfg.model)  # weights/export's transfer-and-merge stream

@@ -1,6 +1,7 @@
 """MoE weight sync benchmark: the transfer stream (weights.export.stream_hf_weights) of a ~1 GB bf16 Qwen3-MoE
 model at EP2 (each of 2 gloo ranks holds half the experts, which travel to rank 0 bucket by bucket) side by side
-with a dense Qwen3 model of the same bytes at TP2 (half of each matrix travels), and a plain copy of those bytes.
+with a dense Qwen3 model of the same bytes at TP2 (half of each matrix travels), each also through the shared-memory
+mirror (weights.shared_mirror: every rank writes its own shards, experts included, in place), and a plain copy.
 
     .venv/bin/torchrun --nproc-per-node 2 tools/bench_moe_sync.py [--layers 8] [--repeats 2]
 
@@ -11,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 
-def _sync_seconds(model, cfg, bucket_bytes: int, repeats: int) -> tuple[float, int]:
-    """Best wall time of one full stream on rank 0 (every rank iterates) and the bytes it yielded."""
-    from rntp_megatron.weights.export import stream_hf_weights
-
+def _sync_seconds(stream: Callable[[], Iterable], repeats: int) -> tuple[float, int]:
+    """Best wall time of one full sync on rank 0 (every rank iterates) and the bytes it yielded."""
     best, total = float("inf"), 0
     for _ in range(repeats):
         dist.barrier()
         start, total = time.perf_counter(), 0
-        for bucket in stream_hf_weights(model, cfg, bucket_bytes=bucket_bytes):
+        for bucket in stream():
             total += sum(t.numel() * t.element_size() for _, t in bucket)
         dist.barrier()
         best = min(best, time.perf_counter() - start)
@@ -45,6 +45,8 @@ def main() -> None:
     from rntp_megatron.config import build_config
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights.export import stream_hf_weights
+    from rntp_megatron.weights.shared_mirror import shared_mirror
 
     h, e = args.hidden, args.experts
     common = {"num_layers": args.layers, "hidden_size": h, "num_attention_heads": h // 128, "num_query_groups": 4,
@@ -60,18 +62,23 @@ def main() -> None:
         cfg = build_config({"model": {**common, **model_fields}, "parallel": parallel})
         init_distributed(cfg.parallel, seed=1)
         model = build_model(cfg.model, cfg.parallel)
-        seconds, nbytes = _sync_seconds(model, cfg.model, args.bucket_mb << 20, args.repeats)
+        bucket_bytes = args.bucket_mb << 20
+        seconds, nbytes = _sync_seconds(lambda: stream_hf_weights(model, cfg.model, bucket_bytes), args.repeats)
         rows.append((name, nbytes, seconds))
-        del model
+        mirror = shared_mirror(model, cfg.model, bucket_bytes)
+        if mirror is not None:
+            seconds, _ = _sync_seconds(mirror.stream, args.repeats)
+            rows.append((f"{name} mirror", nbytes, seconds))
+        del model, mirror
         parallel_state.destroy_model_parallel()  # the process group stays for the next layout
     if dist.get_rank() == 0:
         src = torch.empty(rows[0][1], dtype=torch.uint8)
         start = time.perf_counter()
         src.clone()
         copy = time.perf_counter() - start
-        print(f"{'layout':<10} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'x copy':>7}")
+        print(f"{'layout':<17} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'x copy':>7}")
         for name, nbytes, seconds in rows + [("memcpy", rows[0][1], copy)]:
-            print(f"{name:<10} {nbytes / 1e9:>6.2f} {seconds:>8.3f} {nbytes / 1e9 / seconds:>6.2f} {seconds / copy:>7.1f}")
+            print(f"{name:<17} {nbytes / 1e9:>6.2f} {seconds:>8.3f} {nbytes / 1e9 / seconds:>6.2f} {seconds / copy:>7.1f}")
     destroy_distributed()
 
 

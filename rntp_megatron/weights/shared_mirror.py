@@ -1,7 +1,9 @@
-"""The model's full HF tensors in one host's shared memory, written in place by every model-parallel rank.
+"""The model's full HF tensors in one host's shared memory, written in place by every rank that holds a shard.
 
-When every rank of the model-parallel group (TP x PP of data-parallel replica 0) runs on one host, no shard has
-to travel between processes: global rank 0 allocates the buckets' flat buffers once in shared memory (torch's
+When the writers -- the model-parallel group (TP x PP) of data-parallel replica 0 for the dense parameters, and
+the expert ranks (ETP x EP x PP) of expert-data-parallel replica 0 for the experts of a mixture-of-experts model --
+run on one host, no shard has to travel between processes: each expert is written by the one EP rank that holds
+it, and global rank 0 allocates the buckets' flat buffers once in shared memory (torch's
 file_system strategy, so an SGLang server on this host maps them by name as well), the other ranks map the same
 buffers, and at each sync every rank copies its own shards straight to their places in the HF tensors
 (hf_mapping.shard_to_hf: q/k/v split, gate/up halves, TP blocks, vocabulary padding dropped). A sync is one
@@ -10,7 +12,7 @@ weights/export's TP transfer, merge, pack and PP transfer. It is the CPU form of
 colocated GPUs.
 
     mirror = shared_mirror(model, cfg.model, bucket_bytes)    # collective, once; None off one host / on GPU
-    for bucket in mirror.stream():                            # collective, every sync
+    for bucket in mirror.stream():                            # collective over the writers, every sync
         engine.consume(bucket)                                # global rank 0 only
 
 A bucket's tensors are views of the mirror: they stay valid until the next stream() rewrites them, and the
@@ -37,29 +39,49 @@ from multiprocessing.reduction import ForkingPickler
 from rntp_megatron.config import ModelConfig
 from rntp_megatron.model import hf_mapping
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, TensorMeta, bucketed, layout, unflatten
-from rntp_megatron.weights.export import global_named_parameters
+from rntp_megatron.weights.export import global_named_parameters, is_expert
+
+
+def _writes_dense() -> bool:
+    """Whether this rank writes dense shards: it is in data-parallel replica 0."""
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+
+
+def _writes_experts(cfg: ModelConfig) -> bool:
+    """Whether this rank writes expert shards: a mixture-of-experts model's expert-data-parallel replica 0."""
+    return cfg.num_moe_experts is not None and parallel_state.get_expert_data_parallel_rank() == 0
+
+
+def _split(name: str) -> tuple[int, int]:
+    """(size, rank) of the tensor-parallel group that splits this parameter: expert TP for experts, else TP."""
+    if is_expert(name):
+        return (parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_rank())
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
 
 
 class SharedHFMirror:
-    """Shared-memory HF buckets of the model that each model-parallel rank fills with its own shards."""
+    """Shared-memory HF buckets of the model that each writer (dense: data-parallel replica 0; experts:
+    expert-data-parallel replica 0) fills with its own shards; `group` holds exactly the writers."""
 
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 dtype: Optional[torch.dtype] = None) -> None:
-        self.model, self.cfg = model, cfg
-        self.active = parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
-        if not self.active:  # other data-parallel replicas hold copies of replica 0's shards
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, group: dist.ProcessGroup,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: Optional[torch.dtype] = None) -> None:
+        self.model, self.cfg, self.group = model, cfg, group
+        self.dense, self.experts = _writes_dense(), _writes_experts(cfg)
+        self.active = self.dense or self.experts
+        if not self.active:  # other replicas hold copies of the writers' shards
             return
-        self.group = parallel_state.get_model_parallel_group()
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.is_dst = dist.get_rank() == 0
-        mine = (parallel_state.get_pipeline_model_parallel_rank(), self.tp_rank, socket.gethostname(),
-                [(name, tuple(p.shape), p.dtype) for name, p in global_named_parameters(model)])
-        ranks: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(ranks, mine, group=self.group)
+        # a parameter is listed once: by TP rank 0 of its dense writers, by expert-TP rank 0 of its EP rank
+        listed = [(name, tuple(p.shape), p.dtype) for name, p in global_named_parameters(model)
+                  if (self.experts if is_expert(name) else self.dense) and _split(name)[1] == 0]
+        mine = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank(),
+                socket.gethostname(), listed)
+        ranks: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(ranks, mine, group=group)
         hosts = sorted({host for _, _, host, _ in ranks})
         if len(hosts) > 1:
-            raise ValueError(f"SharedHFMirror needs the model-parallel group on one host; its ranks run on {hosts}")
+            raise ValueError(f"SharedHFMirror needs its writers on one host; they run on {hosts}")
         hf_tensors = self._hf_meta(ranks)
 
         def sent_bytes(item: tuple[str, torch.Tensor]) -> int:  # a tensor's bytes as it goes out (cast to dtype)
@@ -75,16 +97,20 @@ class SharedHFMirror:
         self.buffers = self._shared_buffers()
 
     def _hf_meta(self, ranks: list) -> NamedTensors:
-        """Every HF tensor of the model as a meta tensor of its full shape, stage by stage in parameter order."""
+        """Every HF tensor of the model as a meta tensor of its full shape, stage by stage (dense parameters, then
+        experts by EP rank), in parameter order."""
         hf: NamedTensors = []
-        for _, tp_rank, _, params in sorted(ranks, key=lambda r: (r[0], r[1])):
-            if tp_rank != 0:  # TP rank 0 of each stage lists the stage's parameters
-                continue
-            for name, shape, dtype in params:
+        seen: set[str] = set()  # a rank that writes dense shards and experts lists a dense name once
+        for _, _, _, params in sorted(ranks, key=lambda r: (r[0], r[1])):
+            for name, shape, dtype in sorted(params, key=lambda p: is_expert(p[0])):
+                if name in seen:
+                    continue
+                seen.add(name)
                 full = list(shape)
                 dim = hf_mapping.tp_partition_dim(name)
                 if dim is not None:
-                    full[dim] *= self.tp_size
+                    full[dim] *= (parallel_state.get_expert_tensor_parallel_world_size() if is_expert(name)
+                                  else parallel_state.get_tensor_model_parallel_world_size())
                 hf += hf_mapping.to_hf(name, torch.empty(full, dtype=dtype, device="meta"), self.cfg)
         return hf
 
@@ -104,7 +130,9 @@ class SharedHFMirror:
         now (built each sync, so a parameter whose storage was replaced is still read from where it lives)."""
         writes: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.metas]
         for name, param in global_named_parameters(self.model):
-            for piece in hf_mapping.shard_to_hf(name, param.detach(), self.cfg, self.tp_size, self.tp_rank):
+            if not (self.experts if is_expert(name) else self.dense):
+                continue
+            for piece in hf_mapping.shard_to_hf(name, param.detach(), self.cfg, *_split(name)):
                 index, meta = self.place[piece.name]
                 target = unflatten(self.buffers[index], [meta])[0][1]
                 if piece.dim is not None:
@@ -113,7 +141,7 @@ class SharedHFMirror:
         return writes
 
     def stream(self) -> Iterator[NamedTensors]:
-        """The model's HF buckets (views of the mirror) on global rank 0; every model-parallel rank must iterate."""
+        """The model's HF buckets (views of the mirror) on global rank 0; every rank must iterate."""
         if not self.active:
             return
         writes = self._writes()
@@ -131,25 +159,22 @@ class SharedHFMirror:
 
 def shared_mirror(model: torch.nn.Module, cfg: ModelConfig, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                   dtype: Optional[torch.dtype] = None) -> Optional[SharedHFMirror]:
-    """A SharedHFMirror when the model-parallel group's shards are CPU tensors on one host whose /dev/shm can hold
-    them, else None (GPU shards travel over NCCL / CUDA IPC instead; a full tmpfs would kill a writer with
-    SIGBUS); a collective over the model-parallel group of every replica."""
-    if parallel_state.get_expert_model_parallel_world_size() > 1:
-        # Experts of EP ranks > 0 live outside data-parallel replica 0, whose model-parallel group the mirror
-        # spans: expert-parallel models sync through the transfer stream (weights/export), which gathers them.
-        return None
-    group = parallel_state.get_model_parallel_group()
-    device = next(model.parameters()).device.type
+    """A SharedHFMirror when the writers' shards are CPU tensors on one host whose /dev/shm can hold them, else
+    None (GPU shards travel over NCCL / CUDA IPC instead; a full tmpfs would kill a writer with SIGBUS);
+    a collective over every rank."""
+    writer = _writes_dense() or _writes_experts(cfg)
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
-    mine = (socket.gethostname(), device, sum(p.numel() * p.element_size() for p in model.parameters()),
-            shm.f_bavail * shm.f_frsize if shm else 0)
-    ranks: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(ranks, mine, group=group)  # every rank decides from the same list
-    if len({(host, dev) for host, dev, _, _ in ranks}) != 1 or device != "cpu":
+    mine = (writer, socket.gethostname(), next(model.parameters()).device.type,
+            sum(p.numel() * p.element_size() for p in model.parameters()), shm.f_bavail * shm.f_frsize if shm else 0)
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)  # every rank decides from the same list
+    writers = [r for r in ranks if r[0]]
+    if len({(host, dev) for _, host, dev, _, _ in writers}) != 1 or writers[0][2] != "cpu":
         return None
-    needed, free = sum(r[2] for r in ranks), min(r[3] for r in ranks)  # replicated norms counted per rank: a bound
+    needed, free = sum(r[3] for r in writers), min(r[4] for r in writers)  # replicated norms counted per rank
     if needed > free:
         warnings.warn(f"weight sync without the shared-memory mirror: it needs up to {needed} bytes, /dev/shm has "
                       f"{free} free; shards go through the transfer stream instead")
         return None
-    return SharedHFMirror(model, cfg, bucket_bytes, dtype)
+    group = dist.new_group([rank for rank, r in enumerate(ranks) if r[0]], backend="gloo")  # every rank calls it
+    return SharedHFMirror(model, cfg, group, bucket_bytes, dtype)
