@@ -11,7 +11,8 @@ replica's ranks (distributed, so one send feeds all). With more than one replica
 for the duration of the push: a replica that dies mid-push is dropped and the push is made again to the rest
 (the group re-formed without it). A replica that is down rejoins at a later push: an owned server is started
 again (at most rollout.sglang.max_restarts times), an attached one is health-checked again after a back-off
-that doubles (rollout.sglang.retry_backoff_s); either way it gets the full weights before it generates again.
+that doubles (rollout.sglang.retry_backoff_s); either way the weight group is formed anew with it (a new server
+process holds none) and it gets the full weights before it generates again.
 """
 
 from __future__ import annotations
@@ -158,14 +159,20 @@ class SGLangFleet(RolloutEngine):
         """Push through live[0] with the others as its peers (the weight group re-formed when they changed)."""
         leader, peers = live[0], [r.engine for r in live[1:]]
         if self._leader is not None and (self._leader is not leader or self._leader.engine.peers != peers):
-            self._leader.engine.leave_weight_group()
+            self._dissolve_weight_group()
         self._leader = leader
         leader.engine.peers = peers
         try:
             return leader.engine.update_weights_from_buckets(buckets, version)
         except FAILURES:
-            leader.engine.leave_weight_group()  # its members are about to change
+            self._dissolve_weight_group()  # its members are about to change
             raise
+
+    def _dissolve_weight_group(self) -> None:
+        """Leave the weight group; the next push forms it anew with the live replicas."""
+        if self._leader is not None:
+            self._leader.engine.leave_weight_group()
+            self._leader = None
 
     def _rejoin(self) -> None:
         """Down replicas that can serve again become live (they get this push before they generate)."""
@@ -176,11 +183,13 @@ class SGLangFleet(RolloutEngine):
             if r.owned:
                 if r.restarts >= self.max_restarts:
                     continue
+                self._dissolve_weight_group()  # the new process holds no group: form it again with it
                 r.restarts += 1
                 r.engine.relaunch()
                 r.live = True
             elif now >= r.retry_at:
                 if r.engine.server_alive():
+                    self._dissolve_weight_group()  # the server may have been restarted: it may hold no group
                     r.live, r.backoff_s = True, self.retry_backoff_s
                 else:
                     r.backoff_s = max(2 * r.backoff_s, self.retry_backoff_s)
@@ -200,8 +209,7 @@ class SGLangFleet(RolloutEngine):
             r.engine.wake(tags)
 
     def close(self) -> None:
-        if self._leader is not None:
-            self._leader.engine.leave_weight_group()
+        self._dissolve_weight_group()
         if self.replicas[0].owned:
             for r in self.replicas:
                 r.engine.close()
