@@ -319,7 +319,8 @@ class Trainer:
     def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:
         """One step ahead: log pi_trainer(token | prefix) of each generated token at the rollout temperature
         under the weights about to be updated (the PPO anchor; TIS then weighs pi_trainer / pi_rollout).
-        On-policy: None (the rollout's own log-probs anchor the ratio)."""
+        On-policy: None (the rollout's own log-probs anchor the ratio). With rl.routing_replay the recording pass
+        of rl/routing_replay.py computes them instead, on the training micro-batches."""
         if not self.cfg.rollout.off_policy_steps:
             return None
         from rntp_megatron.rewards.scoring import continuation_logprobs

@@ -1,4 +1,5 @@
-"""Routing replay (rl.routing_replay) on Megatron-Core's RouterReplay, tiny_qwen3_moe in one process.
+"""Routing replay (rl.routing_replay) on Megatron-Core's RouterReplay, tiny_qwen3_moe in one process and at TP2
+under sequence parallelism (each TP rank routes, records and replays its own part of the sequence).
 
 At the recording weights, the replayed forward-only pass gives the recording pass's log-probs bit for bit, and so
 does the training forward (every PPO ratio exactly 1), with no routing mismatch. Then layer 0's router is changed
@@ -17,12 +18,10 @@ import torch
 from rntp_megatron.config import ConfigError, build_config
 from rntp_megatron.runtime.spawn import run_ranks
 
-pytestmark = [pytest.mark.distributed]
-
 MICRO, SEQ = 4, 16
 
 
-def _replay_checks(rank: int, world: int) -> dict:
+def _replay_checks(rank: int, world: int, parallel: dict) -> dict:
     from functools import partial
 
     from rntp_megatron.model.provider import build_model
@@ -33,7 +32,8 @@ def _replay_checks(rank: int, world: int) -> dict:
     from rntp_megatron.step import forward_backward, reduce_logged
     from tests.test_rl_loss_parallel import global_batch
 
-    cfg = build_config({"model": {"card": "tiny_qwen3_moe"}, "rl": {"routing_replay": True}})
+    cfg = build_config({"model": {"card": "tiny_qwen3_moe"}, "parallel": parallel, "rl": {"routing_replay": True},
+                        "rollout": {"engine": "sglang"}})  # the model only (the megatron engine refuses SP)
     init_distributed(cfg.parallel, seed=5)
     try:
         model = build_model(cfg.model, cfg.parallel)
@@ -53,7 +53,9 @@ def _replay_checks(rank: int, world: int) -> dict:
             return [o["logp"][p] for o, p in zip(out, policy)]
 
         def mismatch(a, b) -> float:
-            counts = sum(differing_decisions(x.topk, y.topk, fed_tokens(x.batch, False)) for x, y in zip(a, b))
+            counts = sum(differing_decisions(x.topk, y.topk, fed_tokens(x.batch, replay.sequence_parallel))
+                         for x, y in zip(a, b))
+            torch.distributed.all_reduce(counts)  # the TP ranks' halves of the sequence, as the metric sums them
             return (counts[0] / counts[1]).item()
 
         items = replay.record([ddp], loss, microbatches, SEQ, MICRO)
@@ -76,8 +78,17 @@ def _replay_checks(rank: int, world: int) -> dict:
         destroy_distributed()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_replayed_forward_reproduces_the_recorded_log_probs_exactly():
-    [out] = run_ranks(_replay_checks, 1)
+    [one] = run_ranks(_replay_checks, 1, ({},))
+    _check(one)
+    for out in run_ranks(_replay_checks, 2, ({"tensor_model_parallel_size": 2, "sequence_parallel": True},)):
+        _check(out)  # each TP rank routes its half of the sequence; the metric sums both halves
+        assert abs(out["replay_metric"] - one["replay_metric"]) <= 0.01, (out, one)  # a decision or less apart
+
+
+def _check(out: dict) -> None:
     assert out["never_chosen"] == 0, "the test's expert must be unused by the recording pass"
     assert out["same_weights_replay_equal"] and out["same_weights_mismatch"] == 0.0, out
     assert out["train_ratio"] == 1.0 and out["train_clipfrac"] == 0.0 and out["train_mismatch"] == 0.0, out
