@@ -92,7 +92,11 @@ def logprob_step(loss: RNTPLoss, data_iterator: Iterator[RLBatch], model: torch.
 
 
 class RoutingReplay:
-    """Record and replay the experts of every TopKRouter of one policy model (its chunks on this rank)."""
+    """Record and replay the experts of every TopKRouter of one policy model (its chunks on this rank).
+
+    Each router gets an ObservedRouterReplay where TransformerConfig.moe_enable_routing_replay would give it a
+    plain RouterReplay: the same hook in Megatron's top-k, plus the router's own choice for the metric. Only this
+    model's routers are driven (not Megatron's process-wide list, which holds every model built with replay)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
