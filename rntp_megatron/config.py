@@ -645,7 +645,7 @@ def validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
 
 
 def validate_routing_replay(cfg: RunConfig) -> None:
-    """rl.routing_replay needs MoE routers to record, an RL step to replay them in, and one pipeline stage."""
+    """rl.routing_replay needs MoE routers to record and an RL step to replay them in."""
     if not cfg.rl.routing_replay:
         return
     if cfg.model.num_moe_experts is None:
@@ -654,11 +654,6 @@ def validate_routing_replay(cfg: RunConfig) -> None:
     if cfg.rl.objective == "ntp":
         raise ConfigError("rl.routing_replay: replays the old-log-prob pass's experts in an RL step's training "
                           "forward; rl.objective='ntp' has neither; fix: rl.routing_replay: false")
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        raise ConfigError(f"rl.routing_replay: not supported at PP={cfg.parallel.pipeline_model_parallel_size}: "
-                          "the recorded routing is not tested under the 1F1B schedule, where each stage would "
-                          "keep its own layers' experts per micro-batch; fix: "
-                          "parallel.pipeline_model_parallel_size: 1, or rl.routing_replay: false")
 
 
 def validate_rollout(cfg: RunConfig) -> None:
