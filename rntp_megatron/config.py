@@ -223,6 +223,9 @@ class RLConfig:
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
     train_on: Literal["thought_and_answer", "thought"] = "thought_and_answer"
     logprob_chunk_size: int = 1024
+    # MoE: old log-probs from a recording pass over the step's micro-batches whose experts the training forward
+    # replays (Megatron-Core's RouterReplay; rl/routing_replay.py)
+    routing_replay: bool = False
 
 
 @dataclass
@@ -537,6 +540,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     need(not p.sequence_parallel or tp > 1, "parallel.sequence_parallel", f"true needs TP > 1, got TP={tp}",
          "parallel.sequence_parallel: false, or parallel.tensor_model_parallel_size: 2 or more")
     validate_moe(m, p)
+    validate_routing_replay(cfg)
     need(p.context_parallel_size == 1, "parallel.context_parallel_size",
          f"{p.context_parallel_size} is not supported: Megatron-Core's context parallelism needs Transformer "
          "Engine's attention, and the RNTP batch (tokens, masks, log-probs) is not split into CP chunks here",
@@ -638,6 +642,18 @@ def validate_moe(m: ModelConfig, p: ParallelConfig) -> None:
                           f"parallelism (TP={p.tensor_model_parallel_size}); set it to true")
     if m.moe_aux_loss_coeff < 0:
         raise ConfigError(f"model.moe_aux_loss_coeff: must be >= 0, got {m.moe_aux_loss_coeff}")
+
+
+def validate_routing_replay(cfg: RunConfig) -> None:
+    """rl.routing_replay needs MoE routers to record and an RL step to replay them in."""
+    if not cfg.rl.routing_replay:
+        return
+    if cfg.model.num_moe_experts is None:
+        raise ConfigError("rl.routing_replay: needs a mixture-of-experts model (model.num_moe_experts); a dense "
+                          "model has no router whose experts could be recorded; fix: rl.routing_replay: false")
+    if cfg.rl.objective == "ntp":
+        raise ConfigError("rl.routing_replay: replays the old-log-prob pass's experts in an RL step's training "
+                          "forward; rl.objective='ntp' has neither; fix: rl.routing_replay: false")
 
 
 def validate_rollout(cfg: RunConfig) -> None:

@@ -37,7 +37,7 @@ from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.fit import CUT_KEY, cut_prompt_left
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, check_model_vocab, tokenizer_for
-from rntp_megatron.flops import FlopMeter
+from rntp_megatron.flops import FlopMeter, record_scoring
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -48,6 +48,7 @@ from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
 from rntp_megatron.rl.batch import RLBatch, pack_rollouts, policy_mask, with_global_counts
 from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
+from rntp_megatron.rl.routing_replay import RoutingReplay
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
 from rntp_megatron.rollout.prefetch import RolloutPrefetcher, generate_single
@@ -101,6 +102,7 @@ class Trainer:
         check_prompt_fits(cfg, len(before) + len(after), exact=True)
         self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
         self.model = build_model(cfg.model, cfg.parallel)
+        self.routing = RoutingReplay(self.model) if rl.routing_replay else None
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
         self.side = SideModels(cfg, self.tokenizer)  # reference, proxy, EMA baseline: those the config uses
@@ -270,17 +272,24 @@ class Trainer:
         groups = zero_variance_filter(rewards, G)
         pack = pack_interleaved if interleaved else pack_rollouts
         batch = pack(episodes, rollouts, advantages, rewards, self.think_close_ids,
-                     cfg.schedule.seq_length, self.tokenizer.pad_id, old_logprobs=self._old_logprobs(rollouts))
+                     cfg.schedule.seq_length, self.tokenizer.pad_id,
+                     old_logprobs=None if self.routing else self._old_logprobs(rollouts))
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
         batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
         self._count_flops(rollouts, batch)
         batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
+        s = cfg.schedule
+        microbatches, forward_step = batch.microbatches(s.micro_batch_size), self.loss.forward_step
+        if self.routing is not None:  # old log-probs and experts from one pass over these micro-batches: replayed
+            record_scoring([len(r.prompt_ids) for r in rollouts], [len(r.token_ids) for r in rollouts])
+            microbatches = self.routing.record([self.ddp], self.loss, microbatches, s.seq_length, s.micro_batch_size)
+            forward_step = self.routing.replaying(forward_step)
         with self.placement.training():
-            out = train_step([self.ddp], self.optimizer, self.loss.forward_step,
-                             batch.microbatches(cfg.schedule.micro_batch_size), cfg.schedule.seq_length,
-                             cfg.schedule.micro_batch_size)
+            out = train_step([self.ddp], self.optimizer, forward_step, microbatches, s.seq_length, s.micro_batch_size)
+        if self.routing is not None:
+            out["moe/routing_mismatch"] = self.routing.mismatch()
         out.update(self.placement.memory_metrics())  # free GPU memory while a colocated server slept ({} on CPU)
         self.side.after_step(self.model)
         t0 = time.monotonic()
@@ -310,7 +319,8 @@ class Trainer:
     def _old_logprobs(self, rollouts: list[Rollout]) -> Optional[list[list[float]]]:
         """One step ahead: log pi_trainer(token | prefix) of each generated token at the rollout temperature
         under the weights about to be updated (the PPO anchor; TIS then weighs pi_trainer / pi_rollout).
-        On-policy: None (the rollout's own log-probs anchor the ratio)."""
+        On-policy: None (the rollout's own log-probs anchor the ratio). With rl.routing_replay the recording pass
+        of rl/routing_replay.py computes them instead, on the training micro-batches."""
         if not self.cfg.rollout.off_policy_steps:
             return None
         from rntp_megatron.rewards.scoring import continuation_logprobs

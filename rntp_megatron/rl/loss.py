@@ -90,6 +90,11 @@ class RNTPLoss:
                                      mask=mask > 0, vocab_size=self.vocab_size,
                                      sequence_parallel=head.sequence_parallel)
 
+    def policy_logprobs(self, head: OutputLayerInput, batch: RLBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(label) and entropy[b, s] at the rollout temperature on the policy's tokens (0 elsewhere)."""
+        # only the policy's tokens: a row is mostly prompt, whose logits this term never reads
+        return self._logprobs(head, batch.labels, self.temperature, policy_mask(batch, self.rl.train_on))
+
     def _ntp(self, head: OutputLayerInput, batch: RLBatch) -> torch.Tensor:
         """sum over ntp_mask of -log p(label) at temperature 1 (plain language modelling on the chunk)."""
         logp, _ = self._logprobs(head, batch.labels, 1.0, batch.ntp_mask)
@@ -107,8 +112,7 @@ class RNTPLoss:
             return ntp_sum, count, {"loss": _pair(ntp_sum, count), "ntp_loss": _pair(ntp_sum, ntp_count)}
 
         mask = policy_mask(batch, rl.train_on)
-        # only the policy's tokens: a row is mostly prompt, whose logits this term never reads
-        logp, entropy = self._logprobs(head, batch.labels, self.temperature, mask)
+        logp, entropy = self.policy_logprobs(head, batch)
         terms = policy_terms(logp, batch.old_logprobs, batch.rollout_logprobs, batch.advantages, mask, rl,
                              batch.ref_logprobs)
         token_sum = (terms.loss * mask).sum()
