@@ -163,6 +163,9 @@ class SGLangConfig:
     # "fp8": the server runs blockwise FP8 weights (--quantization fp8, started from an FP8 folder); every push
     # sends weight + weight_scale_inv per linear layer (weights/fp8.py). Needs a GPU server.
     quantization: Optional[Literal["fp8"]] = None
+    # with rl.routing_replay: each rollout carries the experts the server routed it to, for
+    # moe/rollout_routing_mismatch (a started server gets --enable-return-routed-experts; an attached one needs it)
+    routed_experts: bool = True
 
 
 @dataclass

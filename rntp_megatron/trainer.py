@@ -48,6 +48,7 @@ from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
 from rntp_megatron.rl.batch import RLBatch, pack_rollouts, policy_mask, with_global_counts
 from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
+from rntp_megatron.rl.rollout_routing import routed_experts, rollout_routing_mismatch
 from rntp_megatron.rl.routing_replay import RoutingReplay
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
@@ -282,14 +283,20 @@ class Trainer:
         batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         s = cfg.schedule
         microbatches, forward_step = batch.microbatches(s.micro_batch_size), self.loss.forward_step
+        routing_metrics: dict[str, float] = {}
         if self.routing is not None:  # old log-probs and experts from one pass over these micro-batches: replayed
             record_scoring([len(r.prompt_ids) for r in rollouts], [len(r.token_ids) for r in rollouts])
             microbatches = self.routing.record([self.ddp], self.loss, microbatches, s.seq_length, s.micro_batch_size)
             forward_step = self.routing.replaying(forward_step)
+            if routed_experts(cfg) is not None:  # the server's experts against the recording's
+                versus = rollout_routing_mismatch(microbatches, rollouts, self.routing.layers,
+                                                  self.routing.sequence_parallel)
+                routing_metrics = {} if versus is None else {"moe/rollout_routing_mismatch": versus}
         with self.placement.training():
             out = train_step([self.ddp], self.optimizer, forward_step, microbatches, s.seq_length, s.micro_batch_size)
         if self.routing is not None:
             out["moe/routing_mismatch"] = self.routing.mismatch()
+        out.update(routing_metrics)
         out.update(self.placement.memory_metrics())  # free GPU memory while a colocated server slept ({} on CPU)
         self.side.after_step(self.model)
         t0 = time.monotonic()

@@ -5,7 +5,8 @@
 # GPU machine (nvidia-smi present): a plain `pip install sglang==0.5.21`.
 # CPU machine: the recipe of docs/design.md ("Running on CPU") (~3 min, ~3.4 GB): torch 2.13.0 (CPU wheel, the version sglang 0.5.21
 # pins), sglang without its CUDA-only dependencies, torchvision (transformers' image processors import it)
-# with its CUDA op registrations skipped, and a pure-torch stand-in for the two sgl-kernel CPU ops
+# with its CUDA op registrations skipped, SGLang's routed-experts host buffer left unpinned (no CUDA to pin with),
+# and a pure-torch stand-in for the two sgl-kernel CPU ops
 # (tools/sglang_cpu/sgl_kernel_cpu_standin.py, installed as the `sgl_kernel` module).
 # Idempotent: a stamp file newer than this script and its inputs makes a rerun exit at once.
 set -euo pipefail
@@ -45,6 +46,19 @@ if original in text:
     open(path, "w").write(text.replace(original, patched))
 elif patched not in text:
     sys.exit(f"install_sglang.sh: unexpected torchvision/__init__.py layout in {path}; update the patch")
+PY
+    # SGLang's routed-experts capture (--enable-return-routed-experts) pins its host buffer with cudaHostRegister,
+    # which a CPU torch lacks: a CPU server keeps that buffer in plain memory instead.
+    "$VENV/bin/python" - "$SITE/sglang/srt/state_capturer/base.py" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+original = '            device="cpu",\n            pin_memory=True,\n'
+patched = '            device="cpu",\n            pin_memory=device != "cpu",  # rntp: CPU server, no CUDA to pin with\n'
+if original in text:
+    open(path, "w").write(text.replace(original, patched))
+elif patched not in text:
+    sys.exit(f"install_sglang.sh: unexpected sglang state_capturer/base.py layout in {path}; update the patch")
 PY
     mkdir -p "$SITE/sgl_kernel"
     cp "$STANDIN" "$SITE/sgl_kernel/__init__.py"

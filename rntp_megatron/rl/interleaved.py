@@ -33,8 +33,10 @@ def generate_interleaved(engine: RolloutEngine, episodes: Sequence[Episode], sam
     the episode's meta["segments"]; Rollout.segments[j] = [start, end, stopped] of turn j in token_ids."""
     rollouts = []
     for r in engine.generate([ep.prompt_ids for ep in episodes], sampling):
+        # routed_experts dropped: they would cover the first turn only (no moe/rollout_routing_mismatch here)
         rollouts.append(dataclasses.replace(r, token_ids=list(r.token_ids), logprobs=list(r.logprobs),
-                                            segments=[[0, len(r.token_ids), int(r.finish_reason == "stop")]]))
+                                            segments=[[0, len(r.token_ids), int(r.finish_reason == "stop")]],
+                                            routed_experts=None))
     turns = max(len(ep.meta["segments"]) for ep in episodes)
     for j in range(1, turns):
         live = [r for r in rollouts if len(episodes[r.prompt_index].meta["segments"]) > j]

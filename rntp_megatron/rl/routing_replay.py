@@ -56,15 +56,20 @@ class Routed:
     topk: list[torch.Tensor] = field(default_factory=list)
 
 
-def fed_tokens(batch: RLBatch, sequence_parallel: bool) -> torch.Tensor:
-    """bool[tokens] in the router's order ([s, b] flattened; this TP rank's s-chunk under sequence parallelism):
-    the positions at or before a row's last labelled one."""
-    labelled = (batch.thought_mask + batch.answer_mask + batch.ntp_mask) > 0
-    fed = (labelled.flip(1).cumsum(1).flip(1) > 0).t()
+def router_order(x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """x[b, s, ...] as [tokens, ...] in the router's order: [s, b] flattened (this TP rank's s-chunk under
+    sequence parallelism)."""
+    x = x.transpose(0, 1)
     if sequence_parallel:
-        fed = fed.chunk(parallel_state.get_tensor_model_parallel_world_size())[
+        x = x.chunk(parallel_state.get_tensor_model_parallel_world_size())[
             parallel_state.get_tensor_model_parallel_rank()]
-    return fed.reshape(-1)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def fed_tokens(batch: RLBatch, sequence_parallel: bool) -> torch.Tensor:
+    """bool[tokens] in the router's order: the positions at or before a row's last labelled one."""
+    labelled = (batch.thought_mask + batch.answer_mask + batch.ntp_mask) > 0
+    return router_order(labelled.flip(1).cumsum(1).flip(1) > 0, sequence_parallel)
 
 
 def differing_decisions(natural: list[torch.Tensor], recorded: list[torch.Tensor], fed: torch.Tensor
@@ -103,6 +108,7 @@ class RoutingReplay:
         if not routers:
             raise ValueError("routing replay needs a mixture-of-experts model: this one has no TopKRouter")
         self.replays = []
+        self.layers = [r.layer_number - 1 for r in routers]  # global (0-based) layer of each, as HF numbers them
         for router in routers:  # the router reads its replay object at every routing call
             router.router_replay = ObservedRouterReplay()
             self.replays.append(router.router_replay)

@@ -35,6 +35,9 @@ class Rollout:
     # interleaved episodes (rl/interleaved.py): [start, end) of each site's generated tokens in token_ids; the
     # tokens between them are the chunk's true text and the template, fed, not sampled (log-prob 0)
     segments: list[list[int]] = field(default_factory=list)
+    # int32[generated tokens, layers, k]: the experts the engine routed the position predicting each generated
+    # token to, per MoE layer (SGLang's return_routed_experts); None when the engine did not report them
+    routed_experts: Optional[torch.Tensor] = None
 
 
 class RolloutEngine(abc.ABC):

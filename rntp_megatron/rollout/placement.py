@@ -71,6 +71,7 @@ class EnginePlacement:
         model-parallel sources attach to the same servers by URL to generate. Every rank takes part in the weight
         export's gathers."""
         from rntp_megatron.model import hf_mapping
+        from rntp_megatron.rl.rollout_routing import routed_experts
         from rntp_megatron.rollout.sglang_engine import SGLangEngine
         from rntp_megatron.rollout.sglang_fleet import SGLangFleet
         from rntp_megatron.runtime.spawn import free_port
@@ -83,7 +84,7 @@ class EnginePlacement:
         # in a fleet the fleet restarts a dead server and brings it to the current weights; alone, it does so itself
         own = dataclasses.replace(sg, max_restarts=0) if count > 1 else sg
         common = dict(decode=tokenizer.decode, padding_ids=padding, bucket_bytes=self._bucket_bytes(),
-                      dtype=self.cfg.model.params_dtype)
+                      dtype=self.cfg.model.params_dtype, routed_experts=routed_experts(self.cfg))
         fleet = None
         if dist.get_rank() == 0:
             if urls:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import secrets
 import threading
@@ -62,7 +63,8 @@ class SGLangEngine(RolloutEngine):
     def __init__(self, cfg: SGLangConfig, model_path: Optional[str | Path] = None, run_dir: str | Path = "runs/sglang",
                  dtype: str = "bfloat16", bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  decode: Optional[Callable[[list[int]], str]] = None, padding_ids: range = range(0),
-                 hf_config: Optional[dict] = None, colocated: bool = False):
+                 hf_config: Optional[dict] = None, colocated: bool = False,
+                 routed_experts: Optional[tuple[int, int]] = None):
         if cfg.weight_sync not in CHANNELS:
             raise ValueError(f"rollout.sglang.weight_sync {cfg.weight_sync!r} is not one of {CHANNELS}")
         if cfg.url is None and model_path is None:
@@ -77,6 +79,10 @@ class SGLangEngine(RolloutEngine):
         self.colocated = colocated  # an owned server on a GPU then runs with the memory saver
         self.logit_bias = {str(i): PADDING_BIAS for i in padding_ids}
         self.hf_config = hf_config  # config.json of the served model, for disk pushes to an attached server
+        # (layers, k) of an MoE model whose routed experts each rollout carries (an owned server gets the flag)
+        self.routed_experts = routed_experts
+        if routed_experts is not None and cfg.url is None:
+            self.cfg = cfg = dataclasses.replace(cfg, extra_args=[*cfg.extra_args, "--enable-return-routed-experts"])
         self.weight_version = 0
         self.restarts = 0
         self.peers: list["SGLangEngine"] = []  # more servers that receive every weight update (a fleet)
@@ -180,8 +186,10 @@ class SGLangEngine(RolloutEngine):
             params["sampling_seed"] = sampling.seed
         if self.logit_bias:
             params["logit_bias"] = self.logit_bias
-        replies = self._call("/generate", {"input_ids": expanded, "sampling_params": params, "return_logprob": True},
-                             timeout=self.cfg.request_timeout_s)
+        request: dict[str, Any] = {"input_ids": expanded, "sampling_params": params, "return_logprob": True}
+        if self.routed_experts is not None:
+            request["return_routed_experts"] = True  # every position's; the prompt's are cut off below
+        replies = self._call("/generate", request, timeout=self.cfg.request_timeout_s)
         rollouts = []
         for i, (prompt, reply) in enumerate(zip(expanded, replies)):
             meta = reply["meta_info"]
@@ -194,8 +202,28 @@ class SGLangEngine(RolloutEngine):
                 text=self.decode(tokens) if self.decode is not None else reply.get("text", ""),
                 logprobs=[float(t[0]) for t in meta["output_token_logprobs"]],
                 finish_reason="stop" if finish == "stop" else "length",
-                weight_version=_version(meta.get("weight_version")), prompt_index=i // sampling.n))
+                weight_version=_version(meta.get("weight_version")), prompt_index=i // sampling.n,
+                routed_experts=self._generated_experts(meta, len(prompt), len(tokens))))
         return rollouts
+
+    def _generated_experts(self, meta: dict[str, Any], prompt_len: int, generated: int) -> Optional[torch.Tensor]:
+        """int32[generated, layers, k]: of SGLang's routed experts of positions [0, prompt + generated - 1) (base64
+        int32 [positions, layers, k]; the last token is never fed), those of the positions predicting the
+        generated tokens, prompt_len - 1 on."""
+        if self.routed_experts is None:
+            return None
+        if meta.get("routed_experts") is None:
+            raise SGLangServerError(
+                f"the SGLang server at {self.client.url} returned no routed experts: start it with "
+                "--enable-return-routed-experts, or set rollout.sglang.routed_experts: false (no "
+                "moe/rollout_routing_mismatch then)")
+        layers, k = self.routed_experts
+        flat = torch.frombuffer(bytearray(base64.b64decode(meta["routed_experts"])), dtype=torch.int32)
+        experts = flat.view(-1, layers, k)
+        if experts.shape[0] != prompt_len + generated - 1:
+            raise SGLangServerError(f"routed experts of {experts.shape[0]} positions for a prompt of {prompt_len} "
+                                    f"and {generated} generated tokens (expected {prompt_len + generated - 1})")
+        return experts[prompt_len - 1:].clone()
 
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
         """log p(prompt[t] | prompt[<t]) for t >= 1 of each prompt under the served weights (teacher forcing)."""
