@@ -404,13 +404,12 @@ def test_trainer_one_step_off_with_sglang(tmp_path, shared_server):
 @sglang_test
 def test_attached_server_without_routed_experts_is_named(shared_server):
     """rollout.sglang.routed_experts asks an attached server for the experts it routed: one started without
-    --enable-return-routed-experts (this one) returns none, and the error says how to fix it."""
+    --enable-return-routed-experts (this one) returns none, and attaching fails saying how to fix it."""
     import dataclasses
 
     from rntp_megatron.rollout.sglang_engine import SGLangEngine
     from rntp_megatron.rollout.sglang_server import SGLangServerError
 
     cfg = dataclasses.replace(shared_server.cfg, url=shared_server.client.url, api_key=shared_server.api_key)
-    engine = SGLangEngine(cfg, routed_experts=(2, 2))
     with pytest.raises(SGLangServerError, match=r"--enable-return-routed-experts.*rollout.sglang.routed_experts"):
-        engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2))
+        SGLangEngine(cfg, routed_experts=(2, 2))

@@ -97,6 +97,10 @@ class SGLangEngine(RolloutEngine):
         if cfg.url is not None:
             self.client = HTTPClient(cfg.url, self.api_key)
             self.client.call("/health", timeout=30)
+            if routed_experts is not None:  # refused here, before a fleet would take the error for a failure
+                probe = self.client.call("/generate", {"input_ids": [0], "sampling_params": {"max_new_tokens": 1},
+                                                       "return_routed_experts": True}, timeout=60)
+                self._generated_experts(probe["meta_info"], 1, 1)
         else:
             self._start()
 
@@ -219,11 +223,12 @@ class SGLangEngine(RolloutEngine):
                 "moe/rollout_routing_mismatch then)")
         layers, k = self.routed_experts
         flat = torch.frombuffer(bytearray(base64.b64decode(meta["routed_experts"])), dtype=torch.int32)
-        experts = flat.view(-1, layers, k)
-        if experts.shape[0] != prompt_len + generated - 1:
-            raise SGLangServerError(f"routed experts of {experts.shape[0]} positions for a prompt of {prompt_len} "
-                                    f"and {generated} generated tokens (expected {prompt_len + generated - 1})")
-        return experts[prompt_len - 1:].clone()
+        positions = prompt_len + generated - 1
+        if flat.numel() != positions * layers * k:
+            raise SGLangServerError(f"the SGLang server at {self.client.url} returned {flat.numel()} routed experts "
+                                    f"for {positions} positions of {layers} layers, top {k}: does it serve this "
+                                    "model (model.num_layers, model.moe_router_topk)?")
+        return flat.view(positions, layers, k)[prompt_len - 1:].clone()
 
     def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
         """log p(prompt[t] | prompt[<t]) for t >= 1 of each prompt under the served weights (teacher forcing)."""
