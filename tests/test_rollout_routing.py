@@ -1,9 +1,11 @@
 """moe/rollout_routing_mismatch (rl/rollout_routing.py): a rollout's routed experts land at the positions that
 predict its generated tokens, in the router's [s, b] order, and are compared with the recorded experts as sets.
 
-Synthetic: the 'trainer' routes position t of row i to experts[i, t] (2 layers of 4, top 2, distinct per
-position); the 'server' reports the same routing of its positions p - 1 .. p + g - 2. The mismatch is 0, and
-reading the server's rows one position off (the position OF each generated token) makes it ~1."""
+Synthetic: the 'trainer' routes position t of row i to a random expert pair (3 layers of 8 experts, top 2);
+the 'server' reports the same routing of its positions p - 1 .. p + g - 2. The mismatch is 0, and reading the
+server's rows one position off (the position OF each generated token) makes it > 0.7.
+Real: a trainer-started SGLang server of tiny_qwen3_moe routes as the recording pass at synced weights (0.0) and
+clearly not once the trainer's routers differ from the pushed ones."""
 
 from __future__ import annotations
 
