@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--rollout-tokens", type=int, default=32, help="replica sweep: new tokens per sample")
     args = parser.parse_args()
     if args.replicas:
+        if max(args.replicas) < 2:
+            parser.error("--replicas needs a fleet size of at least 2 (the throughput compares 2 replicas with 1)")
         replica_sweep(args)
     else:
         sharded_sync(args)
@@ -187,6 +189,8 @@ def replica_sweep(args: argparse.Namespace) -> None:
             engines.append(_server(args, work / "init", work / f"replica{i}"))
         print(f"replica {i} up in {engines[-1].startup_s:.0f} s", flush=True)
     _print_sync_table(_sync_rows(engines, buckets, args), args)
+    for e in engines[2:]:  # an idle CPU server still polls (~20-40% of a core): only the measured ones stay up
+        e.close()
     with _server_threads(2):
         solo = _server(args, work / "init", work / "solo")
     tokens_per_s = _tokens_per_s({"1 replica x 2 threads": SGLangFleet([solo], owned=True),
@@ -195,7 +199,7 @@ def replica_sweep(args: argparse.Namespace) -> None:
     print("\n| rollout (same 2 cores) | tokens/s |\n|---|---|")
     for label, rate in tokens_per_s.items():
         print(f"| {label} | {rate:.1f} |")
-    for e in engines:
+    for e in engines[:2]:
         e.close()
     shutil.rmtree(work, ignore_errors=True)
     destroy_distributed()
@@ -228,18 +232,18 @@ def _sync_rows(engines: list, buckets: list, args: argparse.Namespace) -> dict[t
 
 
 def _print_sync_table(rows: dict[tuple[str, int], tuple], args: argparse.Namespace) -> None:
-    """Markdown: seconds per fleet size, ratios to the smallest, phases at the largest size measured."""
+    """Markdown: seconds per fleet size, ratios to the smallest, and the phases at each size."""
     sizes = sorted(args.replicas)
     print(f"\n| channel | {' | '.join(f'{n} replica(s) s' for n in sizes)} | "
-          f"{' | '.join(f'{n} / {sizes[0]}' for n in sizes[1:])} | where the time goes (s) |")
+          f"{' | '.join(f'{n} / {sizes[0]}' for n in sizes[1:])} | where the time goes (s), per fleet size |")
     print("|---" * (2 * len(sizes) + 1) + "|")
     for channel in args.channels.split(","):
         cells = [f"{rows[channel, n][0]:.3f}" if (channel, n) in rows else "refused" for n in sizes]
         ratios = [f"{rows[channel, n][0] / rows[channel, sizes[0]][0]:.2f}" if (channel, n) in rows else "-"
                   for n in sizes[1:]]
-        last = max(n for n in sizes if (channel, n) in rows)
-        detail = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in rows[channel, last][1].items())
-        print(f"| {channel} | {' | '.join(cells)} | {' | '.join(ratios)} | at {last}: {detail} |", flush=True)
+        detail = "; ".join(f"{n}: " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in rows[channel, n][1].items())
+                           for n in sizes if (channel, n) in rows)
+        print(f"| {channel} | {' | '.join(cells)} | {' | '.join(ratios)} | {detail} |", flush=True)
 
 
 @contextlib.contextmanager
@@ -250,7 +254,10 @@ def _server_threads(n: int):
     try:
         yield
     finally:
-        os.environ["OMP_NUM_THREADS"] = before or "1"
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def _tokens_per_s(fleets: dict, repeats: int, prompts: int = 8, group: int = 4, new_tokens: int = 32

@@ -15,7 +15,7 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
   (fallback, and the only channel across clusters). The folder of a version appears whole (written aside, then
   renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
 `peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
-folder loaded by all, each tensor payload sent to each, one broadcast group holding every server's ranks.
+folder loaded by all at once, each tensor payload sent to each, one broadcast group holding every server's ranks.
 With rollout.sglang.quantization "fp8" every channel sends blockwise FP8 linear weights with their
 `weight_scale_inv` (weights/fp8.py). A colocated server on a GPU runs with --enable-memory-saver: sleep() releases
 its KV cache, weights and CUDA graphs; wake(("weights",)) brings the weights back for an update, wake() the rest.
