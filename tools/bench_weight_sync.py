@@ -1,18 +1,29 @@
 """Weight sync benchmark: a ~1 GB bf16 model sharded TP2 x PP2 (4 gloo ranks) pushed into a real SGLang server
-through each channel (tensor, distributed, disk), side by side with one plain memcpy of the same bytes.
+through each channel (tensor, distributed, disk), side by side with one plain memcpy of the same bytes; or, with
+--replicas, the same push into fleets of several servers (rollout/sglang_fleet.py).
 
     .venv/bin/torchrun --nproc-per-node 4 tools/bench_weight_sync.py [--layers 10] [--repeats 2]
+    .venv/bin/python tools/bench_weight_sync.py --replicas 1 2 4 [--hidden 1024]
 
 Two sources of the HF buckets, every rank taking part: weights.export.stream_hf_weights (TP gather + merge +
 PP send to rank 0) and weights.shared_mirror (each rank writes its shards in place into shared memory); rank 0
 owns the server and pushes the buckets. Printed: seconds per sync (best of --repeats), GB/s, ratio to the
 memcpy, and for each channel x source where its time goes (wait: for the source's next bucket; serialize /
 flatten, broadcast, server: the load calls; write: the HF folder).
+
+--replicas N...: one process (TP1, PP1) holds the model's HF buckets and starts max(N) servers (one thread each),
+then pushes through each channel into fleets of the first N of them: seconds per sync (best of --repeats rounds
+over every channel and size; in each, one untimed push forms the fleet's weight group) and the ratio to one
+replica. Then the rollout throughput
+of a fixed batch of greedy generations: 2 replicas of 1 thread each against 1 replica of 2 threads (the same
+total cores). The tensor channel is measured for 1 replica only: a fleet refuses it (config validation), as a
+second push into a peer failed in SGLang with a missing shared-memory object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,25 +44,53 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--python", default=str(ROOT / "sglang-venv" / "bin" / "python"))
     parser.add_argument("--channels", default="tensor,distributed,disk")
+    parser.add_argument("--replicas", type=int, nargs="+", help="fleet sizes: the replica sweep (one process)")
+    parser.add_argument("--rollout-tokens", type=int, default=32, help="replica sweep: new tokens per sample")
     args = parser.parse_args()
+    if args.replicas:
+        if max(args.replicas) < 2:
+            parser.error("--replicas needs a fleet size of at least 2 (the throughput compares 2 replicas with 1)")
+        replica_sweep(args)
+    else:
+        sharded_sync(args)
 
-    from rntp_megatron.config import SGLangConfig, build_config
-    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
-    from rntp_megatron.model.provider import build_model
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from rntp_megatron.runtime import destroy_distributed, init_distributed
-    from rntp_megatron.runtime.spawn import free_port
-    from rntp_megatron.weights.export import stream_hf_weights
-    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
-    from rntp_megatron.weights.shared_mirror import SharedHFMirror
+
+def _config(args: argparse.Namespace, tp: int, pp: int):
+    """The benchmark's qwen2-style bf16 model (--layers, --hidden, vocab 32000, tied) at TP tp x PP pp."""
+    from rntp_megatron.config import build_config
 
     h = args.hidden
-    cfg = build_config({
+    return build_config({
         "model": {"family": "qwen2", "num_layers": args.layers, "hidden_size": h, "ffn_hidden_size": h * 11 // 4,
                   "num_attention_heads": h // 128, "num_query_groups": 4, "vocab_size": 32000, "qkv_bias": True,
                   "tie_word_embeddings": True, "params_dtype": "bfloat16", "transformer_impl": "local",
                   "max_position_embeddings": 2048},
-        "parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}})
+        "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}})
+
+
+def _server(args: argparse.Namespace, hf_folder: Path, run_dir: Path):
+    """An owned SGLang server of the HF folder in bf16 (a 1 GB model needs more than the CPU default
+    --mem-fraction-static 0.05; the last flag wins)."""
+    from rntp_megatron.config import SGLangConfig
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.runtime.spawn import free_port
+
+    server = SGLangConfig(python=args.python, port=free_port(), startup_timeout_s=900,
+                          extra_args=["--mem-fraction-static", "0.2"])
+    return SGLangEngine(server, model_path=hf_folder, run_dir=run_dir, dtype="bfloat16",
+                        bucket_bytes=args.bucket_mb << 20)
+
+
+def sharded_sync(args: argparse.Namespace) -> None:
+    """The TP2 x PP2 benchmark: each channel x source into one server (module docstring)."""
+    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights.export import stream_hf_weights
+    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+    from rntp_megatron.weights.shared_mirror import SharedHFMirror
+
+    cfg = _config(args, tp=2, pp=2)
     init_distributed(cfg.parallel, seed=1)
     rank = dist.get_rank()
     model = build_model(cfg.model, cfg.parallel)
@@ -77,12 +116,7 @@ def main() -> None:
     if rank == 0:
         tok = write_byte_tokenizer(work / "tok", eos_id=None)
         save_hf_checkpoint(stream(), work / "init", cfg.model, tokenizer_dir=tok)
-        # a 1 GB model needs more than the CPU default --mem-fraction-static 0.05 (the last flag wins)
-        server = SGLangConfig(python=args.python, port=free_port(), startup_timeout_s=900,
-                              extra_args=["--mem-fraction-static", "0.2"])
-        engine = SGLangEngine(server,
-                              model_path=work / "init", run_dir=work / "run", dtype="bfloat16",
-                              bucket_bytes=bucket_bytes)
+        engine = _server(args, work / "init", work / "run")
         print(f"model {total / 1e9:.2f} GB bf16 (TP2 x PP2), server up in {engine.startup_s:.0f} s", flush=True)
     else:
         list(stream())
@@ -127,6 +161,127 @@ def main() -> None:
         engine.close()
         shutil.rmtree(work, ignore_errors=True)
     destroy_distributed()
+
+
+def replica_sweep(args: argparse.Namespace) -> None:
+    """Sync seconds per channel into fleets of args.replicas servers, as ratios to 1 replica; rollout tokens/s of
+    2 one-thread replicas against 1 two-thread replica (module docstring)."""
+    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+    from rntp_megatron.weights.export import stream_hf_weights
+    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+
+    cfg = _config(args, tp=1, pp=1)
+    init_distributed(cfg.parallel, seed=1)
+    buckets = list(stream_hf_weights(build_model(cfg.model, cfg.parallel), cfg.model,
+                                     bucket_bytes=args.bucket_mb << 20))
+    total = sum(t.numel() * t.element_size() for b in buckets for _, t in b)
+    work = Path(tempfile.mkdtemp(prefix="rntp-bench-fleet-"))
+    save_hf_checkpoint(iter(buckets), work / "init", cfg.model,
+                       tokenizer_dir=write_byte_tokenizer(work / "tok", eos_id=None))
+    print(f"model {total / 1e9:.2f} GB bf16, {len(buckets)} buckets", flush=True)
+
+    engines = []
+    for i in range(max(args.replicas)):  # one after the other: a CPU server sizes its cache by free memory
+        with _server_threads(1):
+            engines.append(_server(args, work / "init", work / f"replica{i}"))
+        print(f"replica {i} up in {engines[-1].startup_s:.0f} s", flush=True)
+    _print_sync_table(_sync_rows(engines, buckets, args), args)
+    for e in engines[2:]:  # an idle CPU server still polls (~20-40% of a core): only the measured ones stay up
+        e.close()
+    with _server_threads(2):
+        solo = _server(args, work / "init", work / "solo")
+    tokens_per_s = _tokens_per_s({"1 replica x 2 threads": SGLangFleet([solo], owned=True),
+                                  "2 replicas x 1 thread": SGLangFleet(engines[:2], owned=False)},
+                                 args.repeats, new_tokens=args.rollout_tokens)
+    print("\n| rollout (same 2 cores) | tokens/s |\n|---|---|")
+    for label, rate in tokens_per_s.items():
+        print(f"| {label} | {rate:.1f} |")
+    for e in engines[:2]:
+        e.close()
+    shutil.rmtree(work, ignore_errors=True)
+    destroy_distributed()
+
+
+def _sync_rows(engines: list, buckets: list, args: argparse.Namespace) -> dict[tuple[str, int], tuple]:
+    """(channel, replicas) -> (best seconds of one push into a fleet of the first `replicas` engines, its phases)."""
+    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+
+    rows, version = {}, 0
+    for _ in range(args.repeats):  # rounds over every (channel, fleet size): each sees the box's load of the moment
+        for channel in args.channels.split(","):
+            for n in args.replicas:
+                if channel == "tensor" and n > 1:  # refused for a fleet (see the module docstring)
+                    continue
+                fleet = SGLangFleet(engines[:n], owned=False)
+                for e in engines[:n]:
+                    e.cfg.weight_sync = channel
+                fleet.update_weights_from_buckets(buckets, version + 1)  # forms the weight group: untimed
+                version += 2
+                t0 = time.perf_counter()
+                parts = fleet.update_weights_from_buckets(buckets, version)
+                took = time.perf_counter() - t0
+                assert all(e.server_weight_version() == version for e in engines[:n])
+                fleet.close()  # leaves the weight group; the engines stay up (not owned)
+                print(f"{channel} x {n}: {took:.3f} s", flush=True)
+                if (channel, n) not in rows or took < rows[channel, n][0]:
+                    rows[channel, n] = (took, parts)
+    return rows
+
+
+def _print_sync_table(rows: dict[tuple[str, int], tuple], args: argparse.Namespace) -> None:
+    """Markdown: seconds per fleet size, ratios to the smallest, and the phases at each size."""
+    sizes = sorted(args.replicas)
+    print(f"\n| channel | {' | '.join(f'{n} replica(s) s' for n in sizes)} | "
+          f"{' | '.join(f'{n} / {sizes[0]}' for n in sizes[1:])} | where the time goes (s), per fleet size |")
+    print("|---" * (2 * len(sizes) + 1) + "|")
+    for channel in args.channels.split(","):
+        cells = [f"{rows[channel, n][0]:.3f}" if (channel, n) in rows else "refused" for n in sizes]
+        ratios = [f"{rows[channel, n][0] / rows[channel, sizes[0]][0]:.2f}" if (channel, n) in rows else "-"
+                  for n in sizes[1:]]
+        detail = "; ".join(f"{n}: " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in rows[channel, n][1].items())
+                           for n in sizes if (channel, n) in rows)
+        print(f"| {channel} | {' | '.join(cells)} | {' | '.join(ratios)} | {detail} |", flush=True)
+
+
+@contextlib.contextmanager
+def _server_threads(n: int):
+    """Servers started inside run n torch threads (OMP_NUM_THREADS of their environment)."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def _tokens_per_s(fleets: dict, repeats: int, prompts: int = 8, group: int = 4, new_tokens: int = 32
+                  ) -> dict[str, float]:
+    """Generated tokens per second of each fleet for `prompts` random 32-token prompts x `group` greedy samples of
+    new_tokens each: best of repeats after one untimed warm-up batch, the fleets taking turns (so that they share
+    this box's varying load); the fleets are closed."""
+    from rntp_megatron.rollout.engine import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.randint(3, 250, (32,), generator=gen).tolist() for _ in range(prompts)]
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, n=group)
+    best = dict.fromkeys(fleets, 0.0)
+    for attempt in range(repeats + 1):
+        for label, fleet in fleets.items():
+            t0 = time.perf_counter()
+            tokens = sum(len(r.token_ids) for r in fleet.generate(batch, sampling))
+            rate = tokens / (time.perf_counter() - t0)
+            print(f"{label}: {rate:.1f} tokens/s", flush=True)
+            if attempt:
+                best[label] = max(best[label], rate)
+    for fleet in fleets.values():
+        fleet.close()
+    return best
 
 
 def _waits(buckets, waited: dict[str, float]):

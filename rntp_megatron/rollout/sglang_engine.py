@@ -15,7 +15,7 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
   (fallback, and the only channel across clusters). The folder of a version appears whole (written aside, then
   renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
 `peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
-folder loaded by all, each tensor payload sent to each, one broadcast group holding every server's ranks.
+folder loaded by all at once, each tensor payload sent to each, one broadcast group holding every server's ranks.
 With rollout.sglang.quantization "fp8" every channel sends blockwise FP8 linear weights with their
 `weight_scale_inv` (weights/fp8.py). A colocated server on a GPU runs with --enable-memory-saver: sleep() releases
 its KV cache, weights and CUDA graphs; wake(("weights",)) brings the weights back for an update, wake() the rest.
@@ -331,11 +331,9 @@ class SGLangEngine(RolloutEngine):
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into every receiver."""
-        with self._lock, self._updating():
-            for r in self._receivers():
-                reply = r.client.call("/update_weights_from_disk", {
-                    "model_path": str(path), "weight_version": str(version), "flush_cache": True})
-                _check(reply, "/update_weights_from_disk")
+        payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
+        with self._lock, self._updating(), self._all_calling("/update_weights_from_disk", payload):
+            pass  # the receivers load the folder concurrently (N replicas: one load's time, not N)
         for r in self._receivers():
             r.weight_version = version
             r.model_path = str(path)  # a restart starts from these weights
@@ -417,18 +415,10 @@ class SGLangEngine(RolloutEngine):
             sizes = r._server_ranks()
             offsets.append(world)
             world += sizes["tp"] * sizes["pp"] * sizes["dp"]
-        replies: list[dict[str, Any]] = [{} for _ in offsets]
-        joiners = [threading.Thread(target=lambda r=r, out=out, offset=offset: out.update(r=r._try_call(
-            "/init_weights_update_group", {"master_address": host, "master_port": port, "rank_offset": offset,
-                                           "world_size": world, "group_name": self._group_name, "backend": backend})))
-            for r, out, offset in zip(self._receivers(), replies, offsets)]
-        for j in joiners:
-            j.start()
-        self._group = _process_group(backend, host, port, world, self._group_name)
-        for j in joiners:
-            j.join()
-        for reply in replies:
-            _check(reply.get("r"), "/init_weights_update_group")
+        payload = {"master_address": host, "master_port": port, "world_size": world, "group_name": self._group_name,
+                   "backend": backend}
+        with self._all_calling("/init_weights_update_group", *({**payload, "rank_offset": o} for o in offsets)):
+            self._group = _process_group(backend, host, port, world, self._group_name)
 
     def leave_weight_group(self) -> None:
         """Dissolve the weight-update group on this side and on every receiver (a fleet re-forms it when its
@@ -446,11 +436,30 @@ class SGLangEngine(RolloutEngine):
             dist.destroy_process_group(self._group)
         self._group = None
 
-    def _try_call(self, path: str, payload: dict) -> Any:
+    @contextlib.contextmanager
+    def _all_calling(self, path: str, *payloads: dict[str, Any]) -> Iterator[None]:
+        """POST path to every receiver at once, each in a thread (payloads[i] to receiver i, or the one payload to
+        all), while the block runs (e.g. the broadcast they receive); after it, SGLangServerError if one failed."""
+        receivers = self._receivers()
+        payloads = payloads if len(payloads) == len(receivers) else payloads * len(receivers)
+        replies: list[Any] = [None] * len(receivers)
+
+        def call(i: int) -> None:
+            try:
+                replies[i] = receivers[i].client.call(path, payloads[i])
+            except (SGLangServerError, OSError) as e:
+                replies[i] = {"success": False, "message": repr(e)}
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(receivers))]
+        for t in threads:
+            t.start()
         try:
-            return self.client.call(path, payload)
-        except (SGLangServerError, OSError) as e:
-            return {"success": False, "message": repr(e)}
+            yield
+        finally:
+            for t in threads:
+                t.join()
+        for reply in replies:
+            _check(reply, path)
 
     def _push_distributed(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
                           ) -> dict[str, float]:
@@ -472,20 +481,11 @@ class SGLangEngine(RolloutEngine):
                            "shapes": [list(m.shape) for m in metas], "group_name": self._group_name,
                            "load_format": "flattened_bucket", "flush_cache": following is None,
                            "weight_version": str(version) if following is None else None}
-                replies: list[dict[str, Any]] = [{} for _ in self._receivers()]
-                receivers = [threading.Thread(target=lambda r=r, out=out: out.update(
-                    r=r._try_call("/update_weights_from_distributed", payload)))
-                    for r, out in zip(self._receivers(), replies)]
                 t1 = time.perf_counter()
-                for thread in receivers:
-                    thread.start()
-                dist.broadcast(flat, src=0, group=self._group)  # this process is rank 0: one send feeds all
-                timing["broadcast_s"] += time.perf_counter() - t1
-                for thread in receivers:
-                    thread.join()
+                with self._all_calling("/update_weights_from_distributed", payload):
+                    dist.broadcast(flat, src=0, group=self._group)  # this process is rank 0: one send feeds all
+                    timing["broadcast_s"] += time.perf_counter() - t1
                 timing["server_s"] += time.perf_counter() - t1
-                for reply in replies:
-                    _check(reply.get("r"), "/update_weights_from_distributed")
                 self._remember(bucket, keep_host_copy)
                 bucket = following
         return timing
