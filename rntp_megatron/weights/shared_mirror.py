@@ -76,19 +76,16 @@ class SharedHFMirror:
         listed = [(name, tuple(p.shape), p.dtype) for name, p in global_named_parameters(model)
                   if (self.experts if is_expert(name) else self.dense) and _split(name)[1] == 0]
         mine = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank(),
-                socket.gethostname(), listed)
-        ranks: list = [None] * dist.get_world_size(group)
+                listed)
+        ranks: list = [None] * dist.get_world_size(group)  # shared_mirror() made sure they share one host
         dist.all_gather_object(ranks, mine, group=group)
-        hosts = sorted({host for _, _, host, _ in ranks})
-        if len(hosts) > 1:
-            raise ValueError(f"SharedHFMirror needs its writers on one host; they run on {hosts}")
         hf_tensors = self._hf_meta(ranks)
 
         def sent_bytes(item: tuple[str, torch.Tensor]) -> int:  # a tensor's bytes as it goes out (cast to dtype)
             return item[1].numel() * (dtype or item[1].dtype).itemsize
 
         groups = bucketed(hf_tensors, bucket_bytes, size=sent_bytes)
-        self.metas: list[list[TensorMeta]] = [layout(group, dtype) for group in groups]
+        self.metas: list[list[TensorMeta]] = [layout(members, dtype) for members in groups]
         for m in (m for metas in self.metas for m in metas):  # a shard is written through a typed view
             if m.offset % m.dtype.itemsize:
                 raise ValueError(f"{m.name} ({m.dtype}) would start at byte {m.offset} of its bucket, not aligned "
@@ -100,17 +97,12 @@ class SharedHFMirror:
         """Every HF tensor of the model as a meta tensor of its full shape, stage by stage (dense parameters, then
         experts by EP rank), in parameter order."""
         hf: NamedTensors = []
-        seen: set[str] = set()  # a rank that writes dense shards and experts lists a dense name once
-        for _, _, _, params in sorted(ranks, key=lambda r: (r[0], r[1])):
+        for _, _, params in sorted(ranks, key=lambda r: (r[0], r[1])):
             for name, shape, dtype in sorted(params, key=lambda p: is_expert(p[0])):
-                if name in seen:
-                    continue
-                seen.add(name)
                 full = list(shape)
                 dim = hf_mapping.tp_partition_dim(name)
                 if dim is not None:
-                    full[dim] *= (parallel_state.get_expert_tensor_parallel_world_size() if is_expert(name)
-                                  else parallel_state.get_tensor_model_parallel_world_size())
+                    full[dim] *= _split(name)[0]
                 hf += hf_mapping.to_hf(name, torch.empty(full, dtype=dtype, device="meta"), self.cfg)
         return hf
 
