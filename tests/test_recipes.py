@@ -47,7 +47,7 @@ def test_shrinks_keep_what_the_recipes_exercise():
         assert shrunk.model.family == recipe.model.family, name
         assert [s.kind for s in shrunk.data.sources] == [s.kind for s in recipe.data.sources], name
         assert shrunk.data.tokenizer.kind == recipe.data.tokenizer.kind, name
-        for section, keys in {"rollout": ("engine", "placement", "off_policy_steps"), "rl": ("objective",),
+        for section, keys in {"rollout": ("engine", "placement", "off_policy_steps"), "rl": ("objective", "routing_replay"),
                               "data": ("site_selection",)}.items():
             for key in keys:
                 assert getattr(getattr(shrunk, section), key) == getattr(getattr(recipe, section), key), (name, key)
@@ -163,4 +163,6 @@ def test_recipe_trains_two_steps_and_resumes(name, tmp_path):
         if "reward" in m:  # rollouts came back, were scored and trained on; the weights reached the engine
             assert m["thought_len"] > 0 and math.isfinite(m["reward"]) and m["prompt_cut_rate"] == 0, m
             assert m["weight_version"] == m["step"] + 1, m
+        if _recipe_config(name).rl.routing_replay:  # replayed, and SGLang's experts compared with the trainer's
+            assert 0 <= m["moe/routing_mismatch"] <= 1 and 0 <= m["moe/rollout_routing_mismatch"] <= 1, m
     assert (tmp_path / "run" / "checkpoints" / "iter_0000002").is_dir()
