@@ -81,9 +81,10 @@ def _importable(module: str) -> bool:
 class Report:
     """Rows (check, quantity, value, ok) and the facts of the run; one JSON and one table."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, out: Path):
         import torch
 
+        self.out = out  # rewritten after every check: a run stopped at its time limit still leaves what it measured
         self.rows: list[dict[str, Any]] = []
         self.facts: dict[str, Any] = {"mode": mode, "python": platform.python_version(), "torch": torch.__version__,
                                       "device": torch.cuda.get_device_name() if mode == "gpu" else "cpu",
@@ -105,13 +106,15 @@ class Report:
 
             destroy_distributed()
         self.add(check, "wall s", round(time.monotonic() - t0, 1))
+        self.write()
+        print(f"[gpu_check] {check} done in {time.monotonic() - t0:.1f} s", flush=True)
 
     def ok(self) -> bool:
         return all(r["ok"] for r in self.rows)
 
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**self.facts, "ok": self.ok(), "rows": self.rows}, indent=2))
+    def write(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({**self.facts, "ok": self.ok(), "rows": self.rows}, indent=2))
 
     def table(self) -> str:
         width = max(len(f"{r['check']}: {r['name']}") for r in self.rows)
@@ -312,7 +315,7 @@ def main() -> int:
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --cpu")
     size = SIZES["gpu" if on_gpu else "cpu"]
-    report = Report("gpu" if on_gpu else "cpu")
+    report = Report("gpu" if on_gpu else "cpu", Path(args.out))
     report.facts["wheels_installed"] = installed
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
@@ -322,7 +325,7 @@ def main() -> int:
         report.run("export", lambda: check_export(report, work, on_gpu))
         report.run("loss hook", lambda: check_loss_hook_and_mfu(report, size, on_gpu))
     report.facts["wall_s"] = round(time.monotonic() - t0, 1)
-    report.write(Path(args.out))
+    report.write()
     print(report.table(), flush=True)
     print(f"wrote {args.out}")
     return 0 if report.ok() else 1
