@@ -7,12 +7,15 @@
 Every check goes through the product's own entry points, on the device the product picks (CUDA when present):
 - demo: `rntp train` of recipes/configs/demo_pretrain.yaml (300 steps; --cpu: 12), then demo_rl.yaml from its
   checkpoint (10 RL steps with the in-process engine; --cpu: 2): the pretraining loss falls, RL losses are finite.
+- side models: demo_rl.yaml as the production recipes run RL: entropy-selected sites, the frozen reference's KL
+  term, the info-gain reward with its EMA baseline (3 steps; --cpu: 2): losses and KL finite.
 - resume: the pretraining run restarted from its halfway checkpoint repeats the second half's losses (exact on the
   CPU; on a GPU within 1e-3 relative, since CUDA's embedding backward sums with atomics).
 - export: `rntp convert to-hf` of the pretrained checkpoint, loaded by transformers on the same device: max
   |logit difference| against the Megatron model in float32.
 - loss hook: a step of the RNTP loss hook against a plain next-token step, same ~1B bf16 model and tokens (--cpu:
-  the tiny card): step-time ratio and, on a GPU, peak memory of each (torch.cuda.max_memory_allocated).
+  the tiny card): step-time ratio and, on a GPU, memory of each (torch.cuda.memory_allocated: held before a step,
+  when the forward returns, and the peak) beside the peak that `rntp plan`'s memory plan predicts.
 - MFU: the ~1B model's bf16 plain training step timed with CUDA events: tokens/s and MFU = 6 N tokens/s / peak.
 Each check runs on even when an earlier one failed (its error is recorded). Writes one JSON (--out) and prints a
 table; exits 1 when a check failed.
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,9 +49,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}  #
 ONE_B = {"card": "tiny", "num_layers": 16, "hidden_size": 2048, "ffn_hidden_size": 5632, "num_attention_heads": 16,
          "num_query_groups": 8, "vocab_size": 32000, "max_position_embeddings": 4096, "params_dtype": "bfloat16"}
 SIZES = {  # per mode: demo steps, resume point, RL steps, loss-hook card and shapes, timed steps
-    "gpu": {"pretrain": 300, "rl": 10, "rl_batch": [], "card": ONE_B, "batch": 4, "seq": 2048, "policy": 512,
+    "gpu": {"pretrain": 300, "rl": 10, "side": 3, "rl_batch": [], "card": ONE_B, "batch": 4, "seq": 2048, "policy": 512,
             "steps": 5},
-    "cpu": {"pretrain": 12, "rl": 2, "rl_batch": ["schedule.global_batch_size=16", "schedule.micro_batch_size=16"],
+    "cpu": {"pretrain": 12, "rl": 2, "side": 2, "rl_batch": ["schedule.global_batch_size=16", "schedule.micro_batch_size=16"],
             "card": {"card": "tiny", "params_dtype": "bfloat16"}, "batch": 2, "seq": 64, "policy": 16, "steps": 2},
 }
 
@@ -177,6 +181,22 @@ def check_demo(report: Report, work: Path, size: dict) -> None:
     report.add("demo", "RL mean reward, first -> last step", f"{rewards[0]:.3f} -> {rewards[-1]:.3f}")
 
 
+def check_side_models(report: Report, work: Path, size: dict) -> None:
+    """RL as the production recipes run it: entropy-selected sites scored by the frozen reference, its KL term,
+    the info-gain reward with the EMA baseline (demo_rl.yaml from the demo's pretrained checkpoint)."""
+    steps = size["side"]
+    _rntp("train", "--config", str(ROOT / "recipes" / "configs" / "demo_rl.yaml"),
+          *_set(work / "side", f"schedule.train_steps={steps}", "checkpoint.save_interval=0",
+                f"checkpoint.load={work / 'pretrain' / 'checkpoints'}", "data.site_selection=entropy", "data.entropy_threshold=0.5", "rl.kl_coef=0.1",
+                "reward.name=info_gain", "reward.baseline=ema", *size["rl_batch"]))
+    from rntp_megatron.metrics import read_metrics
+
+    records = read_metrics(work / "side" / "metrics.jsonl")
+    finite = [r for r in records if math.isfinite(r["loss"]) and math.isfinite(r.get("kl", float("nan")))]
+    report.add("side models", f"RL steps with finite loss and KL (of {steps})", len(finite),
+               ok=len(records) == steps and len(finite) == steps)
+
+
 def check_resume(report: Report, work: Path, size: dict, on_gpu: bool) -> None:
     """The pretraining run restarted from its halfway checkpoint: the second half's losses again."""
     steps, half = size["pretrain"], size["pretrain"] // 2
@@ -229,6 +249,7 @@ def check_loss_hook_and_mfu(report: Report, size: dict, on_gpu: bool) -> None:
 
     from rntp_megatron.config import build_config
     from rntp_megatron.lm_loss import lm_batch, lm_forward_step
+    from rntp_megatron.memory_plan import memory_plan
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.optimizer import build_optimizer, wrap_ddp
     from rntp_megatron.rl.batch import RLBatch, with_global_counts
@@ -255,13 +276,19 @@ def check_loss_hook_and_mfu(report: Report, size: dict, on_gpu: bool) -> None:
         rewards=torch.rand(b, generator=g)).to(device()), cfg.rl.train_on)
     variants = {"plain next-token": (lm_forward_step, [lm_batch(rows.to(device()))]),
                 "RNTP loss hook": (RNTPLoss(cfg.rl, temperature=0.7).forward_step, rl.microbatches(b))}
+    objectives = {"plain next-token": "ntp", "RNTP loss hook": cfg.rl.objective}
+    after_forward: list[int] = []  # bytes allocated when the model's forward returns: held + saved activations
+    if on_gpu:
+        ddp.module.register_forward_hook(lambda *_: after_forward.append(torch.cuda.memory_allocated()))
     seconds: dict[str, float] = {}
     for name, (forward_step, microbatches) in variants.items():
         if on_gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         times = []
-        for i in range(size["steps"] + 1):  # the first one warms up
+        for i in range(size["steps"] + 1):  # the first one warms up (and creates Adam's state)
+            if i == 1 and on_gpu:
+                held = torch.cuda.memory_allocated()
             metrics, took = _timed(lambda: train_step([ddp], optimizer, forward_step, microbatches, s, b), on_gpu)
             if i:
                 times.append(took)
@@ -269,8 +296,15 @@ def check_loss_hook_and_mfu(report: Report, size: dict, on_gpu: bool) -> None:
         loss = metrics.get("loss", metrics.get("lm loss", float("nan")))
         report.add("loss hook", f"{name}: step s (median of {size['steps']})", seconds[name],
                    ok=math.isfinite(loss), loss=loss)
+        plan = memory_plan(replace(cfg, rl=replace(cfg.rl, objective=objectives[name]), schedule=replace(
+            cfg.schedule, seq_length=s, micro_batch_size=b, global_batch_size=b)), 1, fused_attention=False)
+        report.add("memory", f"{name}: planned peak GiB (rntp plan)", plan.peak / 2**30)
         if on_gpu:
-            report.add("loss hook", f"{name}: peak GiB", torch.cuda.max_memory_allocated() / 2**30)
+            peak = torch.cuda.max_memory_allocated()
+            report.add("memory", f"{name}: measured held GiB (model, grads, Adam)", held / 2**30)
+            report.add("memory", f"{name}: measured after forward GiB", after_forward[-1] / 2**30)
+            report.add("memory", f"{name}: measured peak GiB", peak / 2**30)
+            report.add("memory", f"{name}: planned / measured peak", plan.peak / peak)
     report.add("loss hook", "RNTP / plain step time", seconds["RNTP loss hook"] / seconds["plain next-token"])
     tokens_per_s = b * s / seconds["plain next-token"]
     report.add("mfu", f"plain step tokens/s ({n_params / 1e6:,.0f}M params, {b}x{s})", tokens_per_s)
@@ -321,6 +355,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check.") as tmp:
         work = Path(args.work or tmp)
         report.run("demo", lambda: check_demo(report, work, size))
+        report.run("side models", lambda: check_side_models(report, work, size))
         report.run("resume", lambda: check_resume(report, work, size, on_gpu))
         report.run("export", lambda: check_export(report, work, on_gpu))
         report.run("loss hook", lambda: check_loss_hook_and_mfu(report, size, on_gpu))
