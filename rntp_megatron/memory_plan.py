@@ -8,7 +8,9 @@ For the most loaded rank (first pipeline stage, or the last when it holds more) 
   optimizer shards all of it over DP (/ DP);
 - activations of one micro-batch [s, b] (s / CP), per layer, in elements of the params dtype:
     unfused attention (megatron's local spec, what runs without Transformer Engine; counted from the
-    tensors autograd saves):   7 sbh + 3 sb a d / TP + b a s^2 / TP (fp32 softmax) + 5 sbf / TP
+    tensors autograd saves):   7 sbh + 3 sb a d / TP + b a s^2 / TP (fp32 softmax) + 5 sbf / TP; with 16-bit
+    params 4 of the 7 sbh are fp32 (the norms' input and output) and b a s^2 / TP more in 16 bits (the
+    probabilities the value matmul keeps), measured on the CPU and on an H200 (BENCHMARKS.md)
     fused attention (TE, flash): 4 sbh + sb (a + 2g) d / TP + sb a d / TP + 3 sbf / TP
   (h-sized terms / TP under sequence parallelism), times the micro-batches the schedule keeps in flight on
   the first stage (min(PP, micro-batches) under 1F1B); full recomputation keeps only each layer's input
@@ -104,7 +106,12 @@ def layer_activation_elements(m: ModelConfig, p: ParallelConfig, seq: int, micro
     sp = tp if p.sequence_parallel else 1
     if fused:
         return 4 * s * b * h / sp + s * b * (2 * a + 2 * g) * d / tp + 3 * s * b * f / tp, 0.0
-    return 7 * s * b * h / sp + 3 * s * b * a * d / tp + 5 * s * b * f / tp, b * a * s * s / tp
+    probs = b * a * s * s / tp  # the fp32 softmax output, kept for the softmax's backward
+    if m.params_dtype == "float32":
+        return 7 * s * b * h / sp + 3 * s * b * a * d / tp + 5 * s * b * f / tp, probs
+    # 16-bit: the value matmul keeps its own 16-bit copy of the probabilities, and the two norms (fp32 weights,
+    # composite) keep their input and normalised output in fp32
+    return 3 * s * b * h / sp + 3 * s * b * a * d / tp + 5 * s * b * f / tp + probs, 4 * s * b * h / sp + probs
 
 
 def memory_plan(cfg: RunConfig, world_size: int, fused_attention: bool, recompute: bool = False) -> MemoryPlan:
@@ -137,7 +144,8 @@ def memory_plan(cfg: RunConfig, world_size: int, fused_attention: bool, recomput
     one_layer = act * e + act32 * 4
     tokens = s.seq_length / p.context_parallel_size * s.micro_batch_size
     h_sp = m.hidden_size / (tp if p.sequence_parallel else 1)
-    outer = 3 * tokens * h_sp * e  # embedding output / final norm input, normalised and output
+    # embedding output, final norm input and its normalised output (the last two fp32 when 16-bit, unfused spec)
+    outer = tokens * h_sp * (3 * e if fused_attention or e == 4 else e + 2 * 4)
     full = layers * one_layer + outer
     recomputed = layers * tokens * h_sp * e + one_layer + outer
     plan.training.append(MemoryTerm(
