@@ -114,6 +114,32 @@ def test_two_replicas_at_other_addresses_train_through_each_channel(tmp_path, tw
 
 
 @sglang_test
+def test_every_update_session_opened_is_closed_when_a_receiver_or_the_push_fails(two_hosts):
+    """The begin/end calls go to all receivers at once; a receiver that cannot begin (nothing listens at its
+    address) or a push that fails inside the session leaves no session open on the others (a second begin on
+    a server with an open session is refused)."""
+    import copy
+
+    from rntp_megatron.rollout.sglang_server import HTTPClient
+    from rntp_megatron.runtime.spawn import free_port
+
+    leader, peer = two_hosts
+    dead = copy.copy(peer)
+    dead.client = HTTPClient(f"http://127.0.0.4:{free_port()}", peer.api_key)  # nothing listens there
+    try:
+        leader.peers = [dead, peer]
+        with pytest.raises(OSError), leader._updating():
+            pytest.fail("the block ran although a receiver failed to begin")
+        leader.peers = [peer]
+        with pytest.raises(ZeroDivisionError), leader._updating():
+            raise ZeroDivisionError  # the push's own failure is what the caller sees
+        with leader._updating():  # both servers take a new session: none was left open
+            pass
+    finally:
+        leader.peers = []
+
+
+@sglang_test
 def test_a_colocated_fleet_trains_through_the_tensor_channel(tmp_path):
     """The same shared-memory buffers (SharedHFMirror, rewritten in place each version) go to both replicas at every
     push: when one pickle served both, the first push unlinked them and the second failed in the servers."""
