@@ -689,10 +689,6 @@ def validate_rollout(cfg: RunConfig) -> None:
     if sg.replicas > 1 and (sg.url or sg.urls):
         raise ConfigError(f"rollout.sglang.replicas: {sg.replicas} servers to start, but rollout.sglang.url/urls "
                           "attach running ones; fix: rollout.sglang.replicas: 1 (or drop url/urls)")
-    if sg.weight_sync == "tensor" and max(sg.replicas, len([u for u in [sg.url, *sg.urls] if u])) > 1:
-        raise ConfigError("rollout.sglang.weight_sync: 'tensor' hands shared-memory tensors to one server colocated "
-                          "with the trainer; a fleet of replicas takes 'distributed' (one broadcast feeds all) or "
-                          "'disk' (rollout.sglang.weights_dir); fix: rollout.sglang.weight_sync: distributed")
     if sg.request_timeout_s <= 0 or sg.retry_backoff_s < 0:
         raise ConfigError(f"rollout.sglang.request_timeout_s: must be > 0 (got {sg.request_timeout_s}) and "
                           f"retry_backoff_s >= 0 (got {sg.retry_backoff_s}); fix: rollout.sglang.request_timeout_s: "

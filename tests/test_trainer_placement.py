@@ -288,13 +288,15 @@ def shared_server(tmp_path_factory):
 
 
 def _train_with_sglang(rank: int, world_size: int, overrides: list[str]) -> dict:
-    """Train STEPS steps; after every weight push, the trainer's and the server's version; the metrics; when
-    the engine slept; (start, end, thread) of each generate call and (start, end) of each train step."""
+    """Train STEPS steps; after every weight push, the trainer's and the server's version (and each replica's);
+    the metrics; when the engine slept; (start, end, thread) of each generate call and (start, end) of each train
+    step; whether the pushes came from the shared-memory mirror."""
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
     trainer = Trainer(build_config({}, overrides))
-    out: dict = {"versions": [], "sleeps": [], "generate": [], "train": []}
+    out: dict = {"versions": [], "replica_versions": [], "sleeps": [], "generate": [], "train": [],
+                 "mirror": trainer.placement._mirror is not None}
     try:
         engine, placement = trainer.engine, trainer.placement
         push, generate, training = placement.push_weights, engine.generate, placement.training
@@ -303,6 +305,7 @@ def _train_with_sglang(rank: int, world_size: int, overrides: list[str]) -> dict
         def recorded_push(version):
             push(version)
             out["versions"].append((trainer.weight_version, engine.server_weight_version()))
+            out["replica_versions"].append([r.engine.server_weight_version() for r in engine.replicas])
 
         def recorded_generate(prompts, sampling):
             t0 = time.monotonic()

@@ -32,11 +32,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import io
 import secrets
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -311,21 +314,21 @@ class SGLangEngine(RolloutEngine):
 
     @contextlib.contextmanager
     def _updating(self) -> Iterator[None]:
-        """/begin_weight_update ... /end_weight_update on every receiver; each session opened is closed, also when
-        another receiver fails (a dead one is the caller's to drop)."""
-        opened: list[SGLangEngine] = []
-        failure: Optional[BaseException] = None
+        """/begin_weight_update on every receiver at once ... /end_weight_update on every one opened, at once; each
+        session opened is closed, also when another receiver or the block fails (a dead one is the caller's to
+        drop). The first failure is raised, unless the block's own exception is on its way."""
+        receivers = self._receivers()
+        with _in_threads([functools.partial(r.client.call, "/begin_weight_update", {}) for r in receivers]) as begun:
+            pass
+        opened = [r for r, reply in zip(receivers, begun) if not isinstance(reply, Exception)]
+        failure = next((reply for reply in begun if isinstance(reply, Exception)), None)
         try:
-            for r in self._receivers():
-                r.client.call("/begin_weight_update", {})
-                opened.append(r)
-            yield
+            if failure is None:
+                yield
         finally:
-            for r in opened:
-                try:
-                    r.client.call("/end_weight_update", {})
-                except (SGLangServerError, OSError) as e:
-                    failure = failure or e
+            with _in_threads([functools.partial(r.client.call, "/end_weight_update", {}) for r in opened]) as ended:
+                pass
+            failure = failure or next((reply for reply in ended if isinstance(reply, Exception)), None)
         if failure is not None:
             raise failure
 
@@ -381,6 +384,11 @@ class SGLangEngine(RolloutEngine):
         """Tensors via POST /update_weights_from_tensor (CUDA IPC handles or shared memory, tensor_payloads), one
         call per bucket as it arrives, then an empty call that flushes the cache and sets the version (no
         lookahead: a bucket never waits for the next)."""
+        elsewhere = [r.client.url for r in self._receivers() if not on_this_host(r.client.url)]
+        if elsewhere:  # the shared-memory names (CUDA IPC handles) mean nothing on another machine
+            raise SGLangServerError(f"rollout.sglang.weight_sync: 'tensor' shares this host's memory, but the servers "
+                                    f"at {elsewhere} are not on this host; fix: rollout.sglang.weight_sync: disk, or "
+                                    "rollout.placement: separate with weight_sync: distributed")
         timing = {"serialize_s": 0.0, "server_s": 0.0}
         with self._updating():
             for bucket in buckets:
@@ -390,18 +398,17 @@ class SGLangEngine(RolloutEngine):
         return timing
 
     def _send_tensor_bucket(self, bucket: NamedTensors, version: int, last: bool, timing: dict[str, float]) -> None:
-        """One bucket to every receiver (each maps the same tensors), as one payload per TP rank of each; the
-        seconds spent serializing and in the servers are added to timing."""
-        for r in self._receivers():
-            t0 = time.perf_counter()
-            payloads = tensor_payloads(bucket, r._server_ranks()["tp"])
-            t1 = time.perf_counter()
-            reply = r.client.call("/update_weights_from_tensor", {
-                "serialized_named_tensors": payloads, "flush_cache": last,
-                "weight_version": str(version) if last else None})
-            _check(reply, "/update_weights_from_tensor")
-            timing["serialize_s"] += t1 - t0
-            timing["server_s"] += time.perf_counter() - t1
+        """One bucket to every receiver at once (each maps the same tensors), pickled anew for each TP rank of each
+        (tensor_payloads: one pickle per unpickling process); the seconds spent serializing and in the servers are
+        added to timing."""
+        t0 = time.perf_counter()
+        payloads = [{"serialized_named_tensors": tensor_payloads(bucket, r._server_ranks()["tp"]), "flush_cache": last,
+                     "weight_version": str(version) if last else None} for r in self._receivers()]
+        t1 = time.perf_counter()
+        with self._all_calling("/update_weights_from_tensor", *payloads):
+            pass
+        timing["serialize_s"] += t1 - t0
+        timing["server_s"] += time.perf_counter() - t1
 
     def _join_group(self) -> None:
         """Form the weight-update group: this process is rank 0, each receiver's ranks follow in turn (gloo on CPU),
@@ -442,24 +449,10 @@ class SGLangEngine(RolloutEngine):
         all), while the block runs (e.g. the broadcast they receive); after it, SGLangServerError if one failed."""
         receivers = self._receivers()
         payloads = payloads if len(payloads) == len(receivers) else payloads * len(receivers)
-        replies: list[Any] = [None] * len(receivers)
-
-        def call(i: int) -> None:
-            try:
-                replies[i] = receivers[i].client.call(path, payloads[i])
-            except (SGLangServerError, OSError) as e:
-                replies[i] = {"success": False, "message": repr(e)}
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(receivers))]
-        for t in threads:
-            t.start()
-        try:
+        with _in_threads([functools.partial(r.client.call, path, p) for r, p in zip(receivers, payloads)]) as replies:
             yield
-        finally:
-            for t in threads:
-                t.join()
         for reply in replies:
-            _check(reply, path)
+            _check({"success": False, "message": repr(reply)} if isinstance(reply, Exception) else reply, path)
 
     def _push_distributed(self, buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
                           ) -> dict[str, float]:
@@ -510,8 +503,16 @@ def sharing_path(bucket: NamedTensors) -> str:
 
 def tensor_payloads(bucket: NamedTensors, ranks: int) -> list[str]:
     """`serialized_named_tensors` for /update_weights_from_tensor: the bucket pickled by torch's ForkingPickler and
-    base64-encoded (SGLang's MultiprocessingSerializer.serialize(..., output_str=True)), once per server TP rank:
-    each rank unpickles its own copy, as a CUDA IPC handle must be opened once per receiver."""
+    base64-encoded (SGLang's MultiprocessingSerializer.serialize(..., output_str=True)), once per server TP rank.
+
+    A pickle must be unpickled by exactly one process. A CUDA IPC handle is opened once per receiver; a CPU tensor
+    (file_system strategy) pickles as the name of its shared-memory file plus one reference taken on that file's
+    count (`_shared_incref`), which the unpickling process gives back (`_shared_decref`) after mapping it, and each
+    mapping gives its own back when freed; at zero the file is unlinked. One pickle unpickled by two servers gives
+    back two references for one taken: after a push the count of a tensor that lives on (SharedHFMirror's buffers,
+    rewritten in place each sync) reaches zero, the file is unlinked while the trainer still maps it, and the next
+    push's pickle names a file that no longer exists (the server fails to open it). So every receiving process
+    (each server of a fleet, each TP rank of a server) gets a pickle of its own."""
     import torch.multiprocessing as tmp  # registers torch's reducers with ForkingPickler
     from multiprocessing.reduction import ForkingPickler
 
@@ -525,6 +526,43 @@ def tensor_payloads(bucket: NamedTensors, ranks: int) -> list[str]:
         return base64.b64encode(buf.getvalue()).decode()
 
     return [serialized() for _ in range(ranks)]
+
+
+def on_this_host(url: str) -> bool:
+    """Whether a server URL names an address of this machine: a socket binds to an address only where it is local."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+    for address, family in addresses.items():
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            with contextlib.suppress(OSError):
+                probe.bind((address, 0))
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _in_threads(calls: Sequence[Callable[[], Any]]) -> Iterator[list[Any]]:
+    """Each call in a thread of its own while the block runs; after the block, the list holds each call's return
+    value, or the exception it raised (one receiver's failure must not keep the others from being called)."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as e:  # handed to the caller, which decides what a failure means
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        for t in threads:
+            t.join()
 
 
 def _process_group(backend: str, host: str, port: int, world_size: int, group_name: str) -> Any:
