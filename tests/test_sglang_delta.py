@@ -23,7 +23,8 @@ import torch
 from rntp_megatron.config import ConfigError, build_config
 from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
 from rntp_megatron.weights.delta import DeltaSender
-from tests.test_trainer_placement import LOGPROB_TOL, SGLANG_PYTHON, _overrides, _run, sglang_test, tiny_hf_folder
+from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, logged_metrics, sglang_test,
+                                          tiny_hf_folder)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -151,15 +152,47 @@ def test_delta_pushes_serve_the_trainers_weights_exactly(delta_server):
 
 
 @sglang_test
-def test_trainer_pushes_deltas_through_each_channel(tmp_path, delta_server):
+def test_a_server_without_the_served_classes_is_refused_at_attach(delta_server, monkeypatch):
+    """Attaching asks GET /get_weights_by_name for the marker; SGLang's own classes answer an error for a name that
+    is no weight of theirs (a marker this server's classes do not know stands in for one started without them)."""
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+
     server, _ = delta_server
-    for channel in ("distributed", "disk"):
-        # a small lr leaves most float32 weights unchanged per step, so deltas are sent
-        result = _run(tmp_path / channel, ["rollout.placement=separate", f"rollout.sglang.weight_sync={channel}",
-                                           "rollout.sglang.delta_sync=true", "schedule.lr=1e-9",
-                                           f"rollout.sglang.url={server.client.url}",
-                                           f"rollout.sglang.api_key={server.api_key}"])
-        print(channel, [(m["weights/sent_fraction"], m["logp_abs_diff_rollout"]) for m in result["metrics"]])
-        for m in result["metrics"]:
-            assert m["logp_abs_diff_rollout"] < LOGPROB_TOL, m
-            assert math.isfinite(m["loss"]) and 0 < m["weights/sent_fraction"] < 1, m
+    cfg = dataclasses.replace(server.cfg, url=server.client.url, api_key=server.api_key)
+    SGLangEngine(cfg)  # served: attaches
+    monkeypatch.setattr(codec, "MARKER", "model.no_such.weight")
+    with pytest.raises(ConfigError, match=r"rollout\.sglang\.delta_sync: the SGLang server .* SGLANG_EXTERNAL_MODEL"):
+        SGLangEngine(cfg)
+
+
+def _train(rank: int, world_size: int, overrides: list[str]) -> list[dict]:
+    from rntp_megatron.runtime import destroy_distributed
+    from rntp_megatron.trainer import Trainer
+
+    trainer = Trainer(build_config({}, overrides))
+    try:
+        assert trainer.run() == 0
+    finally:
+        trainer.close()
+        destroy_distributed()
+    return logged_metrics(trainer)
+
+
+@sglang_test
+@pytest.mark.parametrize("channel", ["distributed", "disk"])
+def test_trainer_pushes_deltas_through_each_channel(tmp_path, delta_server, channel):
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    server, _ = delta_server
+    # lr 1e-9 leaves about half of the float32 weights unchanged per step (those above ~lr / 2^-24 in size), so
+    # deltas are sent; float32 keeps the log-prob comparison as tight as the other server tests
+    overrides = [o for o in _overrides(tmp_path, []) if not o.startswith("schedule.train_steps")] + [
+        "schedule.train_steps=2", "schedule.lr=1e-9", "rollout.placement=separate",
+        f"rollout.sglang.weight_sync={channel}", "rollout.sglang.delta_sync=true",
+        f"rollout.sglang.url={server.client.url}", f"rollout.sglang.api_key={server.api_key}"]
+    [metrics] = run_ranks(_train, 1, (overrides,), timeout_s=600)
+    assert [m["weight_version"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["logp_abs_diff_rollout"] < LOGPROB_TOL, m  # the rollouts come from the trainer's weights
+        assert math.isfinite(m["loss"]) and 0 < m["weights/sent_fraction"] < 1, m
+        assert m["weights/sent_bytes"] > 0
