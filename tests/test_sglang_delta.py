@@ -2,7 +2,8 @@
 rollout/sglang_plugins on the server.
 
 Fast: the codec round-trips both encodings bit for bit (NaN, -0.0) and picks the fewer bytes; the sender sends
-whole when told, and a tensor denser than the cap; the config refuses the knob where it cannot work, naming it.
+whole when told, and a tensor denser than the cap; the config refuses the knob where it cannot work, naming it;
+slurm/train.sbatch starts its replicas with the served classes' environment when the knob is on.
 
 With a real SGLang server started with the served classes (one start): bf16 weights pushed full, then deltas
 (sparse one-bf16-step changes, one dense tensor that goes whole) through the distributed and the disk channel:
@@ -72,6 +73,18 @@ def test_sender_sends_whole_when_told_and_deltas_otherwise():
 def test_config_refuses_delta_sync_where_it_cannot_work(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build_config({}, overrides)
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_sbatch_starts_fleet_replicas_with_the_served_classes_when_delta_sync_is_on(tmp_path, delta):
+    """slurm/train.sbatch starts the replicas itself: with delta_sync each gets the served classes' environment."""
+    from rntp_megatron.rollout.sglang_plugins import served_env
+    from tests.test_launch import _dry_run, _steps
+
+    steps = _steps(_dry_run(tmp_path, {"RNTP_NODES": "n1 n2", "RNTP_SGLANG_NODES": "1"},
+                            "--set", f"rollout.sglang.delta_sync={str(delta).lower()}"))
+    [replica] = [step for step in steps if "sglang.launch_server" in step]
+    assert all((f"{k}={v}" in replica) == delta for k, v in served_env().items()), replica
 
 
 # --------------------------------------------------------------------------------------------------
