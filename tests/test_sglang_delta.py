@@ -24,7 +24,7 @@ import torch
 from rntp_megatron.config import ConfigError, build_config
 from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
 from rntp_megatron.weights.delta import DeltaSender
-from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, logged_metrics, sglang_test,
+from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang, sglang_test,
                                           tiny_hf_folder)
 
 
@@ -178,19 +178,6 @@ def test_a_server_without_the_served_classes_is_refused_at_attach(delta_server, 
         SGLangEngine(cfg)
 
 
-def _train(rank: int, world_size: int, overrides: list[str]) -> list[dict]:
-    from rntp_megatron.runtime import destroy_distributed
-    from rntp_megatron.trainer import Trainer
-
-    trainer = Trainer(build_config({}, overrides))
-    try:
-        assert trainer.run() == 0
-    finally:
-        trainer.close()
-        destroy_distributed()
-    return logged_metrics(trainer)
-
-
 @sglang_test
 @pytest.mark.parametrize("channel", ["distributed", "disk"])
 def test_trainer_pushes_deltas_through_each_channel(tmp_path, delta_server, channel):
@@ -203,8 +190,9 @@ def test_trainer_pushes_deltas_through_each_channel(tmp_path, delta_server, chan
         "schedule.train_steps=2", "schedule.lr=1e-9", "rollout.placement=separate",
         f"rollout.sglang.weight_sync={channel}", "rollout.sglang.delta_sync=true",
         f"rollout.sglang.url={server.client.url}", f"rollout.sglang.api_key={server.api_key}"]
-    [metrics] = run_ranks(_train, 1, (overrides,), timeout_s=600)
-    assert [m["weight_version"] for m in metrics] == [1, 2]
+    [result] = run_ranks(_train_with_sglang, 1, (overrides,), timeout_s=600)
+    metrics = result["metrics"]
+    assert result["versions"] == [(0, 0), (1, 1), (2, 2)]  # the server follows the trainer
     for m in metrics:
         assert m["logp_abs_diff_rollout"] < LOGPROB_TOL, m  # the rollouts come from the trainer's weights
         assert math.isfinite(m["loss"]) and 0 < m["weights/sent_fraction"] < 1, m

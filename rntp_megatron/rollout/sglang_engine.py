@@ -16,11 +16,12 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
   renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
 `peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
 folder loaded by all at once, each tensor payload sent to each, one broadcast group holding every server's ranks.
-With rollout.sglang.delta_sync the distributed and disk channels send each tensor's changed elements (weights/delta.py)
-when that is fewer bytes, to servers that run rntp's served classes (rollout/sglang_plugins), whole to a server that
-did not get the previous push. With rollout.sglang.quantization "fp8" every channel sends blockwise FP8 linear weights with their
-`weight_scale_inv` (weights/fp8.py). A colocated server on a GPU runs with --enable-memory-saver: sleep() releases
-its KV cache, weights and CUDA graphs; wake(("weights",)) brings the weights back for an update, wake() the rest.
+With rollout.sglang.delta_sync the distributed and disk channels send each tensor's changed elements
+(weights/delta.py) when that is fewer bytes, to servers that run rntp's served classes (rollout/sglang_plugins);
+the whole push goes full when a receiver did not get the previous one. With rollout.sglang.quantization "fp8"
+every channel sends blockwise FP8 linear weights with their `weight_scale_inv` (weights/fp8.py). A colocated
+server on a GPU runs with --enable-memory-saver: sleep() releases its KV cache, weights and CUDA graphs;
+wake(("weights",)) brings the weights back for an update, wake() the rest.
 `paused()` retracts running requests around an update so weights can change while requests are in flight
 (they finish under the new version). An owned server that dies is restarted with the current weights (the
 last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
@@ -49,9 +50,9 @@ import torch.distributed as dist
 from rntp_megatron.config import ConfigError, SGLangConfig
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
-from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.rollout.sglang_plugins import served_env
 from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
+from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, backend_device, bucketed, flatten
 from rntp_megatron.weights.delta import DeltaSender
