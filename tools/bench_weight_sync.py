@@ -218,20 +218,23 @@ def delta_sweep(args: argparse.Namespace) -> None:
                     buckets = _moved(buckets, fraction, gen)
                     version += 1
                     t0 = time.perf_counter()
-                    fleet.update_weights_from_buckets(buckets, version)
+                    parts = fleet.update_weights_from_buckets(buckets, version)
                     took = time.perf_counter() - t0
-                    sent = fleet.stats()["weights/sent_bytes"]
+                    stats = fleet.stats()
+                    sent, parts["encode_s"] = stats["weights/sent_bytes"], stats["weights/delta_encode_s"]
                     print(f"{channel} x {n} {change}: {took:.3f} s, {sent / 1e9:.4f} GB", flush=True)
                     if (channel, n, change) not in rows or took < rows[channel, n, change][0]:
-                        rows[channel, n, change] = (took, sent)
+                        rows[channel, n, change] = (took, sent, parts)
                 fleet.close()
     print(f"\n| channel | replicas | dense change s (GB sent) | {args.delta:g} of elements changed s (GB sent) | "
-          "sparse / dense time | bytes |\n|---|---|---|---|---|---|")
+          "sparse / dense time | bytes | where the time goes (s): dense; sparse |\n|---|---|---|---|---|---|---|")
     for channel, n, change in rows:
         if change == "dense":
-            (dense_s, dense_b), (sparse_s, sparse_b) = rows[channel, n, "dense"], rows[channel, n, "sparse"]
+            (dense_s, dense_b, dense_p), (sparse_s, sparse_b, sparse_p) = (rows[channel, n, "dense"],
+                                                                           rows[channel, n, "sparse"])
+            detail = "; ".join(", ".join(f"{k[:-2]} {v:.2f}" for k, v in p.items()) for p in (dense_p, sparse_p))
             print(f"| {channel} | {n} | {dense_s:.3f} ({dense_b / 1e9:.3f}) | {sparse_s:.3f} ({sparse_b / 1e9:.4f}) | "
-                  f"{sparse_s / dense_s:.2f} | {sparse_b / dense_b:.3f} |", flush=True)
+                  f"{sparse_s / dense_s:.2f} | {sparse_b / dense_b:.3f} | {detail} |", flush=True)
     for e in engines:
         e.close()
     shutil.rmtree(work, ignore_errors=True)

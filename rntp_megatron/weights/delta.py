@@ -9,6 +9,7 @@ servers' bases unknown, so the sender's caller makes the next one full.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -26,6 +27,7 @@ class DeltaSender:
         self.last: dict[str, torch.Tensor] = {}  # name -> host copy of the tensor last pushed
         self.sent_bytes = self.full_bytes = 0
         self.deltas = 0  # tensors of the latest push sent as deltas
+        self.encode_s = 0.0  # seconds the latest push spent comparing, encoding and keeping copies
         self.token: Optional[object] = None  # minted by the caller per successful push; receivers keep the one they got
 
     def encode(self, buckets: Iterable[NamedTensors], full: bool) -> Iterator[NamedTensors]:
@@ -33,7 +35,9 @@ class DeltaSender:
         (never when `full`), ordered by element size, largest first (each entry then starts at an offset aligned
         to its dtype in the flat buffer SGLang views: flattened_bucket, safetensors)."""
         self.sent_bytes = self.full_bytes = self.deltas = 0
+        self.encode_s = 0.0
         for bucket in buckets:
+            t0 = time.perf_counter()
             out: NamedTensors = []
             for name, tensor in bucket:
                 host = tensor.detach().to("cpu")
@@ -47,7 +51,9 @@ class DeltaSender:
                 out.extend(entries)
                 self.sent_bytes += sum(nbytes(t) for _, t in entries)
                 self.full_bytes += nbytes(tensor)
-            yield sorted(out, key=lambda entry: -entry[1].element_size())
+            out.sort(key=lambda entry: -entry[1].element_size())
+            self.encode_s += time.perf_counter() - t0
+            yield out
 
     def _keep(self, name: str, host: torch.Tensor) -> None:
         """The host copy of name becomes host's values (a copy: the stream may reuse its buffers)."""
@@ -58,6 +64,7 @@ class DeltaSender:
             self.last[name] = host.clone()
 
     def stats(self) -> dict[str, float]:
-        """Bytes of the latest push: sent, and sent / full (1.0 for a full push)."""
+        """The latest push: bytes sent, sent / full (1.0 for a full push), seconds spent encoding."""
         return {"weights/sent_bytes": float(self.sent_bytes),
-                "weights/sent_fraction": self.sent_bytes / max(self.full_bytes, 1)}
+                "weights/sent_fraction": self.sent_bytes / max(self.full_bytes, 1),
+                "weights/delta_encode_s": self.encode_s}
