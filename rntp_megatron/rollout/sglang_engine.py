@@ -360,7 +360,7 @@ class SGLangEngine(RolloutEngine):
             r._delta_base = self._delta.token
 
     def push_stats(self) -> dict[str, float]:
-        """Bytes of the latest push this engine led with delta_sync (weights/sent_bytes, sent_fraction); else {}."""
+        """The latest push this engine led with delta_sync (weights/sent_bytes, sent_fraction, delta_encode_s)."""
         return self._delta.stats() if self._delta is not None and self._delta.token is not None else {}
 
     def _receivers(self) -> list["SGLangEngine"]:
