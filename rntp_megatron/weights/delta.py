@@ -45,9 +45,12 @@ class DeltaSender:
                 entries = None
                 if old is not None and old.shape == host.shape and old.dtype == host.dtype:
                     entries = codec.encode(name, host, old, self.max_density)
-                self.deltas += entries is not None
-                entries = entries or [(name, tensor)]
-                self._keep(name, host)
+                if entries is None:
+                    entries = [(name, tensor)]
+                    self._keep(name, host)
+                else:  # the host copy takes the changed elements only
+                    self.deltas += 1
+                    codec.apply(old, {codec.split(entry)[1]: t for entry, t in entries})
                 out.extend(entries)
                 self.sent_bytes += sum(nbytes(t) for _, t in entries)
                 self.full_bytes += nbytes(tensor)
