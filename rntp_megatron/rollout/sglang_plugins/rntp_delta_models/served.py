@@ -36,6 +36,7 @@ class DeltaLoading:
             target, part = codec.split(name)
             if part is None:
                 base[name] = tensor.detach().to("cpu", copy=True).contiguous()
+                pending.pop(name, None)  # parts left by a push that failed part-way (the next push is whole)
                 yield name, tensor
                 continue
             parts = pending.setdefault(target, {})
