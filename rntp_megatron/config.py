@@ -166,6 +166,11 @@ class SGLangConfig:
     # with rl.routing_replay: each rollout carries the experts the server routed it to, for
     # moe/rollout_routing_mismatch (a started server gets --enable-return-routed-experts; an attached one needs it)
     routed_experts: bool = True
+    # distributed/disk channels: send each tensor's changed elements (bit-exact deltas: int32 indices or a bitmask,
+    # with the values) when fewer bytes than the tensor; the servers run rntp's served model classes that apply them
+    # (rollout/sglang_plugins; an owned server is started with them, an attached one is checked)
+    delta_sync: bool = False
+    delta_max_density: float = 0.5  # a tensor with a larger fraction of its elements changed goes whole
 
 
 @dataclass
@@ -682,8 +687,13 @@ def validate_rollout(cfg: RunConfig) -> None:
         raise ConfigError("rollout.off_policy_steps: 1 trains on rollouts of weights one version older; fix: set "
                           "rl.tis_cap (truncated importance sampling, e.g. 2.0) or rl.icepop to correct for them")
     if r.engine != "sglang":
+        if r.sglang.delta_sync:
+            raise ConfigError(f"rollout.sglang.delta_sync: sends weight deltas to SGLang servers; rollout.engine="
+                              f"{r.engine!r} samples from the trainer's own module (nothing is sent); fix: "
+                              "rollout.sglang.delta_sync: false")
         return
     sg = r.sglang
+    validate_delta_sync(sg)
     if sg.replicas < 1:
         raise ConfigError(f"rollout.sglang.replicas: must be >= 1, got {sg.replicas}; fix: rollout.sglang.replicas: 1")
     if sg.replicas > 1 and (sg.url or sg.urls):
@@ -699,6 +709,24 @@ def validate_rollout(cfg: RunConfig) -> None:
                           f"{r.placement!r}, which takes one of {list(channels)} (tensor: shared memory with a "
                           "colocated server; distributed: a gloo/NCCL group with a server on devices of its own); "
                           f"fix: rollout.sglang.weight_sync: {channels[0]}")
+
+
+def validate_delta_sync(sg: SGLangConfig) -> None:
+    """rollout.sglang.delta_sync only where a delta can be sent and applied."""
+    if not 0.0 <= sg.delta_max_density <= 1.0:
+        raise ConfigError(f"rollout.sglang.delta_max_density: a fraction of a tensor's elements in [0, 1], got "
+                          f"{sg.delta_max_density}; fix: rollout.sglang.delta_max_density: 0.5")
+    if not sg.delta_sync:
+        return
+    if sg.weight_sync == "tensor":
+        raise ConfigError("rollout.sglang.delta_sync: the tensor channel hands the server the trainer's own tensors "
+                          "through shared memory or CUDA IPC (no bytes cross a wire or a disk to save); fix: "
+                          "rollout.sglang.delta_sync: false, or rollout.sglang.weight_sync: distributed or disk")
+    if sg.quantization is not None:
+        raise ConfigError(f"rollout.sglang.delta_sync: not built for quantization {sg.quantization!r}: an FP8 push "
+                          "re-quantizes every block, and the served classes' FP8 load path (weights and their "
+                          "scales, re-processed after loading) is untested without a GPU server; fix: "
+                          "rollout.sglang.delta_sync: false, or rollout.sglang.quantization: null")
 
 
 def template_token_bound(data: DataConfig) -> int:

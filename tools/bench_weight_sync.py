@@ -18,6 +18,11 @@ replica. Then the rollout throughput
 of a fixed batch of greedy generations: 2 replicas of 1 thread each against 1 replica of 2 threads (the same
 total cores). Each push's phases include "rest": its seconds outside the load calls and the bucket work, i.e. the
 /begin_weight_update and /end_weight_update calls (made to all replicas at once) and the fleet's bookkeeping.
+
+--replicas N... --delta F: the servers run with rollout.sglang.delta_sync (the served classes of
+rollout/sglang_plugins); per channel (distributed, disk) and fleet size, after one untimed full push, the seconds
+and bytes of a push where every element moved by one bf16 step (dense: every tensor goes whole) and of one where a
+fraction F of them did (a small-lr step: deltas); best of --repeats rounds. No rollout throughput in this mode.
 """
 
 from __future__ import annotations
@@ -46,8 +51,13 @@ def main() -> None:
     parser.add_argument("--channels", default="tensor,distributed,disk")
     parser.add_argument("--replicas", type=int, nargs="+", help="fleet sizes: the replica sweep (one process)")
     parser.add_argument("--rollout-tokens", type=int, default=32, help="replica sweep: new tokens per sample")
+    parser.add_argument("--delta", type=float, help="replica sweep with delta sync: fraction of elements changed")
     args = parser.parse_args()
-    if args.replicas:
+    if args.delta is not None:
+        if not args.replicas or not 0 < args.delta < 1:
+            parser.error("--delta F needs --replicas and 0 < F < 1")
+        delta_sweep(args)
+    elif args.replicas:
         if max(args.replicas) < 2:
             parser.error("--replicas needs a fleet size of at least 2 (the throughput compares 2 replicas with 1)")
         replica_sweep(args)
@@ -76,7 +86,7 @@ def _server(args: argparse.Namespace, hf_folder: Path, run_dir: Path):
     from rntp_megatron.runtime.spawn import free_port
 
     server = SGLangConfig(python=args.python, port=free_port(), startup_timeout_s=900,
-                          extra_args=["--mem-fraction-static", "0.2"])
+                          extra_args=["--mem-fraction-static", "0.2"], delta_sync=args.delta is not None)
     return SGLangEngine(server, model_path=hf_folder, run_dir=run_dir, dtype="bfloat16",
                         bucket_bytes=args.bucket_mb << 20)
 
@@ -168,28 +178,10 @@ def sharded_sync(args: argparse.Namespace) -> None:
 def replica_sweep(args: argparse.Namespace) -> None:
     """Sync seconds per channel into fleets of args.replicas servers, as ratios to 1 replica; rollout tokens/s of
     2 one-thread replicas against 1 two-thread replica (module docstring)."""
-    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
-    from rntp_megatron.model.provider import build_model
     from rntp_megatron.rollout.sglang_fleet import SGLangFleet
-    from rntp_megatron.runtime import destroy_distributed, init_distributed
-    from rntp_megatron.weights.export import stream_hf_weights
-    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+    from rntp_megatron.runtime import destroy_distributed
 
-    cfg = _config(args, tp=1, pp=1)
-    init_distributed(cfg.parallel, seed=1)
-    buckets = list(stream_hf_weights(build_model(cfg.model, cfg.parallel), cfg.model,
-                                     bucket_bytes=args.bucket_mb << 20))
-    total = sum(t.numel() * t.element_size() for b in buckets for _, t in b)
-    work = Path(tempfile.mkdtemp(prefix="rntp-bench-fleet-"))
-    save_hf_checkpoint(iter(buckets), work / "init", cfg.model,
-                       tokenizer_dir=write_byte_tokenizer(work / "tok", eos_id=None))
-    print(f"model {total / 1e9:.2f} GB bf16, {len(buckets)} buckets", flush=True)
-
-    engines = []
-    for i in range(max(args.replicas)):  # one after the other: a CPU server sizes its cache by free memory
-        with _server_threads(1):
-            engines.append(_server(args, work / "init", work / f"replica{i}"))
-        print(f"replica {i} up in {engines[-1].startup_s:.0f} s", flush=True)
+    buckets, work, engines = _fleet_setup(args)
     _print_sync_table(_sync_rows(engines, buckets, args), args)
     for e in engines[2:]:  # an idle CPU server still polls (~20-40% of a core): only the measured ones stay up
         e.close()
@@ -205,6 +197,90 @@ def replica_sweep(args: argparse.Namespace) -> None:
         e.close()
     shutil.rmtree(work, ignore_errors=True)
     destroy_distributed()
+
+
+def delta_sweep(args: argparse.Namespace) -> None:
+    """Seconds and bytes of a dense and of a sparse (args.delta) change pushed with delta sync into fleets of
+    args.replicas servers (module docstring)."""
+    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+    from rntp_megatron.runtime import destroy_distributed
+
+    buckets, work, engines = _fleet_setup(args)
+    gen = torch.Generator().manual_seed(0)
+    rows, version = {}, 0
+    for _ in range(args.repeats):
+        for channel in [c for c in args.channels.split(",") if c != "tensor"]:  # delta_sync refuses tensor
+            for n in args.replicas:
+                fleet = SGLangFleet(engines[:n], owned=False)
+                for e in engines[:n]:
+                    e.cfg.weight_sync = channel
+                version += 1
+                fleet.update_weights_from_buckets(buckets, version)  # whole: forms the group, sets every base
+                for change, fraction in (("dense", 1.0), ("sparse", args.delta)):
+                    buckets = _moved(buckets, fraction, gen)
+                    version += 1
+                    t0 = time.perf_counter()
+                    parts = fleet.update_weights_from_buckets(buckets, version)
+                    took = time.perf_counter() - t0
+                    stats = fleet.stats()
+                    sent, parts["encode_s"] = stats["weights/sent_bytes"], stats["weights/delta_encode_s"]
+                    print(f"{channel} x {n} {change}: {took:.3f} s, {sent / 1e9:.4f} GB", flush=True)
+                    if (channel, n, change) not in rows or took < rows[channel, n, change][0]:
+                        rows[channel, n, change] = (took, sent, parts)
+                fleet.close()
+    print(f"\n| channel | replicas | dense change s (GB sent) | {args.delta:g} of elements changed s (GB sent) | "
+          "sparse / dense time | bytes | where the time goes (s): dense; sparse |\n|---|---|---|---|---|---|---|")
+    for channel, n, change in rows:
+        if change == "dense":
+            (dense_s, dense_b, dense_p), (sparse_s, sparse_b, sparse_p) = (rows[channel, n, "dense"],
+                                                                           rows[channel, n, "sparse"])
+            detail = "; ".join(", ".join(f"{k[:-2]} {v:.2f}" for k, v in p.items()) for p in (dense_p, sparse_p))
+            print(f"| {channel} | {n} | {dense_s:.3f} ({dense_b / 1e9:.3f}) | {sparse_s:.3f} ({sparse_b / 1e9:.4f}) | "
+                  f"{sparse_s / dense_s:.2f} | {sparse_b / dense_b:.3f} | {detail} |", flush=True)
+    for e in engines:
+        e.close()
+    shutil.rmtree(work, ignore_errors=True)
+    destroy_distributed()
+
+
+def _fleet_setup(args: argparse.Namespace) -> tuple[list, Path, list]:
+    """One TP1 process's HF buckets of the benchmark model, the work folder holding its HF export, and max(replicas)
+    servers of it (one thread each), started one after the other: a CPU server sizes its cache by free memory."""
+    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import init_distributed
+    from rntp_megatron.weights.export import stream_hf_weights
+    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+
+    cfg = _config(args, tp=1, pp=1)
+    init_distributed(cfg.parallel, seed=1)
+    buckets = list(stream_hf_weights(build_model(cfg.model, cfg.parallel), cfg.model,
+                                     bucket_bytes=args.bucket_mb << 20))
+    total = sum(t.numel() * t.element_size() for b in buckets for _, t in b)
+    work = Path(tempfile.mkdtemp(prefix="rntp-bench-fleet-"))
+    save_hf_checkpoint(iter(buckets), work / "init", cfg.model,
+                       tokenizer_dir=write_byte_tokenizer(work / "tok", eos_id=None))
+    print(f"model {total / 1e9:.2f} GB bf16, {len(buckets)} buckets", flush=True)
+    engines = []
+    for i in range(max(args.replicas)):
+        with _server_threads(1):
+            engines.append(_server(args, work / "init", work / f"replica{i}"))
+        print(f"replica {i} up in {engines[-1].startup_s:.0f} s", flush=True)
+    return buckets, work, engines
+
+
+def _moved(buckets: list, fraction: float, gen: torch.Generator) -> list:
+    """Fresh buckets: each tensor with a random `fraction` of its elements moved one bf16 step (bits + 1)."""
+    out = []
+    for bucket in buckets:
+        fresh = []
+        for name, t in bucket:
+            moved = t.clone()
+            flat = moved.view(torch.int16).view(-1)
+            flat[torch.rand(flat.numel(), generator=gen) < fraction] += 1
+            fresh.append((name, moved))
+        out.append(fresh)
+    return out
 
 
 def _sync_rows(engines: list, buckets: list, args: argparse.Namespace) -> dict[tuple[str, int], tuple]:

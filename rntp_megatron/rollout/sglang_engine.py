@@ -16,9 +16,12 @@ Weights reach the server through one of three channels (rollout.sglang.weight_sy
   renamed), under rollout.sglang.weights_dir when the servers need a shared filesystem to see it.
 `peers` (set by rollout/sglang_fleet.py) are further servers that get every update this engine sends: one
 folder loaded by all at once, each tensor payload sent to each, one broadcast group holding every server's ranks.
-With rollout.sglang.quantization "fp8" every channel sends blockwise FP8 linear weights with their
-`weight_scale_inv` (weights/fp8.py). A colocated server on a GPU runs with --enable-memory-saver: sleep() releases
-its KV cache, weights and CUDA graphs; wake(("weights",)) brings the weights back for an update, wake() the rest.
+With rollout.sglang.delta_sync the distributed and disk channels send each tensor's changed elements
+(weights/delta.py) when that is fewer bytes, to servers that run rntp's served classes (rollout/sglang_plugins);
+the whole push goes full when a receiver did not get the previous one. With rollout.sglang.quantization "fp8"
+every channel sends blockwise FP8 linear weights with their `weight_scale_inv` (weights/fp8.py). A colocated
+server on a GPU runs with --enable-memory-saver: sleep() releases its KV cache, weights and CUDA graphs;
+wake(("weights",)) brings the weights back for an update, wake() the rest.
 `paused()` retracts running requests around an update so weights can change while requests are in flight
 (they finish under the new version). An owned server that dies is restarted with the current weights (the
 last full set pushed, kept in host memory, or the last disk folder) at most max_restarts times.
@@ -47,12 +50,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from rntp_megatron.config import SGLangConfig
+from rntp_megatron.config import ConfigError, SGLangConfig
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLangServerError
+from rntp_megatron.rollout.sglang_plugins import served_env
+from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
 from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, backend_device, bucketed, flatten
+from rntp_megatron.weights.delta import DeltaSender
 from rntp_megatron.weights.fp8 import fp8_buckets
 
 CHANNELS = ("tensor", "distributed", "disk")
@@ -97,9 +103,14 @@ class SGLangEngine(RolloutEngine):
         self._released: set[str] = set()  # memory tags the server has released (sleep) and not resumed
         self._server_info: Optional[dict[str, Any]] = None
         self._lock = threading.Lock()
+        # delta_sync: this engine's sender (used while it leads a push) and which push the server holds as its base
+        self._delta = DeltaSender(cfg.delta_max_density) if cfg.delta_sync else None
+        self._delta_base: Optional[object] = None  # the sender's token of the last push this server got whole
+        self._delta_folder: Optional[Path] = None  # disk: the last folder of deltas (model_path stays a full one)
         if cfg.url is not None:
             self.client = HTTPClient(cfg.url, self.api_key)
             self.client.call("/health", timeout=30)
+            self._check_served_classes()
             if routed_experts is not None:  # refused here, before a fleet would take the error for a failure
                 probe = self.client.call("/generate", {"input_ids": [0], "sampling_params": {"max_new_tokens": 1},
                                                        "return_routed_experts": True}, timeout=60)
@@ -114,9 +125,29 @@ class SGLangEngine(RolloutEngine):
         port = self.cfg.port if self.restarts == 0 else free_port()
         self._server = ServerProcess(self.cfg.python, self.model_path, self.cfg, self.run_dir, port, self.api_key,
                                      self.dtype, attempt=self.restarts, colocated=self.colocated)
-        self._released, self._server_info = set(), None
+        self._released, self._server_info, self._delta_base = set(), None, None
         self.client = HTTPClient(self._server.url, self.api_key)
         self.startup_s = self._server.wait_healthy(self.client, self.cfg.startup_timeout_s)
+        self._check_served_classes()
+
+    def _check_served_classes(self) -> None:
+        """With delta_sync: ConfigError unless the server serves rntp_delta_models' classes (they answer
+        GET /get_weights_by_name of codec.MARKER; SGLang's own classes do not, and would load deltas as no-ops)."""
+        if self._delta is None:
+            return
+        try:
+            reply = self.client.call("/get_weights_by_name", {"name": codec.MARKER, "truncate_size": 1}, timeout=60)
+        except SGLangServerError as e:
+            reply = repr(e)[:200]
+        marker = [float(codec.FORMAT)]
+        if reply != marker and not (isinstance(reply, list) and reply and all(r == marker for r in reply)):
+            env = " ".join(f"{k}={v}" for k, v in served_env().items())
+            raise ConfigError(
+                f"rollout.sglang.delta_sync: the SGLang server at {self.client.url} does not serve rntp's "
+                f"delta-taking model classes (GET /get_weights_by_name {codec.MARKER!r} answered {reply!r}); start "
+                f"it with {env} (slurm/train.sbatch does when delta_sync is on) and a model of one of their "
+                "architectures (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM), or set "
+                "rollout.sglang.delta_sync: false")
 
     def server_alive(self) -> bool:
         """Whether the server answers (an owned server: also whether its process runs)."""
@@ -138,8 +169,9 @@ class SGLangEngine(RolloutEngine):
                                     f"(rollout.sglang.max_restarts={self.cfg.max_restarts}); last log "
                                     f"{self._server.log_path}:\n{self._server.log_tail()}")
         self.relaunch()
-        if self._host_copy:
-            self._push_tensor(list(bucketed(self._host_copy.items(), self.bucket_bytes)), self.weight_version)
+        current = self._delta.last if self._delta is not None and self._delta.last else self._host_copy
+        if current:
+            self._push_tensor(list(bucketed(current.items(), self.bucket_bytes)), self.weight_version)
         else:
             self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
 
@@ -298,15 +330,41 @@ class SGLangEngine(RolloutEngine):
         channel = self.cfg.weight_sync
         if self.cfg.quantization == "fp8":
             buckets = fp8_buckets(buckets)
-        if channel == "disk":
-            return self._push_disk(buckets, version)
-        with self._lock:
-            if channel == "tensor":
-                timing = self._push_tensor(buckets, version, keep_host_copy)
-            else:
-                timing = self._push_distributed(buckets, version, keep_host_copy)
+        with self._delta_encoded(buckets) as buckets:
+            if channel == "disk":
+                return self._push_disk(buckets, version)
+            keep_host_copy = keep_host_copy and self._delta is None  # a restart pushes self._delta.last
+            with self._lock:
+                if channel == "tensor":
+                    timing = self._push_tensor(buckets, version, keep_host_copy)
+                else:
+                    timing = self._push_distributed(buckets, version, keep_host_copy)
         self.weight_version = version
         return timing
+
+    @contextlib.contextmanager
+    def _delta_encoded(self, buckets: Iterable[NamedTensors]) -> Iterator[Iterable[NamedTensors]]:
+        """With delta_sync (distributed, disk): the buckets as deltas against the last push, or whole when some
+        receiver did not get that push (never pushed to, restarted, rejoined, or a push that failed part-way); after
+        the push every receiver holds it as its base. Else the buckets unchanged."""
+        if self._delta is None or self.cfg.weight_sync == "tensor":
+            yield buckets
+            return
+        receivers = self._receivers()
+        full = self._delta.token is None or any(r._delta_base is not self._delta.token for r in receivers)
+        try:
+            yield self._delta.encode(buckets, full)
+        except BaseException:
+            for r in receivers:
+                r._delta_base = None
+            raise
+        self._delta.token = object()
+        for r in receivers:
+            r._delta_base = self._delta.token
+
+    def push_stats(self) -> dict[str, float]:
+        """The latest push this engine led with delta_sync (weights/sent_bytes, sent_fraction, delta_encode_s)."""
+        return self._delta.stats() if self._delta is not None and self._delta.token is not None else {}
 
     def _receivers(self) -> list["SGLangEngine"]:
         """This server and its peers: every server an update goes to."""
@@ -332,15 +390,17 @@ class SGLangEngine(RolloutEngine):
         if failure is not None:
             raise failure
 
-    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
-        """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into every receiver."""
+    def update_weights_from_disk(self, path: str | Path, version: int, complete: bool = True) -> None:
+        """Load an HF checkpoint folder (weights/hf_checkpoint.save_hf_checkpoint) into every receiver; a complete
+        one (not deltas) is where a restarted server starts from."""
         payload = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
         with self._lock, self._updating(), self._all_calling("/update_weights_from_disk", payload):
             pass  # the receivers load the folder concurrently (N replicas: one load's time, not N)
         for r in self._receivers():
             r.weight_version = version
-            r.model_path = str(path)  # a restart starts from these weights
-            r._host_copy.clear()
+            if complete:
+                r.model_path = str(path)  # a restart starts from these weights
+                r._host_copy.clear()
 
     def _push_disk(self, buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
         """Write an HF folder (config of the served model) under weights_dir (default run_dir/weights), load it into
@@ -364,9 +424,13 @@ class SGLangEngine(RolloutEngine):
         folder = save_hf_checkpoint(buckets, root / f"v{version}", config, tokenizer_dir=tokenizer_dir,
                                     overwrite=True)
         t1 = time.perf_counter()
-        self.update_weights_from_disk(folder, version)
-        if source is not None and source.parent == folder.parent and source != folder:
-            shutil.rmtree(source, ignore_errors=True)  # an older pushed version, not the user's folder
+        complete = self._delta is None or not self._delta.deltas  # a folder of deltas is no model to start from
+        self.update_weights_from_disk(folder, version, complete)
+        # older pushed versions (never the user's folder); the last complete one stays while deltas follow it
+        for older in (self._delta_folder, source if complete else None):
+            if older is not None and older.parent == folder.parent and older != folder:
+                shutil.rmtree(older, ignore_errors=True)
+        self._delta_folder = None if complete else folder
         return {"write_s": t1 - t0, "server_s": time.perf_counter() - t1}
 
     def _remember(self, bucket: NamedTensors, keep_host_copy: bool) -> None:

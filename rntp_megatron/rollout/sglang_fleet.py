@@ -120,9 +120,12 @@ class SGLangFleet(RolloutEngine):
         replica.seconds += time.monotonic() - t0
 
     def stats(self) -> dict[str, float]:
-        """Per replica: share of the last call's samples and its generation seconds; replicas live."""
+        """Per replica: share of the last call's samples and its generation seconds; replicas live; with
+        delta_sync, the bytes of the last weight push (weights/sent_bytes, weights/sent_fraction)."""
         total = sum(r.samples for r in self.replicas) or 1
         out = {"replicas_live": float(len(self._live()))}
+        if self._leader is not None:
+            out.update(self._leader.engine.push_stats())
         for i, r in enumerate(self.replicas):
             out[f"replica{i}_share"] = r.samples / total
             out[f"replica{i}_latency_s"] = r.seconds

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from rntp_megatron.config import SGLangConfig
+from rntp_megatron.rollout.sglang_plugins import served_env
 
 
 # torch.distributed / torchrun variables of the trainer's own job. Inherited, they make the server's own
@@ -63,12 +64,15 @@ def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, a
     return argv + list(cfg.extra_args)
 
 
-def server_env(base: Mapping[str, str]) -> dict[str, str]:
-    """The server's environment: ours without PYTHONPATH and the trainer's torch.distributed variables."""
+def server_env(base: Mapping[str, str], delta_sync: bool = False) -> dict[str, str]:
+    """The server's environment: ours without PYTHONPATH and the trainer's torch.distributed variables; with
+    delta_sync, the served classes' package (rollout/sglang_plugins.served_env: PYTHONPATH is its folder alone)."""
     env = {k: v for k, v in base.items()
            if k != "PYTHONPATH" and k not in TRAINER_DIST_ENV and not k.startswith(TRAINER_DIST_ENV_PREFIXES)}
     if on_cpu():
         env["SGLANG_USE_CPU_ENGINE"] = "1"
+    if delta_sync:
+        env.update(served_env())
     return env
 
 
@@ -112,7 +116,7 @@ class ServerProcess:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / f"sglang_server.{attempt}.log"
         self.url = f"http://{cfg.host}:{port}"
-        env = server_env(os.environ)
+        env = server_env(os.environ, cfg.delta_sync)
         argv = server_command(exe, model_path, cfg, port, api_key, dtype, colocated)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
