@@ -22,7 +22,9 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -186,61 +188,6 @@ def test_a_colocated_fleet_trains_through_the_tensor_channel(tmp_path, two_hosts
         assert m["logp_abs_diff_rollout"] < LOGPROB_TOL, m  # both serve the trainer's current weights
 
 
-def _train_attached_through_faults(rank: int, world_size: int, overrides: list[str], servers: list[dict]) -> dict:
-    """Train STEPS steps with an attached fleet of two servers this process does not own: SIGKILL server 1 when step 0
-    asks it to generate, then start it again at its address, as a cluster's supervisor would (the fleet must find it
-    by its health and re-sync it); SIGKILL server 0 when the push of version 2 begins."""
-    import time
-
-    from rntp_megatron.config import build_config
-    from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess
-    from rntp_megatron.runtime import destroy_distributed
-    from rntp_megatron.trainer import Trainer
-
-    trainer = Trainer(build_config({}, overrides))
-    fleet = trainer.engine
-    killed: list[str] = []
-    replacement: list[ServerProcess] = []
-
-    def kill(i: int, when: str) -> None:
-        os.killpg(servers[i]["pid"], signal.SIGKILL)
-        time.sleep(1.0)  # its sockets close with the process (the pytest process reaps it)
-        killed.append(when)
-
-    generate, push = fleet.replicas[1].engine.generate, fleet.update_weights_from_buckets
-
-    def generate_then_die(prompts, sampling):
-        if killed:
-            return generate(prompts, sampling)
-        kill(1, "generate")
-        try:
-            return generate(prompts, sampling)
-        finally:  # started again from its model folder: the fleet's next push must bring it the weights
-            s = servers[1]
-            server = ServerProcess(s["cfg"].python, s["model_path"], s["cfg"], Path(s["run_dir"]), s["cfg"].port,
-                                   s["cfg"].api_key, "float32", attempt=1)
-            replacement.append(server)
-            server.wait_healthy(HTTPClient(server.url, s["cfg"].api_key), 600)
-
-    def push_after_kill(buckets, version):
-        if version == 2:
-            kill(0, "push")
-        return push(buckets, version)
-
-    fleet.replicas[1].engine.generate, fleet.update_weights_from_buckets = generate_then_die, push_after_kill
-    try:
-        assert trainer.run() == 0
-        out = {"killed": killed, "live": [r.live for r in fleet.replicas],
-               "versions": [r.engine.server_weight_version() for r in fleet.replicas if r.live]}
-    finally:
-        trainer.close()
-        destroy_distributed()
-        for server in replacement:
-            server.stop()
-    out["metrics"] = logged_metrics(trainer)
-    return out
-
-
 @sglang_test
 def test_an_attached_fleet_survives_a_server_killed_in_generation_and_one_killed_in_a_push(tmp_path, two_hosts):
     """Attached servers are not the trainer's to restart: one killed in generation is dropped, its groups are
@@ -255,7 +202,7 @@ def test_an_attached_fleet_survives_a_server_killed_in_generation_and_one_killed
     overrides = [o for o in _overrides(tmp_path / "run", [
         "rollout.placement=separate", "rollout.sglang.weight_sync=distributed", f"rollout.sglang.urls={urls}",
         "rollout.sglang.api_key=fleet-key", "rollout.sglang.retry_backoff_s=0"]) if not o.startswith("schedule.train_steps")]
-    [result] = run_ranks(_train_attached_through_faults, 1, ([*overrides, f"schedule.train_steps={STEPS}"], servers),
+    [result] = run_ranks(_train_through_faults, 1, ([*overrides, f"schedule.train_steps={STEPS}"], servers),
                          timeout_s=900)
     assert result["killed"] == ["generate", "push"]
     metrics = result["metrics"]
@@ -267,28 +214,50 @@ def test_an_attached_fleet_survives_a_server_killed_in_generation_and_one_killed
     assert result["live"] == [False, True] and result["versions"] == [STEPS]  # server 0 died in the last push
 
 
-def _train_through_faults(rank: int, world_size: int, overrides: list[str]) -> dict:
-    """Train STEPS steps with an owned two-replica fleet; SIGKILL replica 1 when step 0 asks it to generate and
-    replica 0 when the push of version 2 begins."""
+def _train_through_faults(rank: int, world_size: int, overrides: list[str], servers: Optional[list[dict]] = None
+                          ) -> dict:
+    """Train STEPS steps with a two-replica fleet; SIGKILL replica 1 when step 0 asks it to generate and replica 0
+    when the push of version 2 begins. Owned (servers None): the fleet starts replica 1 again. Attached (servers:
+    each one's pid, cfg, model folder and a run dir): this process starts server 1 again at its address after the
+    kill, as a cluster's supervisor would; the fleet must find it by its health check and re-sync it."""
     from rntp_megatron.config import build_config
+    from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
     trainer = Trainer(build_config({}, overrides))
     fleet = trainer.engine
     killed: list[str] = []
+    replacements: list[ServerProcess] = []
 
     def kill(i: int, when: str) -> None:
-        os.killpg(fleet.replicas[i].engine._server.proc.pid, signal.SIGKILL)
-        fleet.replicas[i].engine._server.proc.wait()
+        if servers is None:
+            proc = fleet.replicas[i].engine._server.proc
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        else:  # not this process's child: the pytest process reaps it; its sockets close with it
+            os.killpg(servers[i]["pid"], signal.SIGKILL)
+            time.sleep(1.0)
         killed.append(when)
+
+    def start_again(s: dict) -> None:
+        """From its model folder: the fleet's next push must bring it the weights."""
+        server = ServerProcess(s["cfg"].python, s["model_path"], s["cfg"], Path(s["run_dir"]), s["cfg"].port,
+                               s["cfg"].api_key, "float32", attempt=1)
+        replacements.append(server)
+        server.wait_healthy(HTTPClient(server.url, s["cfg"].api_key), 600)
 
     generate, push = fleet.replicas[1].engine.generate, fleet.update_weights_from_buckets
 
     def generate_then_die(prompts, sampling):
-        if not killed:
-            kill(1, "generate")
-        return generate(prompts, sampling)
+        if killed:
+            return generate(prompts, sampling)
+        kill(1, "generate")
+        try:
+            return generate(prompts, sampling)
+        finally:
+            if servers is not None:
+                start_again(servers[1])
 
     def push_after_kill(buckets, version):
         if version == 2:
@@ -299,10 +268,13 @@ def _train_through_faults(rank: int, world_size: int, overrides: list[str]) -> d
     try:
         assert trainer.run() == 0
         out = {"killed": killed, "restarts": [r.restarts for r in fleet.replicas],
-               "live": [r.live for r in fleet.replicas]}
+               "live": [r.live for r in fleet.replicas],
+               "versions": [r.engine.server_weight_version() for r in fleet.replicas if r.live]}
     finally:
         trainer.close()
         destroy_distributed()
+        for server in replacements:
+            server.stop()
     out["metrics"] = logged_metrics(trainer)
     return out
 
