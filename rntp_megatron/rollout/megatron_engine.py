@@ -19,14 +19,16 @@ Runs at any TP x PP, on CPU and GPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.stop_strings import StopStrings
 from rntp_megatron.runtime.cpu_compat import cuda_redirects_paused
 
 
@@ -126,6 +128,7 @@ class MegatronEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.weight_version = 0
+        self._stops: dict[tuple[str, ...], StopStrings] = {}  # per set of stop strings: its vocab mask
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """No-op for the colocated engine (it samples from the trainer's module); records `version`."""
@@ -215,11 +218,15 @@ class MegatronEngine(RolloutEngine):
             vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
             padding = (torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device)
                        >= self.tokenizer.vocab_size)
-        stop_ids = set(sampling.stop_token_ids)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[float]] = [[] for _ in range(rows)]
-        finish = ["length"] * rows
-        active = list(range(rows))  # rows still decoding
+        # The loop keeps no Python per row: each step brings the sampled ids to the host once (numpy column),
+        # stop tokens are an isin, stop strings decode only the rows whose token can end one (stop_strings.py);
+        # log-probs stay on the device until the end.
+        stops = self._stop_strings(sampling.stop)
+        stop_ids = np.array(sampling.stop_token_ids, dtype=np.int64)
+        generated = np.zeros((rows, sampling.max_new_tokens), dtype=np.int64)
+        logprobs = torch.zeros(rows, sampling.max_new_tokens, device=device)
+        lengths = np.zeros(rows, dtype=np.int64)
+        stopped = np.zeros(rows, dtype=bool)
         # The decode steps reach none of megatron's device='cuda' literals (the prefill's causal mask does),
         # so on CPU they run without the compat mode's hop on each of a forward's ~570 torch calls. They run
         # under inference_mode, the prefill not: the rotary table megatron caches per length is made by the
@@ -237,22 +244,33 @@ class MegatronEngine(RolloutEngine):
                         next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
                     next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
                 next_ids, next_lp = _from_last_stage(next_ids, next_lp)
-                ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
-                for r in active:
-                    tok = ids_now[r]
-                    generated[r].append(tok)
-                    logprobs[r].append(lps_now[r])
-                    if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
-                        finish[r] = "stop"
-                active = [r for r in active if finish[r] == "length"]
-                if not active or step == sampling.max_new_tokens - 1:
+                logprobs[:, step] = next_lp
+                generated[:, step] = next_ids.cpu().numpy()  # the step's one host sync
+                active = ~stopped
+                lengths[active] = step + 1
+                stopped |= active & np.isin(generated[:, step], stop_ids)
+                if stops is not None:
+                    for r in np.flatnonzero(~stopped & active & stops.may_end[generated[:, step]]):
+                        stopped[r] = stops.completed_by_last(generated[r, :step + 1])
+                if stopped.all() or step == sampling.max_new_tokens - 1:
                     break
                 position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
                 logits = self._forward(next_ids[:, None], position, context)
                 context.sequence_len_offset += 1
-        return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
-                        text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],
-                        finish_reason=finish[r], weight_version=self.weight_version) for r in range(rows)]
+        token_ids, logprobs = generated.tolist(), logprobs.tolist()
+        return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=token_ids[r][:lengths[r]],
+                        text=self.tokenizer.decode(token_ids[r][:lengths[r]]), logprobs=logprobs[r][:lengths[r]],
+                        finish_reason="stop" if stopped[r] else "length", weight_version=self.weight_version)
+                for r in range(rows)]
+
+    def _stop_strings(self, stops: list[str]) -> Optional[StopStrings]:
+        """The StopStrings of `stops` (None when there are none), built once per set of stops."""
+        key = tuple(s for s in stops if s)
+        if not key:
+            return None
+        if key not in self._stops:
+            self._stops[key] = StopStrings(self.tokenizer, key)
+        return self._stops[key]
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                  context: StaticInferenceContext) -> Optional[torch.Tensor]:
@@ -269,9 +287,3 @@ class MegatronEngine(RolloutEngine):
             dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
         return out[:, -1]
-
-    def _hits_stop(self, token_ids: Sequence[int], stops: list[str]) -> bool:
-        """Whether the text of token_ids ends with a stop string completed by its last token."""
-        text = self.tokenizer.decode(token_ids)
-        last = len(self.tokenizer.decode(token_ids[-1:]))
-        return any(s in text[-(len(s) + last - 1):] for s in stops if s)
