@@ -10,6 +10,10 @@ rows decode in lockstep, one token a forward. Logits stay vocab-parallel over th
   whole slice for top-p alone, i.e. the full vocab is gathered then) to one all-gather;
 - the log-prob of the sampled token comes from a vocab-parallel log-softmax (all-reduce of max and sum).
 
+The decode loop keeps no Python per row: a step's sampled ids reach the host in one transfer (its one sync),
+stop tokens are matched on them at once, and stop strings only at the rows whose new token can end one
+(rollout/stop_strings.py: exact, without decoding whole rows); log-probs stay on the device to the end.
+
 Under pipeline parallelism (PP > 1) each stage runs its layers on the prefill and on every decode step, with
 its own KV cache, and sends its hidden states [s, b, h] to the next stage; the last stage samples and
 broadcasts (id, log-prob) of each row to every stage of its pipeline, which all keep the same rollouts.
@@ -218,9 +222,7 @@ class MegatronEngine(RolloutEngine):
             vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
             padding = (torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device)
                        >= self.tokenizer.vocab_size)
-        # The loop keeps no Python per row: each step brings the sampled ids to the host once (numpy column),
-        # stop tokens are an isin, stop strings decode only the rows whose token can end one (stop_strings.py);
-        # log-probs stay on the device until the end.
+        # host side: ids[rows, max_new] filled a column a step; device side: log-probs until the end
         stops = self._stop_strings(sampling.stop)
         stop_ids = np.array(sampling.stop_token_ids, dtype=np.int64)
         generated = np.zeros((rows, sampling.max_new_tokens), dtype=np.int64)
