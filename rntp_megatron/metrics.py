@@ -1,7 +1,9 @@
 """Metrics: a console progress line, a JSONL log, TensorBoard, Weights & Biases (logging.wandb, wandb_run.py),
 and a PNG of the curves at the end of a run.
 
-Only the writing rank (global rank 0) logs; every call elsewhere is a no-op.
+Only the writing rank (global rank 0) logs; every call elsewhere is a no-op. The console shows what a person
+watching wants (step, loss or reward, tokens/s, ETA, the step's phases and the share of it the trainer's devices
+were busy); every value goes to metrics.jsonl, TensorBoard and W&B.
 """
 
 from __future__ import annotations
@@ -10,10 +12,89 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from rntp_megatron.config import LoggingConfig
+
+
+PHASES = ("data_wait", "rollout", "rewards", "scoring", "train", "weight_sync")
+HEADLINE = ("loss", "reward", "tokens_per_s")  # the values the console line shows, when a step has them
+
+
+def is_timing(key: str) -> bool:
+    """Whether a logged value is a wall-clock measurement (it differs between runs that compute the same)."""
+    return key in ("step_time_s", "rollout_s", "tokens_per_s") or key.startswith("time/")
+
+
+class PhaseTimer:
+    """Wall seconds of a step's phases (PHASES). A phase entered inside another pauses it, so phases never
+    overlap: their sum plus `time/other_s` is the step's time."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._open: list[str] = []  # the phases entered and not left, innermost last
+        self._since = 0.0  # when the innermost open phase last resumed
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as phase `name` (one of PHASES), pausing the phase it runs inside."""
+        if name not in self.seconds:
+            raise ValueError(f"unknown phase {name!r}; phases: {', '.join(PHASES)}")
+        self._switch()
+        self._open.append(name)
+        try:
+            yield
+        finally:
+            self._switch()
+            self._open.pop()
+
+    def _switch(self) -> None:
+        """Credit the time since the last switch to the innermost open phase."""
+        now = time.monotonic()
+        if self._open:
+            self.seconds[self._open[-1]] += now - self._since
+        self._since = now
+
+    def take(self, step_s: float, busy: Iterable[str]) -> dict[str, float]:
+        """The step's `time/<phase>_s`, `time/other_s` (step_s less the phases) and `time/device_busy_share`
+        (the phases in `busy`, those that ran on the trainer's devices, over step_s); then starts over."""
+        out = {f"time/{name}_s": s for name, s in self.seconds.items()}
+        out["time/other_s"] = max(step_s - sum(self.seconds.values()), 0.0)
+        out["time/device_busy_share"] = sum(self.seconds[b] for b in busy) / step_s if step_s > 0 else 0.0
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        return out
+
+
+SHORT = {"tokens_per_s": "tok/s", "data_wait": "data", "weight_sync": "sync"}  # console labels
+
+
+def console_line(step: int, total_steps: int, elapsed: float, eta: Optional[float], values: dict[str, Any]) -> str:
+    """`[step i/N 12.3s eta 4m05s] loss=.. reward=.. tok/s=.. | rollout 1.2s train 310ms busy 64%`: the headline
+    values and the phases that took a millisecond or more; other values and counters are left to the logs."""
+    head = f"[step {step + 1}/{total_steps} {elapsed:.1f}s" + (f" eta {_duration(eta)}]" if eta is not None else "]")
+    shown = [f"{SHORT.get(k, k)}={values[k]:.4g}" for k in HEADLINE if isinstance(values.get(k), (int, float))]
+    phases = [f"{SHORT.get(name, name)} {_seconds(values[f'time/{name}_s'])}" for name in PHASES
+              if values.get(f"time/{name}_s", 0.0) >= 0.0005]
+    if "time/device_busy_share" in values:
+        phases.append(f"busy {values['time/device_busy_share']:.0%}")
+    return " ".join([head, *shown] + (["|", *phases] if phases else []))
+
+
+def _seconds(seconds: float) -> str:
+    """310ms below a second, else 1.2s."""
+    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+
+
+def _duration(seconds: float) -> str:
+    """12s, 4m05s or 3h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class MetricsLogger:
@@ -27,6 +108,7 @@ class MetricsLogger:
         self._tb = None
         self._wandb = None
         self._t0 = time.monotonic()
+        self._first_step: Optional[int] = None  # the first step this process logged (a resumed run's ETA)
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +129,8 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._first_step is None:
+            self._first_step = step
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}}
         if self.cfg.jsonl:
             with self.path.open("a") as f:
@@ -58,10 +142,10 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.cfg.progress and (step % max(self.cfg.log_interval, 1) == 0 or step + 1 == self.total_steps):
-            shown = " ".join(f"{k}={v:.4g}" for k, v in values.items()
-                             if isinstance(v, (int, float)) and "/" not in k)
             elapsed = time.monotonic() - self._t0
-            print(f"[step {step + 1}/{self.total_steps} {elapsed:6.1f}s] {shown}", file=sys.stderr, flush=True)
+            done = step + 1 - self._first_step
+            eta = elapsed / done * (self.total_steps - step - 1) if self.total_steps else None
+            print(console_line(step, self.total_steps, elapsed, eta, values), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -41,7 +41,7 @@ from rntp_megatron.flops import FlopMeter, record_scoring
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
-from rntp_megatron.metrics import MetricsLogger
+from rntp_megatron.metrics import MetricsLogger, PhaseTimer
 from rntp_megatron.rewards.compute import compute_rewards
 from rntp_megatron.rewards.registry import get_reward
 from rntp_megatron.rl.advantages import compute_advantages, zero_variance_filter
@@ -122,6 +122,7 @@ class Trainer:
             self.total_steps = steps_for_token_budget(s.token_budget, s.global_batch_size * s.seq_length)
         self.step, self.consumed_tokens, self.weight_version = 0, 0, 0
         self.flops = FlopMeter(cfg.model)
+        self.phases = PhaseTimer()  # each step's data wait, rollout, rewards, scoring, train, weight sync
         self.placement: Optional[EnginePlacement] = None
         self.engine: Optional[RolloutEngine] = None
         self.rollouts: Optional[RolloutPrefetcher] = None
@@ -195,7 +196,7 @@ class Trainer:
         budget = self.cfg.schedule.flops_budget
         last_save = time.monotonic()
         while self.step < self.total_steps and (budget is None or sum(self.flops.totals.values()) < budget):
-            t0 = time.monotonic()
+            t0, consumed = time.monotonic(), self.consumed_tokens
             set_learning_rate(self.optimizer, learning_rate(self.step, self.cfg.schedule))
             self.flops.begin()
             values = self._ntp_step() if self.cfg.rl.objective == "ntp" else self._rl_step()
@@ -203,6 +204,8 @@ class Trainer:
             values["lr"] = learning_rate(self.step, self.cfg.schedule)
             values.update(self.stream.metrics())  # this rank's: data/episodes, data/epoch/i, data/skipped/<reason>
             values["step_time_s"] = time.monotonic() - t0
+            values["tokens_per_s"] = (self.consumed_tokens - consumed) / values["step_time_s"]
+            values.update(self.phases.take(values["step_time_s"], self._device_phases()))
             self.metrics.log(self.step, values)
             self.step += 1
             # [signal, save by time]: rank 0's clock decides the time, so every rank saves at the same step
@@ -221,28 +224,37 @@ class Trainer:
         self.metrics.close()
         return 0
 
+    def _device_phases(self) -> tuple[str, ...]:
+        """The phases that run on the trainer's devices: training and scoring, and generation when colocated."""
+        colocated = self.placement is not None and self.placement.colocated
+        return ("scoring", "train", "rollout") if colocated else ("scoring", "train")
+
     def _ntp_step(self) -> dict[str, float]:
         """Next-token loss on this rank's rows of chunk tokens[rows, seq_length + 1] (padding masked)."""
         s = self.cfg.schedule
         rows = torch.full((self.rows_per_rank, s.seq_length + 1), self.tokenizer.pad_id, dtype=torch.long,
                           device="cpu")
         mask = torch.zeros(self.rows_per_rank, s.seq_length, device="cpu")
-        for i, ep in enumerate(self.stream.take(self.rows_per_rank)):
+        with self.phases.phase("data_wait"):
+            episodes = self.stream.take(self.rows_per_rank)
+        for i, ep in enumerate(episodes):
             rows[i, :len(ep.prompt_ids)] = torch.tensor(ep.prompt_ids, device="cpu")
             mask[i, :len(ep.prompt_ids) - 1] = 1
         self.flops.count_train(mask.sum(1).long().tolist(), mask.sum(1).long().tolist())
         rows, mask = rows.to(device()), mask.to(device())
         batches = [lm_batch(rows[i:i + s.micro_batch_size], mask[i:i + s.micro_batch_size])
                    for i in range(0, self.rows_per_rank, s.micro_batch_size)]
-        out = train_step([self.ddp], self.optimizer, lm_forward_step, batches, s.seq_length, s.micro_batch_size)
+        with self.phases.phase("train"):
+            out = train_step([self.ddp], self.optimizer, lm_forward_step, batches, s.seq_length, s.micro_batch_size)
         self.consumed_tokens += self._dp_total(mask.sum().item())
         return {"loss": out.pop("lm loss"), **out, "consumed_tokens": self.consumed_tokens}
 
     def _plan_rollouts(self, step: int) -> tuple[list[Episode], SamplingParams]:
         """This DP rank's next rows_per_rank / G episodes and the sampling of `step` (seeded by the step)."""
         r, G = self.cfg.rollout, self.cfg.rl.group_size
-        episodes = [cut_prompt_left(ep, self.max_prompt_len, self.prompt_prefix_len)
-                    for ep in self.stream.take(self.rows_per_rank // G)]
+        with self.phases.phase("data_wait"):
+            taken = self.stream.take(self.rows_per_rank // G)
+        episodes = [cut_prompt_left(ep, self.max_prompt_len, self.prompt_prefix_len) for ep in taken]
         # Stop strings that are one token are also passed by id: an engine whose own tokenizer lacks the
         # special tokens (an SGLang server on a byte vocabulary) still stops on them.
         single = [ids[0] for ids in map(self.tokenizer.encode, r.stop) if len(ids) == 1]
@@ -262,12 +274,14 @@ class Trainer:
     def _rl_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rl.group_size
         t0 = time.monotonic()
-        ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
+        with self.phases.phase("rollout"):
+            ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
         rollout_s = time.monotonic() - t0  # what the step waited for (less than the generation when ahead)
         episodes, rollouts = ahead.episodes, ahead.rollouts
         interleaved = cfg.data.episode_format == "interleaved"  # rewards per (rollout, site): rl/interleaved.py
         scored_eps, scored = segment_views(episodes, rollouts, self.tokenizer) if interleaved else (episodes, rollouts)
-        shaped, likelihood = self._rewards(scored_eps, scored)
+        with self.phases.phase("rewards"):
+            shaped, likelihood = self._rewards(scored_eps, scored)
         rewards = shaped.total
         advantages = compute_advantages(rewards, G, cfg.rl.advantage)
         groups = zero_variance_filter(rewards, G)
@@ -278,7 +292,8 @@ class Trainer:
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
-        batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
+        with self.phases.phase("scoring"):
+            batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
         self._count_flops(rollouts, batch)
         batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         s = cfg.schedule
@@ -286,25 +301,30 @@ class Trainer:
         routing_metrics: dict[str, float] = {}
         if self.routing is not None:  # old log-probs and experts from one pass over these micro-batches: replayed
             record_scoring([len(r.prompt_ids) for r in rollouts], [len(r.token_ids) for r in rollouts])
-            microbatches = self.routing.record([self.ddp], self.loss, microbatches, s.seq_length, s.micro_batch_size)
+            with self.phases.phase("scoring"):
+                microbatches = self.routing.record([self.ddp], self.loss, microbatches, s.seq_length,
+                                                   s.micro_batch_size)
             forward_step = self.routing.replaying(forward_step)
             if routed_experts(cfg) is not None:  # the server's experts against the recording's
                 versus = rollout_routing_mismatch(microbatches, rollouts, self.routing.layers,
                                                   self.routing.sequence_parallel)
                 routing_metrics = {} if versus is None else {"moe/rollout_routing_mismatch": versus}
-        with self.placement.training():
+        with self.placement.training(), self.phases.phase("train"):
             out = train_step([self.ddp], self.optimizer, forward_step, microbatches, s.seq_length, s.micro_batch_size)
         if self.routing is not None:
             out["moe/routing_mismatch"] = self.routing.mismatch()
         out.update(routing_metrics)
         out.update(self.placement.memory_metrics())  # free GPU memory while a colocated server slept ({} on CPU)
-        self.side.after_step(self.model)
+        with self.phases.phase("train"):
+            self.side.after_step(self.model)
         t0 = time.monotonic()
-        self.rollouts.wait()  # the batch generated ahead is all of the weights it started under
+        with self.phases.phase("rollout"):
+            self.rollouts.wait()  # the batch generated ahead is all of the weights it started under
         rollout_s += time.monotonic() - t0
         trained_version = self.weight_version
         self.weight_version += 1
-        self.placement.push_weights(self.weight_version)
+        with self.phases.phase("weight_sync"):
+            self.placement.push_weights(self.weight_version)
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
         out.update(self._rollout_metrics(scored_eps, scored, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
@@ -332,10 +352,11 @@ class Trainer:
             return None
         from rntp_megatron.rewards.scoring import continuation_logprobs
 
-        logp, _ = continuation_logprobs([self.ddp], [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts],
-                                        self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id,
-                                        temperature=self.cfg.rollout.temperature,
-                                        vocab_size=self.tokenizer.vocab_size)
+        with self.phases.phase("scoring"):
+            logp, _ = continuation_logprobs([self.ddp], [r.prompt_ids for r in rollouts],
+                                            [r.token_ids for r in rollouts], self.cfg.schedule.micro_batch_size,
+                                            self.tokenizer.pad_id, temperature=self.cfg.rollout.temperature,
+                                            vocab_size=self.tokenizer.vocab_size)
         return [row[:len(r.token_ids)].tolist() for row, r in zip(logp, rollouts)]
 
     def _rewards(self, episodes: list[Episode], rollouts: list[Rollout]):
@@ -352,9 +373,10 @@ class Trainer:
             policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
             baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
             vocab = self.tokenizer.vocab_size
-            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
-            base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], baseline_prefixes, conts, mbs, pad,
-                                            vocab_size=vocab)
+            with self.phases.phase("scoring"):
+                logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
+                base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], baseline_prefixes, conts,
+                                                mbs, pad, vocab_size=vocab)
             likelihood = (logp, mask, base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
                                  self.cfg.rollout.max_new_tokens, likelihood=likelihood,

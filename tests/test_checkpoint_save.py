@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from rntp_megatron.metrics import is_timing
 from rntp_megatron.runtime.spawn import run_ranks
 
 
@@ -106,7 +107,7 @@ def _distopt_resume(rank: int, world_size: int, root: str) -> list[list[dict]]:
         run("resumed", 2)
     finally:
         destroy_distributed()
-    return [[{k: v for k, v in json.loads(line).items() if k != "step_time_s"}
+    return [[{k: v for k, v in json.loads(line).items() if not is_timing(k)}
              for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()] for name in ("whole", "resumed")]
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -191,3 +193,113 @@ def test_engine_generates_at_pp2_as_at_pp1(tmp_path):
         for (ids1, lp1, fin1, i1), (ids2, lp2, fin2, i2) in zip(pp1[name], pp2[0][name], strict=True):
             assert (ids1, fin1, i1) == (ids2, fin2, i2), name
             assert max(abs(a - b) for a, b in zip(lp1, lp2)) < 1e-5, name
+
+
+def _old_loop_stops(tok, ids: list[int], stops: list[str], stop_ids: list[int]) -> int:
+    """Where the loop before token-id stop matching cut a row: the first m at which ids[m-1] is a stop id or
+    the text of ids[:m] holds a stop string in its last len(s) + len(text of ids[m-1]) - 1 characters (its
+    `_hits_stop`, which decoded the whole row at every step); len(ids) + 1 when none did."""
+    for m in range(1, len(ids) + 1):
+        text, last = tok.decode(ids[:m]), len(tok.decode(ids[m - 1:m]))
+        if ids[m - 1] in stop_ids or any(s in text[-(len(s) + last - 1):] for s in stops if s):
+            return m
+    return len(ids) + 1
+
+
+class _CountingByteTokenizer:
+    """The byte tokenizer, counting decode calls."""
+
+    def __init__(self) -> None:
+        from rntp_megatron.data.tokenizer import ByteTokenizer
+
+        self.inner, self.decodes = ByteTokenizer(), 0
+        self.vocab_size, self.eos_id, self.pad_id = self.inner.vocab_size, self.inner.eos_id, self.inner.pad_id
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+    def decode(self, ids):
+        self.decodes += 1
+        return self.inner.decode(ids)
+
+    def token_bytes(self, token_id):
+        return self.inner.token_bytes(token_id)
+
+
+HOST_TRANSFERS = {"tolist", "item", "cpu", "__bool__", "__int__", "__float__", "__index__"}  # each one a sync on a GPU
+
+
+def _decode_loop_checks(rank: int, world_size: int) -> dict:
+    """The demo model (random weights) and the byte tokenizer: rollouts with stop strings and ids equal the
+    unstopped rollouts cut where the old loop cut them; host transfers and decodes a generate call makes."""
+    from torch.overrides import TorchFunctionMode
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.rollout.engine import SamplingParams
+    from rntp_megatron.rollout.megatron_engine import MegatronEngine
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({"model": {"card": "demo"}})
+    init_distributed(cfg.parallel, seed=3)
+    tok = _CountingByteTokenizer()
+    engine = MegatronEngine(build_model(cfg.model, cfg.parallel), tok, max_batch_size=16)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    out: dict = {"cases": []}
+    for sampling in (SamplingParams(temperature=1.0, n=4, max_new_tokens=24, seed=5),
+                     SamplingParams(temperature=0.0, n=1, max_new_tokens=24)):
+        free = engine.generate(prompts, sampling)
+        rows = [r.token_ids for r in free]
+        printable = [bytes(r[j:j + 3]).decode() for r in rows for j in range(len(r) - 2)
+                     if all(32 <= t < 127 for t in r[j:j + 3])]
+        # a two-byte UTF-8 character sampled in some row: a stop string that straddles two byte tokens
+        accented = [bytes(r[j:j + 2]).decode() for r in rows for j in range(len(r) - 1)
+                    if 0xC2 <= r[j] <= 0xDF and 0x80 <= r[j + 1] <= 0xBF]
+        stops = ["</answer>", printable[0][:2], printable[-1], *accented[:1]]
+        stop_ids = [rows[1][5]] if sampling.n > 1 else []
+        stopped = engine.generate(prompts, dataclasses.replace(sampling, stop=stops, stop_token_ids=stop_ids))
+        want = []
+        for r in free:
+            cut = _old_loop_stops(tok, r.token_ids, stops, stop_ids)
+            want.append((r.token_ids[:cut], tok.decode(r.token_ids[:cut]), r.logprobs[:cut],
+                         "stop" if cut <= len(r.token_ids) else "length"))
+        got = [(r.token_ids, r.text, r.logprobs, r.finish_reason) for r in stopped]
+        out["cases"].append({"equal": got == want, "stops": stops, "accented": bool(accented),
+                             "finished": sum(w[3] == "stop" for w in want), "rows": len(want)})
+
+    class HostTransfers(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.count += getattr(func, "__name__", "") in HOST_TRANSFERS
+            return func(*args, **(kwargs or {}))
+
+    sampling = SamplingParams(temperature=1.0, n=4, max_new_tokens=16, seed=9, stop=["</answer>"])
+    tok.decodes = 0
+    with HostTransfers() as mode:
+        rollouts = engine.generate(prompts, sampling)
+    out["transfers"], out["decodes"] = mode.count, tok.decodes
+    out["steps"] = sampling.max_new_tokens * len({len(p) for p in prompts})  # a batch per prompt length
+    out["batches"] = len({len(p) for p in prompts})
+    out["row_steps"] = sum(len(r.token_ids) for r in rollouts)
+    out["rows"] = len(rollouts)
+    out["may_end_tokens"] = sum(t in (ord(">"), *range(256, 262)) for r in rollouts for t in r.token_ids)
+    destroy_distributed()
+    return out
+
+
+@pytest.mark.distributed
+def test_decode_loop_matches_old_loop_with_one_transfer_a_step():
+    [out] = run_ranks(_decode_loop_checks, 1)
+    for case in out["cases"]:
+        assert case["equal"], case
+        assert case["finished"] > 0, case  # some rows did stop on a string or id
+    assert out["cases"][0]["accented"], out["cases"][0]  # a stop string straddled two byte tokens
+    # per decode step one device->host transfer (the sampled ids), two a batch at its end (ids and log-probs)
+    # and the seed, whatever the row count; the old loop made two a step (ids and log-probs)
+    assert out["transfers"] <= out["steps"] + 2 * out["batches"] + 1, out
+    # a row's text is decoded once at the end, and a short tail (twice, or four times when the tail doubles)
+    # only at steps whose token holds ">": the old loop decoded every active row's whole text twice a step
+    assert out["decodes"] <= out["rows"] + 4 * out["may_end_tokens"] < out["row_steps"], out

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rntp_megatron.metrics import is_timing
 from rntp_megatron.runtime.spawn import run_ranks
 from tests.test_moe_hf import TOKENS, save_random_hf_moe
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS = 4
-TIMING = {"step_time_s", "rollout_s"}
 
 
 def _rntp(rank: int, world_size: int, argv: list[str]) -> int:
@@ -42,7 +42,7 @@ def _train(run_dir: Path, init: Path, steps: int, *extra: str) -> None:
 
 def _records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines if line.strip()]
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines if line.strip()]
 
 
 def _export(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 
 from rntp_megatron.config import ConfigError, build_config
 from rntp_megatron.data.episode import Episode
+from rntp_megatron.metrics import is_timing
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.prefetch import RolloutPrefetcher
 
@@ -212,7 +213,7 @@ def _resume_runs(rank: int, world_size: int, base: list[str], root: str) -> list
         assert resumed.run() == 0
     finally:
         destroy_distributed()
-    return [[{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "rollout_s")}
+    return [[{k: v for k, v in json.loads(line).items() if not is_timing(k)}
              for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
             for name in ("whole", "resumed")]
 

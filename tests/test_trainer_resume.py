@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from rntp_megatron.checkpoint import COMPLETE, latest_checkpoint
+from rntp_megatron.metrics import is_timing
 from rntp_megatron.trainer import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.slow]
 
 STEPS = 5
-TIMING = {"step_time_s", "rollout_s"}  # wall-clock values differ between runs by nature
 
 
 # the side models of the `method` variant (its fixture appends checkpoint.load, the weights they start from)
@@ -50,7 +50,7 @@ def _records(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if not is_timing(k)} for line in lines]
 
 
 def _one_thread_env() -> dict[str, str]:

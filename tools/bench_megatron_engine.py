@@ -14,6 +14,10 @@ On CPU the project's compat layer (runtime/cpu_compat) keeps a TorchFunctionMode
 process; the engine lifts it around its decode loop, which runs under inference_mode, so HF generate, which
 needs none of the redirects (asserted), runs the same way. The row "HF generate, compat mode on" is plain HF
 generate (no_grad) under the mode, as a process with the layer installed runs it by default.
+
+A second table splits the engine's generate time at --loop-rows rows (prompts of one length, n a prompt,
+stop string "</answer>" set, sampled at temperature 1) into the model's forwards and the decode loop's own CPU
+time (sampling, stop tokens and strings, bookkeeping: everything but the forwards).
 """
 
 from __future__ import annotations
@@ -76,6 +80,39 @@ def hf_greedy_engine_settings(hf_model, prompts: list[list[int]], n: int, new: i
     return tokens
 
 
+class ForwardTimedEngine(MegatronEngine):
+    """MegatronEngine that sums the wall time of its model forwards (synchronising a GPU around each)."""
+
+    forward_s = 0.0
+
+    def _forward(self, tokens, positions, context):
+        """MegatronEngine._forward, timed."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = super()._forward(tokens, positions, context)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.forward_s += time.perf_counter() - t
+        return out
+
+
+def loop_vs_forward(model, tok, prompts: list[list[int]], rows: int, n: int, new: int, repeats: int
+                    ) -> tuple[float, float]:
+    """Best-of-repeats (generate seconds, forward seconds) of `rows` rows: prompts cut to one length, n a prompt."""
+    length = min(map(len, prompts))
+    batch = [prompts[i % len(prompts)][:length] for i in range(max(rows // n, 1))]
+    engine = ForwardTimedEngine(model, tok, max_batch_size=len(batch) * n)
+    sampling = SamplingParams(temperature=1.0, n=n, max_new_tokens=new, stop=["</answer>"], seed=0)
+    best = (float("inf"), 0.0)
+    for _ in range(repeats):
+        engine.forward_s = 0.0
+        t = time.perf_counter()
+        engine.generate(batch, sampling)
+        best = min(best, (time.perf_counter() - t, engine.forward_s))
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=16)
@@ -84,6 +121,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--loop-rows", default="64,512", help="row counts of the loop-vs-forward table")
     p.add_argument("--no-recompute", action="store_true", help="leave out the (slow) full-recompute side")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -135,6 +173,14 @@ def main() -> None:
     for name, ts in times.items():
         best = min(ts)
         print(f"| {name:<27} | {best:8.3f} | {tokens / best:9.0f} | {base / best:6.2f}x |")
+    print(f"\nthe decode loop's own time beside the forwards: {args.new} new tokens a row (stop string set, "
+          f"none hit at most rows), best of {args.repeats}")
+    print(f"| {'rows':>5} | {'generate s':>10} | {'forward s':>9} | {'loop s':>8} | {'loop share':>10} |")
+    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    for rows in map(int, args.loop_rows.split(",")):
+        total, forward = loop_vs_forward(model, tok, prompts, rows, args.n, args.new, args.repeats)
+        print(f"| {rows:5d} | {total:10.3f} | {forward:9.3f} | {total - forward:8.3f} | "
+              f"{(total - forward) / total:10.1%} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Optional
 
 import torch
@@ -16,6 +17,37 @@ from rntp_megatron.model.moe import moe_config
 from rntp_megatron.model.spec import layer_spec, use_transformer_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def importable(module: str) -> bool:
+    """Whether `module` can be imported here (found on the path; not imported)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def fusions(on_gpu: bool, dtype: torch.dtype) -> dict[str, object]:
+    """The TransformerConfig fusion flags megatron-core can run here without Transformer Engine or Apex.
+
+    On a GPU: the bias-SwiGLU, bias-dropout-add and vocab-parallel cross-entropy fusions are megatron-core's
+    own functions under torch.compile (`megatron.core.jit.jit_fuser`; inductor needs triton), the last for
+    bfloat16 models only (its backward casts the logits' gradient to bfloat16 whatever the dtype); the masked
+    softmax fusion only where its CUDA extensions import (they come with Apex or a Megatron build, never with
+    megatron-core alone; otherwise it would fail at the first attention). Always off: RoPE fusion (TE's
+    kernel; megatron-core refuses the flag without it), the persistent layer norm (Apex's FastLayerNorm) and
+    gradient-accumulation fusion (Apex's or TE's fused_weight_gradient_mlp_cuda). On CPU all off: torch.compile
+    would build C++ for each new shape there, and the CPU paths of the project stay eager.
+    """
+    compiled = on_gpu and importable("triton")
+    softmax_kernels = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda")
+    return dict(
+        bias_activation_fusion=compiled,
+        bias_dropout_fusion=compiled,
+        cross_entropy_loss_fusion=compiled and dtype == torch.bfloat16,
+        cross_entropy_fusion_impl="native",
+        masked_softmax_fusion=on_gpu and all(map(importable, softmax_kernels)),
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides: object) -> TransformerConfig:
@@ -54,13 +86,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels need CUDA (and apex or TE); off on CPU.
-        bias_activation_fusion=on_gpu and use_te,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions(on_gpu, dtype),
         **fp8,
         **moe_config(model, on_gpu, use_te),
     )

@@ -10,6 +10,10 @@ rows decode in lockstep, one token a forward. Logits stay vocab-parallel over th
   whole slice for top-p alone, i.e. the full vocab is gathered then) to one all-gather;
 - the log-prob of the sampled token comes from a vocab-parallel log-softmax (all-reduce of max and sum).
 
+The decode loop keeps no Python per row: a step's sampled ids reach the host in one transfer (its one sync),
+stop tokens are matched on them at once, and stop strings only at the rows whose new token can end one
+(rollout/stop_strings.py: exact, without decoding whole rows); log-probs stay on the device to the end.
+
 Under pipeline parallelism (PP > 1) each stage runs its layers on the prefill and on every decode step, with
 its own KV cache, and sends its hidden states [s, b, h] to the next stage; the last stage samples and
 broadcasts (id, log-prob) of each row to every stage of its pipeline, which all keep the same rollouts.
@@ -19,14 +23,16 @@ Runs at any TP x PP, on CPU and GPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.stop_strings import StopStrings
 from rntp_megatron.runtime.cpu_compat import cuda_redirects_paused
 
 
@@ -126,6 +132,7 @@ class MegatronEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.weight_version = 0
+        self._stops: dict[tuple[str, ...], StopStrings] = {}  # per set of stop strings: its vocab mask
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """No-op for the colocated engine (it samples from the trainer's module); records `version`."""
@@ -215,11 +222,13 @@ class MegatronEngine(RolloutEngine):
             vocab_start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
             padding = (torch.arange(vocab_start, vocab_start + logits.shape[-1], device=device)
                        >= self.tokenizer.vocab_size)
-        stop_ids = set(sampling.stop_token_ids)
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[float]] = [[] for _ in range(rows)]
-        finish = ["length"] * rows
-        active = list(range(rows))  # rows still decoding
+        # host side: ids[rows, max_new] filled a column a step; device side: log-probs until the end
+        stops = self._stop_strings(sampling.stop)
+        stop_ids = np.array(sampling.stop_token_ids, dtype=np.int64)
+        generated = np.zeros((rows, sampling.max_new_tokens), dtype=np.int64)
+        logprobs = torch.zeros(rows, sampling.max_new_tokens, device=device)
+        lengths = np.zeros(rows, dtype=np.int64)
+        stopped = np.zeros(rows, dtype=bool)
         # The decode steps reach none of megatron's device='cuda' literals (the prefill's causal mask does),
         # so on CPU they run without the compat mode's hop on each of a forward's ~570 torch calls. They run
         # under inference_mode, the prefill not: the rotary table megatron caches per length is made by the
@@ -237,22 +246,33 @@ class MegatronEngine(RolloutEngine):
                         next_ids = gumbel_argmax(scores, vocab_start, local if sampling.temperature > 0 else None)
                     next_lp = vocab_parallel_logprob(scores, next_ids, vocab_start)
                 next_ids, next_lp = _from_last_stage(next_ids, next_lp)
-                ids_now, lps_now = next_ids.tolist(), next_lp.tolist()  # one conversion a step, not one a row
-                for r in active:
-                    tok = ids_now[r]
-                    generated[r].append(tok)
-                    logprobs[r].append(lps_now[r])
-                    if tok in stop_ids or (sampling.stop and self._hits_stop(generated[r], sampling.stop)):
-                        finish[r] = "stop"
-                active = [r for r in active if finish[r] == "length"]
-                if not active or step == sampling.max_new_tokens - 1:
+                logprobs[:, step] = next_lp
+                generated[:, step] = next_ids.cpu().numpy()  # the step's one host sync
+                active = ~stopped
+                lengths[active] = step + 1
+                stopped |= active & np.isin(generated[:, step], stop_ids)
+                if stops is not None:
+                    for r in np.flatnonzero(~stopped & active & stops.may_end[generated[:, step]]):
+                        stopped[r] = stops.completed_by_last(generated[r, :step + 1])
+                if stopped.all() or step == sampling.max_new_tokens - 1:
                     break
                 position = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
                 logits = self._forward(next_ids[:, None], position, context)
                 context.sequence_len_offset += 1
-        return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=generated[r],
-                        text=self.tokenizer.decode(generated[r]), logprobs=logprobs[r],
-                        finish_reason=finish[r], weight_version=self.weight_version) for r in range(rows)]
+        token_ids, logprobs = generated.tolist(), logprobs.tolist()
+        return [Rollout(prompt_ids=list(prompts[r // n]), token_ids=token_ids[r][:lengths[r]],
+                        text=self.tokenizer.decode(token_ids[r][:lengths[r]]), logprobs=logprobs[r][:lengths[r]],
+                        finish_reason="stop" if stopped[r] else "length", weight_version=self.weight_version)
+                for r in range(rows)]
+
+    def _stop_strings(self, stops: list[str]) -> Optional[StopStrings]:
+        """The StopStrings of `stops` (None when there are none), built once per set of stops."""
+        key = tuple(s for s in stops if s)
+        if not key:
+            return None
+        if key not in self._stops:
+            self._stops[key] = StopStrings(self.tokenizer, key)
+        return self._stops[key]
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                  context: StaticInferenceContext) -> Optional[torch.Tensor]:
@@ -269,9 +289,3 @@ class MegatronEngine(RolloutEngine):
             dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
         return out[:, -1]
-
-    def _hits_stop(self, token_ids: Sequence[int], stops: list[str]) -> bool:
-        """Whether the text of token_ids ends with a stop string completed by its last token."""
-        text = self.tokenizer.decode(token_ids)
-        last = len(self.tokenizer.decode(token_ids[-1:]))
-        return any(s in text[-(len(s) + last - 1):] for s in stops if s)
