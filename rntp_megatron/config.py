@@ -229,7 +229,9 @@ class RLConfig:
     tis_cap: Optional[float] = None
     icepop: Optional[tuple[float, float]] = None
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    train_on: Literal["thought_and_answer", "thought"] = "thought_and_answer"
+    # None: by the reward (RunConfig resolves it): `thought` for a reward that scores the true continuation after the
+    # thought (a likelihood reward: no answer is read, RLP), else `thought_and_answer`; a value given here wins
+    train_on: Optional[Literal["thought_and_answer", "thought"]] = None
     logprob_chunk_size: int = 1024
     # MoE: old log-probs from a recording pass over the step's micro-batches whose experts the training forward
     # replays (Megatron-Core's RouterReplay; rl/routing_replay.py)
@@ -306,6 +308,23 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rl.train_on is None:  # unset: the reward decides (an explicit value is never replaced)
+            self.rl.train_on = default_train_on(self.reward.name)
+
+
+def default_train_on(reward_name: str) -> str:
+    """rl.train_on when unset: `thought` for a likelihood reward (it scores the true continuation after the thought,
+    never the policy's answer, so an advantage on the answer tokens would push text no reward read), else
+    `thought_and_answer`. An unknown name resolves as a string reward; looking it up reports it."""
+    from rntp_megatron.rewards.registry import get_reward
+
+    try:
+        likelihood = get_reward(reward_name).kind == "likelihood"
+    except ValueError:
+        likelihood = False
+    return "thought" if likelihood else "thought_and_answer"
 
 
 # ---------------------------------------------------------------------------------------------------
