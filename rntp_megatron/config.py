@@ -209,6 +209,9 @@ class RewardConfig:
     # The no-thought model p_bar of info_gain / vrcli: the live policy, an EMA of it (RLP), or the reference.
     baseline: Literal["policy", "ema", "frozen"] = "ema"
     ema_decay: float = 0.999  # p_bar <- d p_bar + (1 - d) p after every optimizer step (RLP: 0.999)
+    # Where the baseline cancels from the gradient (config.baseline_role: "metric"), it is scored only every this
+    # many steps, for the logged info_gain (one forward per site); 0: never
+    info_gain_interval: int = 10
 
 
 @dataclass
@@ -785,6 +788,32 @@ def reference_path(cfg: RunConfig) -> Optional[str]:
     return cfg.rl.reference or cfg.checkpoint.load
 
 
+GROUP_CENTRED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # A_i depends on r_i - mean of its group only
+
+
+def baseline_role(cfg: RunConfig) -> str:
+    """What the no-thought baseline p_bar is scored for: "gradient" (the reward reads it and a group-centred
+    advantage does not cancel it: vrcli's thresholds, reward.shuffle moving rewards across groups, interleaved
+    episodes whose baseline prefix holds each member's own earlier thoughts, an advantage that is not
+    group-centred), "metric" (it cancels or no reward reads it: only the logged info_gain, every
+    reward.info_gain_interval steps) or "none" (no likelihood reward, or an interval of 0)."""
+    from rntp_megatron.rewards.registry import get_reward
+
+    if cfg.rl.objective == "ntp":
+        return "none"
+    try:
+        spec = get_reward(cfg.reward.name)
+    except ValueError:  # an unknown reward name is reported where the reward is looked up
+        return "none"
+    if spec.kind != "likelihood":
+        return "none"
+    cancels = (spec.baseline_shift and not cfg.reward.shuffle and cfg.data.episode_format == "single"
+               and cfg.rl.advantage in GROUP_CENTRED_ADVANTAGES)
+    if spec.needs_baseline and not cancels:
+        return "gradient"
+    return "metric" if cfg.reward.info_gain_interval > 0 else "none"
+
+
 def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     """Which models beside the policy the run uses (side_models.py builds them): reference (KL, the frozen
     baseline, or the scorer when there is no proxy), proxy, ema (the EMA baseline); frozen_baseline: the reward's
@@ -793,8 +822,8 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     from rntp_megatron.rewards.registry import get_reward
 
     rl, r, d = cfg.rl, cfg.reward, cfg.data
-    try:
-        baseline = rl.objective != "ntp" and get_reward(r.name).needs_baseline
+    try:  # a baseline scored for nothing (interval 0 where it cancels) is not built
+        baseline = get_reward(r.name).needs_baseline and baseline_role(cfg) != "none"
     except ValueError:  # an unknown reward name is reported where the reward is looked up
         baseline = False
     surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
@@ -809,6 +838,9 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
 def validate_side_models(cfg: RunConfig) -> None:
     """The reference, proxy and baseline models: each one the run needs can be built, none is set for nothing."""
     rl, r, proxy, p = cfg.rl, cfg.reward, cfg.data.proxy, cfg.parallel
+    if r.info_gain_interval < 0:
+        raise ConfigError(f"reward.info_gain_interval: must be >= 0 (0: the baseline is never scored where it "
+                          f"cancels), got {r.info_gain_interval}; fix: reward.info_gain_interval: 10")
     if not 0.0 <= r.ema_decay < 1.0:
         raise ConfigError(f"reward.ema_decay: must be in [0, 1) (RLP uses 0.999), got {r.ema_decay}; "
                           "reward.baseline: frozen keeps the baseline fixed")

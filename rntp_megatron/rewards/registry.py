@@ -29,19 +29,22 @@ class RewardSpec:
     kind: Literal["string", "likelihood"]
     fn: Callable[..., Any]
     needs_baseline: bool = False  # likelihood rewards that compare against the no-thought baseline model
+    # the baseline enters as r = f(logp) - g(baseline), a shift shared by a site's G thoughts (info_gain): a
+    # group-centred advantage cancels it (config.baseline_role)
+    baseline_shift: bool = False
 
 
 REWARDS: dict[str, RewardSpec] = {}
 
 
 def register_reward(name: str, kind: Literal["string", "likelihood"] = "string",
-                    needs_baseline: bool = False) -> Callable[[Callable], Callable]:
+                    needs_baseline: bool = False, baseline_shift: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` under `name` (a second registration of a name is an error)."""
 
     def wrap(fn: Callable) -> Callable:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name].fn.__module__})")
-        REWARDS[name] = RewardSpec(name, kind, fn, needs_baseline)
+        REWARDS[name] = RewardSpec(name, kind, fn, needs_baseline, baseline_shift)
         return fn
 
     return wrap
