@@ -18,6 +18,7 @@ def _model_checks(rank: int, world_size: int) -> dict:
     from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
+    from rntp_megatron.flops import TokenTally, forward_flops, take_scoring, take_scoring_flops
     from rntp_megatron.model.frozen import freeze
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.runtime import destroy_distributed, init_distributed
@@ -32,7 +33,15 @@ def _model_checks(rank: int, world_size: int) -> dict:
         scorer = ProxyScorer(model, tok.vocab_size, top_k=16, pad_id=tok.pad_id, micro_batch_size=3)
         rng = np.random.default_rng(0)
         chunks = [rng.integers(0, 256, n).tolist() for n in (48, 17, 33, 5)]
+        take_scoring_flops(cfg.model)
         batched = scorer.score(chunks)
+        want = TokenTally()
+        for c in chunks:  # the scoring forward is counted: n - 1 tokens fed and read per chunk (flops.py)
+            want.add(len(c) - 1, 0, len(c) - 1)
+        assert vars(take_scoring()) == vars(want)
+        other = dataclasses.replace(cfg.model, num_layers=7)  # a proxy of its own card is counted by that card
+        ProxyScorer(model, tok.vocab_size, pad_id=tok.pad_id, card=other).score(chunks[:1])
+        assert take_scoring_flops(cfg.model) == forward_flops(other, TokenTally().add(47, 0, 47))
         for chunk, (ent, lp) in zip(chunks, batched):
             alone_ent, alone_lp = scorer.score([chunk])[0]
             assert len(ent) == len(chunk) and np.isnan(ent[0]) and np.isnan(lp[0])
