@@ -121,9 +121,12 @@ class DataConfig:
     # single: every site of a chunk is its own episode; interleaved: one episode reads the chunk and thinks and
     # answers at each of its sites in turn, earlier thoughts kept in context (rl/interleaved.py)
     episode_format: Literal["single", "interleaved"] = "single"
-    site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
+    # entropy_weighted: k sites drawn without replacement with probability proportional to the proxy's entropy
+    # (no threshold; data.entropy_max still bounds it)
+    site_selection: Literal["uniform", "entropy", "logprob_window", "entropy_weighted"] = "uniform"
     site_classes: list[str] = field(default_factory=list)  # labelled (synthetic) text: only sites of these classes
     entropy_threshold: float = 1.0
+    entropy_max: Optional[float] = None  # entropy sites: also at most this (nats), leaving near-impossible tokens out
     entropy_top_k: int = 16
     logprob_window: tuple[float, float] = (-4.5, -1.0)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -603,6 +606,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"answer_horizon={cfg.data.answer_horizon}",
          f"data.context_len: {cfg.data.min_context + cfg.data.answer_horizon + 1} or more, or a smaller "
          "data.min_context")
+    need(cfg.data.entropy_max is None or cfg.data.site_selection in ("entropy", "entropy_weighted"),
+         "data.entropy_max", f"bounds entropy site selection, but data.site_selection is "
+         f"{cfg.data.site_selection!r}", "data.entropy_max: null, or data.site_selection: entropy")
+    need(cfg.data.entropy_max is None or cfg.data.site_selection != "entropy"
+         or cfg.data.entropy_max > cfg.data.entropy_threshold, "data.entropy_max",
+         f"{cfg.data.entropy_max} leaves no entropy above data.entropy_threshold={cfg.data.entropy_threshold}",
+         f"data.entropy_max: a value above {cfg.data.entropy_threshold}")
     lo, hi = cfg.data.logprob_window
     need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}",
          f"data.logprob_window: [{min(lo, hi)}, {max(lo, hi)}]" if lo != hi else "data.logprob_window: [-4.5, -1.0]")

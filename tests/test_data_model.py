@@ -57,7 +57,9 @@ def _model_checks(rank: int, world_size: int) -> dict:
         all_ent = np.concatenate([e[1:] for e, _ in batched])
         threshold = float(np.median(all_ent))
         kept = {}
-        for selection, extra in (("entropy", {"entropy_threshold": threshold}),
+        top = float(np.quantile(all_ent, 0.8))  # data.entropy_max: the top fifth of entropies is left out
+        for selection, extra in (("entropy", {"entropy_threshold": threshold, "entropy_max": top}),
+                                 ("entropy_weighted", {"entropy_max": top}),
                                  ("logprob_window", {"logprob_window": (-5.55, -5.4)})):
             # the data section alone: a whole run would also need the reference that scores (a checkpoint)
             data = dataclasses.replace(cfg.data, site_selection=selection, **extra)
@@ -65,7 +67,9 @@ def _model_checks(rank: int, world_size: int) -> dict:
             for e in eps:
                 ent, lp = scorer.score([e.context_ids + e.continuation_ids[:1]])[0]
                 if selection == "entropy":
-                    assert ent[e.site] > threshold, (ent[e.site], threshold)
+                    assert threshold < ent[e.site] <= top, (ent[e.site], threshold, top)
+                elif selection == "entropy_weighted":
+                    assert 0 < ent[e.site] <= top, (ent[e.site], top)
                 else:
                     assert -5.55 <= lp[e.site] <= -5.4, lp[e.site]
             kept[selection] = len(eps)
@@ -95,5 +99,5 @@ def _model_checks(rank: int, world_size: int) -> dict:
 @pytest.mark.slow
 def test_proxy_scorer_site_selection_and_packed_forward_on_gptmodel():
     (result,) = run_ranks(_model_checks, 1)
-    assert result["entropy"] == 30 and result["logprob_window"] == 30
+    assert result["entropy"] == result["entropy_weighted"] == result["logprob_window"] == 30
     assert result["rows"] < 9  # sequences were packed together

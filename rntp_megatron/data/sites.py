@@ -38,9 +38,22 @@ def draw_sites(keep: np.ndarray, k: int, min_context: int, horizon: int, rng: np
     return _draw(cand[keep[cand]], k, rng)
 
 
-def entropy_keep(entropy: np.ndarray, threshold: float) -> np.ndarray:
-    """keep[t] = entropy[t] > threshold (entropy[T] in nats; NaN never kept)."""
-    return np.nan_to_num(entropy, nan=-np.inf) > threshold
+def entropy_keep(entropy: np.ndarray, threshold: float, maximum: Optional[float] = None) -> np.ndarray:
+    """keep[t] = threshold < entropy[t] <= maximum (entropy[T] in nats; NaN never kept; maximum None: no bound)."""
+    h = np.nan_to_num(entropy, nan=-np.inf)
+    return (h > threshold) & (h <= (np.inf if maximum is None else maximum))
+
+
+def draw_weighted_sites(weight: np.ndarray, k: int, min_context: int, horizon: int, rng: np.random.Generator
+                        ) -> list[int]:
+    """k sites drawn without replacement with P(t) proportional to weight[t] among t in [min_context, n - horizon]
+    with weight[t] > 0 (all of those when fewer), ascending."""
+    cand = np.asarray(candidate_range(len(weight), min_context, horizon), dtype=np.int64)
+    cand = cand[np.nan_to_num(weight[cand], nan=0.0) > 0]
+    if len(cand) > k:
+        w = weight[cand]
+        cand = rng.choice(cand, size=k, replace=False, p=w / w.sum())
+    return sorted(int(c) for c in cand)
 
 
 def logprob_window_keep(logprob: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -64,8 +77,14 @@ def select_sites(chunks: Sequence[Sequence[int]], cfg: DataConfig, rng: np.rando
         keeps = [np.ones(len(c), dtype=bool) for c in chunks]
     elif scorer is None:
         raise ValueError(f"data.site_selection={cfg.site_selection!r} needs a ProxyScorer (a proxy model)")
+    elif cfg.site_selection == "entropy_weighted":  # P(t) ~ entropy[t], within data.entropy_max
+        weights = [np.where(entropy_keep(e, 0.0, cfg.entropy_max), e, 0.0) for e, _ in scorer.score(chunks)]
+        if allowed is not None:
+            weights = [np.where(mask, w, 0.0) for w, mask in zip(weights, allowed)]
+        return [draw_weighted_sites(w, cfg.sites_per_chunk, cfg.min_context, cfg.answer_horizon, rng)
+                for w in weights]
     elif cfg.site_selection == "entropy":
-        keeps = [entropy_keep(e, cfg.entropy_threshold) for e, _ in scorer.score(chunks)]
+        keeps = [entropy_keep(e, cfg.entropy_threshold, cfg.entropy_max) for e, _ in scorer.score(chunks)]
     else:
         keeps = [logprob_window_keep(lp, *cfg.logprob_window) for _, lp in scorer.score(chunks)]
     if allowed is not None:
