@@ -839,8 +839,9 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
     scores = (rl.objective != "ntp" and d.site_selection != "uniform") or surprisal  # ntp trains on whole chunks
     frozen_baseline = baseline and r.baseline == "frozen"
+    reference_judge = rl.objective != "ntp" and r.name == "self_judge" and r.params.get("judge_model") == "reference"
     return {"reference": (rl.objective != "ntp" and (rl.kl_coef > 0 or rl.reference is not None))
-            or frozen_baseline or (scores and d.proxy.card is None),
+            or frozen_baseline or (scores and d.proxy.card is None) or reference_judge,
             "proxy": scores and d.proxy.card is not None, "ema": baseline and r.baseline == "ema",
             "frozen_baseline": frozen_baseline, "scores": scores, "surprisal": surprisal}
 
@@ -860,7 +861,8 @@ def validate_side_models(cfg: RunConfig) -> None:
     if needs["reference"] and reference_path(cfg) is None:
         users = [name for name, used in (
             (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", needs["frozen_baseline"]),
-            (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]))
+            (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]),
+            ("reward.params.judge_model=reference", r.name == "self_judge" and r.params.get("judge_model") == "reference"))
             if used]
         # A copy of the initial weights would be random for a run from scratch (a meaningless anchor, proxy
         # and baseline) and would have to be checkpointed to keep resumes exact: refuse instead.

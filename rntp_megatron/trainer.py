@@ -360,8 +360,18 @@ class Trainer:
             likelihood = (logp, mask, base, gain_base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
                                  self.cfg.rollout.max_new_tokens, likelihood=likelihood and likelihood[:3],
-                                 shuffle_seed=step_seed(self.cfg.seed, self.step, self.dp_rank))
+                                 shuffle_seed=step_seed(self.cfg.seed, self.step, self.dp_rank),
+                                 judge_logprobs=self._judge_logprobs)
         return shaped, likelihood
+
+    def _judge_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]):
+        """(logp[N, K], mask) of continuations after prefixes under self_judge's judge: the policy or the reference."""
+        from rntp_megatron.rewards.scoring import continuation_logprobs
+
+        judge = self.side.reference if self.cfg.reward.params.get("judge_model") == "reference" else self.ddp
+        return continuation_logprobs([judge], prefixes, continuations, self.cfg.schedule.micro_batch_size,
+                                     self.tokenizer.pad_id, length_multiple=self.side.length_multiple,
+                                     vocab_size=self.tokenizer.vocab_size)
 
     def _baseline_logprobs(self, episodes: list[Episode], rollouts: list[Rollout]) -> Optional[torch.Tensor]:
         """base[N, K] = log p_bar(x_{t+k} | prompt, </think><answer>, x_{t:t+k}) of each rollout's site, one forward

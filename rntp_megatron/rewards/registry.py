@@ -21,6 +21,9 @@ class RewardContext:
 
     tokenizer: Tokenizer
     params: dict[str, Any] = field(default_factory=dict)
+    # (prefixes[N], continuations[N]) -> (logp[N, K], mask[N, K]) under the judge model of `self_judge` (the policy
+    # or the reference), the trainer's forward-only pass; None where no model runs (a string reward alone)
+    judge_logprobs: Optional[Callable[..., Any]] = None
 
 
 @dataclass(frozen=True)
