@@ -9,15 +9,20 @@ With data.site_classes, labelled documents (the synthetic corpus) only offer tok
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from rntp_megatron.config import DataConfig
 
-if TYPE_CHECKING:
-    from rntp_megatron.data.proxy import ProxyScorer
+
+class Scorer(Protocol):
+    """What site selection reads from a scoring model (data/proxy.ProxyScorer implements it; proxy.py reads this
+    module, never the other way round)."""
+
+    def score(self, chunks: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per chunk x[n]: (entropy[n], logprob[n]), position 0 NaN."""
 
 
 def candidate_range(n: int, min_context: int, horizon: int) -> range:
@@ -69,7 +74,7 @@ def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_sites(chunks: Sequence[Sequence[int]], cfg: DataConfig, rng: np.random.Generator,
-                 scorer: Optional["ProxyScorer"] = None,
+                 scorer: Optional[Scorer] = None,
                  allowed: Optional[Sequence[np.ndarray]] = None) -> list[list[int]]:
     """Sites of each chunk by cfg.site_selection (at most cfg.sites_per_chunk each), only where allowed[i][t]
     (a bool mask per chunk, e.g. the token's synthetic class) when given."""

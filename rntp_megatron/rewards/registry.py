@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from rntp_megatron.data.tokenizer import Tokenizer
+from rntp_megatron.data.tokenizer_protocol import Tokenizer  # not data.tokenizer: the config consults this registry
 
 
 @dataclass
