@@ -1,7 +1,7 @@
 """The data-parallel sharded, resumable, elastic episode stream.
 
 Rank r of D reads only its own units of every source (shards.py deals them out: byte ranges, row groups,
-document ranges), mixes sources by weight with a deterministic schedule (the next document comes from the
+document ranges; a source with fewer units than ranks is dealt by record, shards.DealtSource), mixes sources by weight with a deterministic schedule (the next document comes from the
 source furthest behind its share of the episodes: argmin_i episodes_i / w_i, ties to the first), and goes on
 to the next pass of a source when its share of a pass ends (the epoch is the pass a unit belongs to). Sites
 are drawn with a numpy PCG64 generator seeded by (data.seed, r). Documents are built into episodes ahead of
@@ -81,8 +81,8 @@ class EpisodeStream:
         self._restart(None, None, 0, 0)
 
     def _deal(self, ways: list[Optional[int]]) -> None:
-        """Open the sources, a source with fewer units than ranks dealt by document (shards.DealtSource) `ways`
-        ways (None: by this layout, shards.dealing_ways; a resume passes the saved run's)."""
+        """Open the sources, a source with fewer units than ranks dealt by record (shards.DealtSource) `ways` ways
+        (None: by this layout, shards.dealing_ways; a resume passes the saved run's)."""
         self._sources = []
         for src, m in zip(self.cfg.sources, ways):
             private = SkipCounts()
