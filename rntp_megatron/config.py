@@ -862,7 +862,8 @@ def validate_side_models(cfg: RunConfig) -> None:
         users = [name for name, used in (
             (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", needs["frozen_baseline"]),
             (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]),
-            ("reward.params.judge_model=reference", r.name == "self_judge" and r.params.get("judge_model") == "reference"))
+            ("reward.params.judge_model=reference", r.name == "self_judge"
+             and r.params.get("judge_model") == "reference"))
             if used]
         # A copy of the initial weights would be random for a run from scratch (a meaningless anchor, proxy
         # and baseline) and would have to be checkpointed to keep resumes exact: refuse instead.

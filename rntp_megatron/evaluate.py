@@ -113,7 +113,8 @@ def evaluate(engine: RolloutEngine, chunks: list[torch.nn.Module], tokenizer: To
                                                  micro_batch_size, tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     nll = (-(text_logp * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)).tolist()
 
-    per_episode = {"next_token": next_acc, "no_thought": no_thought_acc, "thought": thought_acc, "swap": swap_acc, "info_gain": gain,
+    per_episode = {"next_token": next_acc, "no_thought": no_thought_acc, "thought": thought_acc, "swap": swap_acc,
+                   "info_gain": gain,
                    "thought_len": [float(len(t)) for t in thoughts],
                    "format_ok": [float(p.format_ok) for p in parsed], "ppl": nll}
     if per_site is not None:
