@@ -1,12 +1,12 @@
 """The data-parallel sharded, resumable, elastic episode stream.
 
-Rank r of D reads only its own units of every source (shards.py deals them out: byte ranges, row groups,
-document ranges; a source with fewer units than ranks is dealt by record, shards.DealtSource), mixes sources
-by weight with a deterministic schedule (the next document comes from the source furthest behind its share
-of the episodes: argmin_i episodes_i / w_i, ties to the first), and goes on to the next pass of a source when
-its share of a pass ends (the epoch is the pass a unit belongs to). Sites are drawn with a numpy PCG64 generator seeded by (data.seed, r). Documents are built into episodes ahead of
-the consumer on a background thread (data.prefetch_documents of them; ahead.py), except when a proxy model
-scores the sites.
+Rank r of D reads only its own units of every source (shards.py deals them out: byte ranges, row groups, document
+ranges; a source with fewer units than ranks is dealt by record, shards.DealtSource), mixes sources by weight with
+a deterministic schedule (the next document comes from the source furthest behind its share of the episodes:
+argmin_i episodes_i / w_i, ties to the first), and goes on to the next pass of a source when its share of a pass
+ends (the epoch is the pass a unit belongs to). Sites are drawn with a numpy PCG64 generator seeded by (data.seed,
+r). Documents are built into episodes ahead of the consumer on a background thread (data.prefetch_documents of
+them; ahead.py), except when a proxy model scores the sites.
 
 The cursor (`state_dict()`) is the state at the start of the document whose episodes are being handed out,
 plus how many of them were handed out: per source the rank's shard cursor, blend counts, the RNG state and
