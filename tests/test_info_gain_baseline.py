@@ -98,6 +98,7 @@ def _train(rank: int, world: int, tmp: str) -> dict:
         destroy_distributed()
 
 
+@pytest.mark.slow
 def test_cancelling_baseline_is_scored_every_n_steps_per_site_and_leaves_the_gradient(tmp_path):
     (out,) = run_ranks(_train, 1, args=(str(tmp_path),))
     # 3 steps, interval 2: steps 0 and 2, each one forward over the step's 2 sites (8 rollouts / G=4), not 8 rows
