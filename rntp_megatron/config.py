@@ -121,9 +121,12 @@ class DataConfig:
     # single: every site of a chunk is its own episode; interleaved: one episode reads the chunk and thinks and
     # answers at each of its sites in turn, earlier thoughts kept in context (rl/interleaved.py)
     episode_format: Literal["single", "interleaved"] = "single"
-    site_selection: Literal["uniform", "entropy", "logprob_window"] = "uniform"
+    # entropy_weighted: k sites drawn without replacement with probability proportional to the proxy's entropy
+    # (no threshold; data.entropy_max still bounds it)
+    site_selection: Literal["uniform", "entropy", "logprob_window", "entropy_weighted"] = "uniform"
     site_classes: list[str] = field(default_factory=list)  # labelled (synthetic) text: only sites of these classes
     entropy_threshold: float = 1.0
+    entropy_max: Optional[float] = None  # entropy sites: also at most this (nats), leaving near-impossible tokens out
     entropy_top_k: int = 16
     logprob_window: tuple[float, float] = (-4.5, -1.0)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -209,6 +212,9 @@ class RewardConfig:
     # The no-thought model p_bar of info_gain / vrcli: the live policy, an EMA of it (RLP), or the reference.
     baseline: Literal["policy", "ema", "frozen"] = "ema"
     ema_decay: float = 0.999  # p_bar <- d p_bar + (1 - d) p after every optimizer step (RLP: 0.999)
+    # Where the baseline cancels from the gradient (config.baseline_role: "metric"), it is scored only every this
+    # many steps, for the logged info_gain (one forward per site); 0: never
+    info_gain_interval: int = 10
 
 
 @dataclass
@@ -229,7 +235,9 @@ class RLConfig:
     tis_cap: Optional[float] = None
     icepop: Optional[tuple[float, float]] = None
     aggregation: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    train_on: Literal["thought_and_answer", "thought"] = "thought_and_answer"
+    # None: by the reward (RunConfig resolves it): `thought` for a reward that scores the true continuation after the
+    # thought (a likelihood reward: no answer is read, RLP), else `thought_and_answer`; a value given here wins
+    train_on: Optional[Literal["thought_and_answer", "thought"]] = None
     logprob_chunk_size: int = 1024
     # MoE: old log-probs from a recording pass over the step's micro-batches whose experts the training forward
     # replays (Megatron-Core's RouterReplay; rl/routing_replay.py)
@@ -306,6 +314,23 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rl.train_on is None:  # unset: the reward decides (an explicit value is never replaced)
+            self.rl.train_on = default_train_on(self.reward.name)
+
+
+def default_train_on(reward_name: str) -> str:
+    """rl.train_on when unset: `thought` for a likelihood reward (it scores the true continuation after the thought,
+    never the policy's answer, so an advantage on the answer tokens would push text no reward read), else
+    `thought_and_answer`. An unknown name resolves as a string reward; looking it up reports it."""
+    from rntp_megatron.rewards.registry import get_reward
+
+    try:
+        likelihood = get_reward(reward_name).kind == "likelihood"
+    except ValueError:
+        likelihood = False
+    return "thought" if likelihood else "thought_and_answer"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,6 +606,13 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
          f"answer_horizon={cfg.data.answer_horizon}",
          f"data.context_len: {cfg.data.min_context + cfg.data.answer_horizon + 1} or more, or a smaller "
          "data.min_context")
+    need(cfg.data.entropy_max is None or cfg.data.site_selection in ("entropy", "entropy_weighted"),
+         "data.entropy_max", f"bounds entropy site selection, but data.site_selection is "
+         f"{cfg.data.site_selection!r}", "data.entropy_max: null, or data.site_selection: entropy")
+    need(cfg.data.entropy_max is None or cfg.data.site_selection != "entropy"
+         or cfg.data.entropy_max > cfg.data.entropy_threshold, "data.entropy_max",
+         f"{cfg.data.entropy_max} leaves no entropy above data.entropy_threshold={cfg.data.entropy_threshold}",
+         f"data.entropy_max: a value above {cfg.data.entropy_threshold}")
     lo, hi = cfg.data.logprob_window
     need(lo < hi, "data.logprob_window", f"low {lo} must be below high {hi}",
          f"data.logprob_window: [{min(lo, hi)}, {max(lo, hi)}]" if lo != hi else "data.logprob_window: [-4.5, -1.0]")
@@ -766,6 +798,32 @@ def reference_path(cfg: RunConfig) -> Optional[str]:
     return cfg.rl.reference or cfg.checkpoint.load
 
 
+GROUP_CENTRED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # A_i depends on r_i - mean of its group only
+
+
+def baseline_role(cfg: RunConfig) -> str:
+    """What the no-thought baseline p_bar is scored for: "gradient" (the reward reads it and a group-centred
+    advantage does not cancel it: vrcli's thresholds, reward.shuffle moving rewards across groups, interleaved
+    episodes whose baseline prefix holds each member's own earlier thoughts, an advantage that is not
+    group-centred), "metric" (it cancels or no reward reads it: only the logged info_gain, every
+    reward.info_gain_interval steps) or "none" (no likelihood reward, or an interval of 0)."""
+    from rntp_megatron.rewards.registry import get_reward
+
+    if cfg.rl.objective == "ntp":
+        return "none"
+    try:
+        spec = get_reward(cfg.reward.name)
+    except ValueError:  # an unknown reward name is reported where the reward is looked up
+        return "none"
+    if spec.kind != "likelihood":
+        return "none"
+    cancels = (spec.baseline_shift and not cfg.reward.shuffle and cfg.data.episode_format == "single"
+               and cfg.rl.advantage in GROUP_CENTRED_ADVANTAGES)
+    if spec.needs_baseline and not cancels:
+        return "gradient"
+    return "metric" if cfg.reward.info_gain_interval > 0 else "none"
+
+
 def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     """Which models beside the policy the run uses (side_models.py builds them): reference (KL, the frozen
     baseline, or the scorer when there is no proxy), proxy, ema (the EMA baseline); frozen_baseline: the reward's
@@ -774,15 +832,16 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
     from rntp_megatron.rewards.registry import get_reward
 
     rl, r, d = cfg.rl, cfg.reward, cfg.data
-    try:
-        baseline = rl.objective != "ntp" and get_reward(r.name).needs_baseline
+    try:  # a baseline scored for nothing (interval 0 where it cancels) is not built
+        baseline = get_reward(r.name).needs_baseline and baseline_role(cfg) != "none"
     except ValueError:  # an unknown reward name is reported where the reward is looked up
         baseline = False
     surprisal = rl.objective != "ntp" and r.name == "run" and r.params.get("weighting") == "surprisal"
     scores = (rl.objective != "ntp" and d.site_selection != "uniform") or surprisal  # ntp trains on whole chunks
     frozen_baseline = baseline and r.baseline == "frozen"
+    reference_judge = rl.objective != "ntp" and r.name == "self_judge" and r.params.get("judge_model") == "reference"
     return {"reference": (rl.objective != "ntp" and (rl.kl_coef > 0 or rl.reference is not None))
-            or frozen_baseline or (scores and d.proxy.card is None),
+            or frozen_baseline or (scores and d.proxy.card is None) or reference_judge,
             "proxy": scores and d.proxy.card is not None, "ema": baseline and r.baseline == "ema",
             "frozen_baseline": frozen_baseline, "scores": scores, "surprisal": surprisal}
 
@@ -790,6 +849,9 @@ def side_model_needs(cfg: RunConfig) -> dict[str, bool]:
 def validate_side_models(cfg: RunConfig) -> None:
     """The reference, proxy and baseline models: each one the run needs can be built, none is set for nothing."""
     rl, r, proxy, p = cfg.rl, cfg.reward, cfg.data.proxy, cfg.parallel
+    if r.info_gain_interval < 0:
+        raise ConfigError(f"reward.info_gain_interval: must be >= 0 (0: the baseline is never scored where it "
+                          f"cancels), got {r.info_gain_interval}; fix: reward.info_gain_interval: 10")
     if not 0.0 <= r.ema_decay < 1.0:
         raise ConfigError(f"reward.ema_decay: must be in [0, 1) (RLP uses 0.999), got {r.ema_decay}; "
                           "reward.baseline: frozen keeps the baseline fixed")
@@ -799,7 +861,9 @@ def validate_side_models(cfg: RunConfig) -> None:
     if needs["reference"] and reference_path(cfg) is None:
         users = [name for name, used in (
             (f"rl.kl_coef={rl.kl_coef}", rl.kl_coef > 0), ("reward.baseline=frozen", needs["frozen_baseline"]),
-            (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]))
+            (f"data.site_selection={cfg.data.site_selection!r} without data.proxy", needs["scores"]),
+            ("reward.params.judge_model=reference", r.name == "self_judge"
+             and r.params.get("judge_model") == "reference"))
             if used]
         # A copy of the initial weights would be random for a run from scratch (a meaningless anchor, proxy
         # and baseline) and would have to be checkpointed to keep resumes exact: refuse instead.

@@ -1,6 +1,8 @@
 """Held-out evaluation: does thinking help, where, and is the thought used?
 
 For each episode (a site of held-out text), with greedy decoding:
+- `next_token`: accuracy of the plain language model's greedy next token after the context (no template, no
+  thought): what next-token training optimises,
 - `no_thought`: accuracy of the answer after an empty thought (`<think></think><answer>`),
 - `thought`: accuracy after the policy's own greedy thought,
 - `swap`: accuracy when the thought is another episode's (same bucket): near `no_thought` if the thought is
@@ -34,7 +36,7 @@ from rntp_megatron.rl.batch import find_sublist
 from rntp_megatron.rollout.engine import RolloutEngine, SamplingParams
 
 ENTROPY_BUCKETS = (0.5, 1.0, 1.5)
-METRICS = ("n", "no_thought", "thought", "swap", "info_gain", "thought_len", "format_ok", "ppl")
+METRICS = ("n", "next_token", "no_thought", "thought", "swap", "info_gain", "thought_len", "format_ok", "ppl")
 
 
 def heldout_synthetic(data: DataConfig) -> DataConfig:
@@ -59,8 +61,10 @@ def _greedy(engine: RolloutEngine, prompts: list[list[int]], max_new_tokens: int
 
 def evaluate(engine: RolloutEngine, chunks: list[torch.nn.Module], tokenizer: Tokenizer, data: DataConfig,
              episodes: Sequence[Episode], max_new_tokens: int, entropies: Optional[Sequence[float]] = None,
-             micro_batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """{bucket: {metric: value}} over the episodes (see the module docstring); collective over TP ranks."""
+             micro_batch_size: int = 8, per_site: Optional[dict[str, list[float]]] = None
+             ) -> dict[str, dict[str, float]]:
+    """{bucket: {metric: value}} over the episodes (see the module docstring); collective over TP ranks.
+    `per_site` (when given) receives each metric's value per episode, in order (for paired comparisons)."""
     exact = get_reward("exact").fn
     ctx = RewardContext(tokenizer, {})
     close, answer_open = tokenizer.encode(data.think_close), tokenizer.encode(data.answer_open)
@@ -82,6 +86,9 @@ def evaluate(engine: RolloutEngine, chunks: list[torch.nn.Module], tokenizer: To
         at = find_sublist(o.token_ids, close)
         thoughts.append(list(o.token_ids[:at]) if at >= 0 else list(o.token_ids))
     no_thought_acc = accuracy([e.prompt_ids + close + answer_open for e in episodes])
+    plain = engine.generate([e.context_ids for e in episodes], SamplingParams(temperature=0.0, max_new_tokens=1, n=1,
+                                                                              seed=0))
+    next_acc = [float(o.token_ids[:1] == e.continuation_ids[:1]) for o, e in zip(plain, episodes)]
 
     labels = [buckets_of(e, None if entropies is None else entropies[i]) for i, e in enumerate(episodes)]
     by_bucket: dict[str, list[int]] = defaultdict(list)
@@ -106,9 +113,12 @@ def evaluate(engine: RolloutEngine, chunks: list[torch.nn.Module], tokenizer: To
                                                  micro_batch_size, tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     nll = (-(text_logp * text_mask).sum(1) / text_mask.sum(1).clamp(min=1)).tolist()
 
-    per_episode = {"no_thought": no_thought_acc, "thought": thought_acc, "swap": swap_acc, "info_gain": gain,
+    per_episode = {"next_token": next_acc, "no_thought": no_thought_acc, "thought": thought_acc, "swap": swap_acc,
+                   "info_gain": gain,
                    "thought_len": [float(len(t)) for t in thoughts],
                    "format_ok": [float(p.format_ok) for p in parsed], "ppl": nll}
+    if per_site is not None:
+        per_site.update(per_episode)
     table = {}
     for b in sorted(by_bucket):
         idx = by_bucket[b]

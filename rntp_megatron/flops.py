@@ -18,10 +18,15 @@ embeddings and norms free.
 
 - training: each trained row of n tokens: 3 x forward(n tokens, past 0, logits at its loss tokens),
 - rollout: each prompt of p tokens prefilled once per group (its G samples share the KV cache), then each of
-  the g generated tokens of every sample decoded once against the cache: forward(p, 0, 0) + forward(g, p, g),
+  the g generated tokens of every sample decoded once against the cache: forward(p, 0, 0) + forward(g, p, g);
+  each later turn of an interleaved rollout is a new engine call, so its whole prompt so far (p + s tokens,
+  turn j starting at s) is prefilled again before its g_j tokens are decoded: forward(p + s, 0, 0) +
+  forward(g_j, p + s, g_j),
 - scoring: every forward-only pass of the trainer (likelihood rewards, reference and proxy passes, the off-policy
   anchor): rows [prefix + continuation] of rewards/scoring.continuation_logprobs, logits at the continuation.
-  That function records each call here (`record_scoring`), so a new scoring pass is counted by construction.
+  That function records each call here (`record_scoring`), so a new scoring pass is counted by construction;
+  so does the site scorer (data/proxy.py: a chunk of n tokens is forward(n - 1, 0, n - 1), entropy or log-prob
+  read at every position), with the proxy's own card when it has one.
 """
 
 from __future__ import annotations
@@ -104,11 +109,28 @@ def record_scoring(prefix_lens: Sequence[int], continuation_lens: Sequence[int])
         _SCORING.add(p + c - 1, 0, c)
 
 
+_SCORING_OTHER: dict[int, tuple[Any, TokenTally]] = {}  # passes of models of another card (a proxy): by id(card)
+
+
+def record_scoring_with(card: Any, prefix_lens: Sequence[int], continuation_lens: Sequence[int]) -> None:
+    """record_scoring for a model of another card than the policy's (data.proxy's): its FLOPs use that card."""
+    tally = _SCORING_OTHER.setdefault(id(card), (card, TokenTally()))[1]
+    for p, c in zip(prefix_lens, continuation_lens):
+        tally.add(p + c - 1, 0, c)
+
+
 def take_scoring() -> TokenTally:
     """The scoring passes recorded since the last call (and reset the record)."""
     global _SCORING
     out, _SCORING = _SCORING, TokenTally()
     return out
+
+
+def take_scoring_flops(m: Any) -> float:
+    """FLOPs of every scoring pass recorded since the last call, the policy's (card `m`) and other cards' (reset)."""
+    other = [forward_flops(card, tally) for card, tally in _SCORING_OTHER.values()]
+    _SCORING_OTHER.clear()
+    return forward_flops(m, take_scoring()) + sum(other)
 
 
 class FlopMeter:
@@ -122,7 +144,7 @@ class FlopMeter:
 
     def begin(self) -> None:
         """Start a step: forget scoring passes made outside the step (an evaluation between runs)."""
-        take_scoring()
+        take_scoring_flops(self.m)
         self.train, self.rollout = TokenTally(), TokenTally()
 
     def count_train(self, row_tokens: Sequence[int], loss_tokens: Sequence[int]) -> None:
@@ -131,13 +153,15 @@ class FlopMeter:
             self.train.add(n, 0, k)
 
     def count_rollouts(self, rollouts: Sequence[Any]) -> None:
-        """Rollouts grouped by prompt_index: each prompt prefilled once, each sample's tokens fed after it against
-        the cache, reading logits at its sampled ones (an interleaved rollout also feeds true text between turns)."""
+        """Rollouts grouped by prompt_index: each prompt prefilled once, each sample's first turn decoded after it
+        against the cache, reading logits at its sampled tokens; each later turn [start, end) of an interleaved
+        rollout re-prefills prompt + token_ids[:start] (a new engine call) and decodes its end - start tokens."""
         groups: dict[int, tuple[int, list[int]]] = {}
         for r in rollouts:
-            groups.setdefault(r.prompt_index, (len(r.prompt_ids), []))[1].append(len(r.token_ids))
-            sampled = sum(end - start for start, end, _ in r.segments) if r.segments else len(r.token_ids)
-            self.rollout.logits -= len(r.token_ids) - sampled
+            p, turns = len(r.prompt_ids), r.segments or [[0, len(r.token_ids), 1]]
+            groups.setdefault(r.prompt_index, (p, []))[1].append(turns[0][1])
+            for start, end, _ in turns[1:]:
+                self.rollout.add(p + start, 0, 0).add(end - start, p + start, end - start)
         self.rollout.merge(rollout_tally([p for p, _ in groups.values()], [g for _, g in groups.values()]))
 
     def end(self, group: Any = None) -> dict[str, float]:
@@ -148,7 +172,7 @@ class FlopMeter:
         from rntp_megatron.runtime import device
 
         local = [training_flops(self.m, self.train), forward_flops(self.m, self.rollout),
-                 forward_flops(self.m, take_scoring())]
+                 take_scoring_flops(self.m)]
         t = torch.tensor(local, dtype=torch.float64, device=device() if group is not None else "cpu")
         if group is not None:
             dist.all_reduce(t, group=group)

@@ -52,7 +52,8 @@ class SideModels:
         if needs["scores"]:
             model = self.proxy if self.proxy is not None else self.reference
             self.scorer = ProxyScorer(model, tokenizer.vocab_size, cfg.data.entropy_top_k, tokenizer.pad_id,
-                                      cfg.schedule.micro_batch_size, self.length_multiple)
+                                      cfg.schedule.micro_batch_size, self.length_multiple,
+                                      card=card if self.proxy is not None else None)
         self.ema = EMABaseline.build(cfg.model, p, cfg.reward.ema_decay) if needs["ema"] else None
         self.surprisal = needs["surprisal"]
         self.frozen_baseline = needs["frozen_baseline"]

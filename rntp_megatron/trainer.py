@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 
 from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, resolve_checkpoint,
                                       rng_state, save_checkpoint, set_rng_state)
-from rntp_megatron.config import (ConfigError, RunConfig, check_prompt_fits, data_parallel_size, next_multiple,
+from rntp_megatron.config import (ConfigError, RunConfig, baseline_role, check_prompt_fits, data_parallel_size, next_multiple,
                                   to_dict, validate)
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
@@ -113,6 +113,7 @@ class Trainer:
         self.loss = RNTPLoss(rl, cfg.rollout.temperature, cfg.reward.ntp_weight, cfg.rollout.max_new_tokens,
                              vocab_size=self.tokenizer.vocab_size)
         self.reward_kind = get_reward(cfg.reward.name).kind if rl.objective != "ntp" else "none"
+        self.baseline_role = baseline_role(cfg)  # the no-thought baseline: for the gradient, the metric, or none
         self.think_close_ids = self.tokenizer.encode(cfg.data.think_close)
         self.answer_open_ids = self.tokenizer.encode(cfg.data.answer_open)
         self.run_dir = Path(cfg.logging.dir)
@@ -371,17 +372,46 @@ class Trainer:
             conts = [ep.continuation_ids for ep in eps]
             mbs, pad = self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id
             policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
-            baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
             vocab = self.tokenizer.vocab_size
             with self.phases.phase("scoring"):
                 logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
-                base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], baseline_prefixes, conts,
-                                                mbs, pad, vocab_size=vocab)
-            likelihood = (logp, mask, base)
+                gain_base = self._baseline_logprobs(episodes, rollouts)
+            # where the baseline cancels from the advantage, the reward is its thought term on every step
+            # (baseline 0), so `reward` keeps one meaning; the gain itself is logged when scored
+            base = gain_base if self.baseline_role == "gradient" else torch.zeros_like(logp)
+            likelihood = (logp, mask, base, gain_base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
-                                 self.cfg.rollout.max_new_tokens, likelihood=likelihood,
-                                 shuffle_seed=step_seed(self.cfg.seed, self.step, self.dp_rank))
+                                 self.cfg.rollout.max_new_tokens, likelihood=likelihood and likelihood[:3],
+                                 shuffle_seed=step_seed(self.cfg.seed, self.step, self.dp_rank),
+                                 judge_logprobs=self._judge_logprobs)
         return shaped, likelihood
+
+    def _judge_logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]):
+        """(logp[N, K], mask) of continuations after prefixes under self_judge's judge: the policy or the reference."""
+        from rntp_megatron.rewards.scoring import continuation_logprobs
+
+        judge = self.side.reference if self.cfg.reward.params.get("judge_model") == "reference" else self.ddp
+        with self.phases.phase("scoring"):
+            return continuation_logprobs([judge], prefixes, continuations, self.cfg.schedule.micro_batch_size,
+                                         self.tokenizer.pad_id, length_multiple=self.side.length_multiple,
+                                         vocab_size=self.tokenizer.vocab_size)
+
+    def _baseline_logprobs(self, episodes: list[Episode], rollouts: list[Rollout]) -> Optional[torch.Tensor]:
+        """base[N, K] = log p_bar(x_{t+k} | prompt, </think><answer>, x_{t:t+k}) of each rollout's site, one forward
+        per site (a group's G rows share the prefix); None on a step where config.baseline_role skips it."""
+        interval = self.cfg.reward.info_gain_interval
+        if self.baseline_role == "none" or (self.baseline_role == "metric" and self.step % interval):
+            return None
+        from rntp_megatron.rewards.scoring import continuation_logprobs
+
+        sites = sorted({r.prompt_index for r in rollouts})
+        prefixes = [episodes[i].prompt_ids + self.think_close_ids + self.answer_open_ids for i in sites]
+        base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], prefixes,
+                                        [episodes[i].continuation_ids for i in sites],
+                                        self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id,
+                                        vocab_size=self.tokenizer.vocab_size)
+        row = {site: i for i, site in enumerate(sites)}
+        return base[[row[r.prompt_index] for r in rollouts]]
 
     def _thought_ids(self, rollout: Rollout) -> list[int]:
         """The generated tokens through </think> (all of them when the tag never closes, then </think>)."""
@@ -416,8 +446,8 @@ class Trainer:
         for cls in ("T", "C", "I"):
             picks = [i for i, r in enumerate(rollouts) if episodes[r.prompt_index].token_class == cls]
             pairs[f"reward_base_{cls}"] = (float(base[picks].sum()) if picks else 0.0, float(len(picks)))
-        if likelihood is not None:
-            logp, mask, baseline = likelihood
+        if likelihood is not None and likelihood[3] is not None:  # steps that scored the baseline
+            logp, mask, _, baseline = likelihood
             gain = ((logp - baseline) * mask).sum(1) / mask.sum(1).clamp(min=1)
             pairs["info_gain"] = (gain.sum().item(), gain.numel())
         return dp_sums(pairs)

@@ -62,3 +62,24 @@ def test_world_size_rules():
         validate(cfg, world_size=5)
     with pytest.raises(ConfigError, match=r"6 is not divisible by micro_batch_size \* data-parallel size = 1 \* 4"):
         validate(cfg, world_size=8)
+
+
+@pytest.mark.parametrize("reward", ["info_gain", "loglik", "prob", "vrcli"])
+def test_likelihood_rewards_train_the_thought_by_default(tmp_path, reward):
+    """A reward that scores the true continuation reads no answer: unset, rl.train_on resolves to `thought` in what
+    load_config returns and in the plain config the run logs; a value given in the YAML or an override wins."""
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"reward": {"name": reward}}))
+    cfg = load_config(path)
+    assert cfg.rl.train_on == "thought" and to_dict(cfg)["rl"]["train_on"] == "thought"
+    assert load_config(path, ["rl.train_on=thought_and_answer"]).rl.train_on == "thought_and_answer"
+    path.write_text(yaml.safe_dump({"reward": {"name": reward}, "rl": {"train_on": "thought_and_answer"}}))
+    assert load_config(path).rl.train_on == "thought_and_answer"
+
+
+def test_string_rewards_train_thought_and_answer_by_default():
+    """The answer is what a string reward reads, so its tokens train too, unless told otherwise."""
+    assert build_config({"reward": {"name": "prefix"}}).rl.train_on == "thought_and_answer"
+    assert build_config({"reward": {"name": "exact"}, "rl": {"train_on": "thought"}}).rl.train_on == "thought"

@@ -18,6 +18,7 @@ def _model_checks(rank: int, world_size: int) -> dict:
     from rntp_megatron.data.proxy import ProxyScorer
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
+    from rntp_megatron.flops import TokenTally, forward_flops, take_scoring, take_scoring_flops
     from rntp_megatron.model.frozen import freeze
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.runtime import destroy_distributed, init_distributed
@@ -32,7 +33,15 @@ def _model_checks(rank: int, world_size: int) -> dict:
         scorer = ProxyScorer(model, tok.vocab_size, top_k=16, pad_id=tok.pad_id, micro_batch_size=3)
         rng = np.random.default_rng(0)
         chunks = [rng.integers(0, 256, n).tolist() for n in (48, 17, 33, 5)]
+        take_scoring_flops(cfg.model)
         batched = scorer.score(chunks)
+        want = TokenTally()
+        for c in chunks:  # the scoring forward is counted: n - 1 tokens fed and read per chunk (flops.py)
+            want.add(len(c) - 1, 0, len(c) - 1)
+        assert vars(take_scoring()) == vars(want)
+        other = dataclasses.replace(cfg.model, num_layers=7)  # a proxy of its own card is counted by that card
+        ProxyScorer(model, tok.vocab_size, pad_id=tok.pad_id, card=other).score(chunks[:1])
+        assert take_scoring_flops(cfg.model) == forward_flops(other, TokenTally().add(47, 0, 47))
         for chunk, (ent, lp) in zip(chunks, batched):
             alone_ent, alone_lp = scorer.score([chunk])[0]
             assert len(ent) == len(chunk) and np.isnan(ent[0]) and np.isnan(lp[0])
@@ -48,7 +57,9 @@ def _model_checks(rank: int, world_size: int) -> dict:
         all_ent = np.concatenate([e[1:] for e, _ in batched])
         threshold = float(np.median(all_ent))
         kept = {}
-        for selection, extra in (("entropy", {"entropy_threshold": threshold}),
+        top = float(np.quantile(all_ent, 0.8))  # data.entropy_max: the top fifth of entropies is left out
+        for selection, extra in (("entropy", {"entropy_threshold": threshold, "entropy_max": top}),
+                                 ("entropy_weighted", {"entropy_max": top}),
                                  ("logprob_window", {"logprob_window": (-5.55, -5.4)})):
             # the data section alone: a whole run would also need the reference that scores (a checkpoint)
             data = dataclasses.replace(cfg.data, site_selection=selection, **extra)
@@ -56,7 +67,9 @@ def _model_checks(rank: int, world_size: int) -> dict:
             for e in eps:
                 ent, lp = scorer.score([e.context_ids + e.continuation_ids[:1]])[0]
                 if selection == "entropy":
-                    assert ent[e.site] > threshold, (ent[e.site], threshold)
+                    assert threshold < ent[e.site] <= top, (ent[e.site], threshold, top)
+                elif selection == "entropy_weighted":
+                    assert 0 < ent[e.site] <= top, (ent[e.site], top)
                 else:
                     assert -5.55 <= lp[e.site] <= -5.4, lp[e.site]
             kept[selection] = len(eps)
@@ -86,5 +99,5 @@ def _model_checks(rank: int, world_size: int) -> dict:
 @pytest.mark.slow
 def test_proxy_scorer_site_selection_and_packed_forward_on_gptmodel():
     (result,) = run_ranks(_model_checks, 1)
-    assert result["entropy"] == 30 and result["logprob_window"] == 30
+    assert result["entropy"] == result["entropy_weighted"] == result["logprob_window"] == 30
     assert result["rows"] < 9  # sequences were packed together

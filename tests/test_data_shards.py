@@ -121,13 +121,25 @@ def test_a_source_that_yields_nothing_is_an_error_naming_it(tmp_path):
         EpisodeStream(cfg, TOK).take(400)
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".jsonl.gz", ".json", ".jsonl"])
-@given(data=st.binary(max_size=300), cut=st.integers(0, 400))
+# JSON that parses into text no tokenizer can take, or does not parse: alongside random bytes
+BAD_JSON = (b'{"text": "a \\ud800 b"}', b'{"text": "\\udc00"}', b"[" * 5000 + b"]" * 5000,
+            b'{"text": ' + b"{" * 3000 + b"}" * 3000 + b"}", b'{"text": "ok text \\u00e9 here"}', b'{"text": NaN}')
+
+
+@pytest.mark.parametrize("suffix, unit", [(".parquet", "file"), (".jsonl.gz", "file"), (".json", "file"),
+                                          (".jsonl", "file"), (".txt", "file"), (".txt", "paragraph")])
+@given(lines=st.lists(st.one_of(st.binary(max_size=80), st.sampled_from(BAD_JSON)), max_size=6),
+       cut=st.integers(0, 400))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_random_bytes_in_every_format_are_counted_never_raised(tmp_path, suffix, data, cut):
+def test_random_bytes_in_every_format_are_counted_never_raised(tmp_path, suffix, unit, lines, cut):
+    """read -> tokenize -> episodes over random bytes and bad JSON in every file format: documents become episodes
+    or are counted by reason; nothing raises."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rntp_megatron.data.episodes import EpisodeBuilder
+
+    data = b"\n".join(lines)
     path = tmp_path / f"r{suffix}"
     if suffix == ".parquet":  # a real file with random bytes written over part of it, or cut short
         pq.write_table(pa.table({"text": [data.decode("latin-1")] * 3}), path)
@@ -138,12 +150,17 @@ def test_random_bytes_in_every_format_are_counted_never_raised(tmp_path, suffix,
         path.write_bytes(gzip.compress(data)[: cut or None] if cut % 3 else data)
     else:
         path.write_bytes(data)
-    kind = "parquet" if suffix == ".parquet" else "jsonl"
+    kind = {".parquet": "parquet", ".txt": "text"}.get(suffix, "jsonl")
     skips = SkipCounts()
-    source = open_source(SourceConfig(kind=kind, path=str(path)), 64, skips, 32)
+    source = open_source(SourceConfig(kind=kind, path=str(path), text_unit=unit), 64, skips, 32)
     docs = [d for u in range(source.num_units) for d, _ in source.read(u, {})]
-    assert docs or skips
+    assert docs or skips or not data.strip()
     assert all(d.text.strip() and len(d.text.encode()) <= 64 for d in docs)
+    builder = EpisodeBuilder(build_config({"data": {"context_len": 16, "min_context": 2}}).data, TOK)
+    rng = np.random.Generator(np.random.PCG64(0))
+    for d in docs:
+        for e in builder.episodes(d, rng, skips):
+            assert 2 <= e.site and len(e.continuation_ids) == 1 and e.prompt_ids[-1] == TOK.encode("<think>")[-1]
 
 
 def _run_phases(cfg, phases):
@@ -221,3 +238,69 @@ def test_trainer_resumes_a_dp2_checkpoint_at_dp1(tmp_path):
     cursor = rank0["data"]
     assert cursor["dp_size"] == 1 and cursor["at_document"]["generation"] == 1  # translated once
     assert cursor["episodes_emitted"] == 2 * 4  # 1 step x 2 ranks x 2 rows, then 1 step x 4 rows
+
+
+def _small_jsonl(tmp_path, n=40):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": f"d{i:03d} " + "abc " * (3 + i % 5)}) + "\n" for i in range(n)))
+    return build_config({"data": {"sources": [{"kind": "jsonl", "path": str(path)}], "context_len": 24,
+                                  "min_context": 4, "prefetch_documents": 0}}).data
+
+
+def _epoch0_docs(stream) -> list[str]:
+    """The documents of stream's first pass, in order (its first epoch-1 episode ends it)."""
+    docs = []
+    while True:
+        e = next(stream)
+        if e.meta["epoch"] > 0:
+            return docs
+        if not docs or docs[-1] != e.doc_id:
+            docs.append(e.doc_id)
+
+
+def test_a_one_unit_file_at_dp4_is_dealt_by_document_disjoint_and_resumes_exactly(tmp_path):
+    """One small JSONL file is one unit: four ranks read disjoint documents of it in an epoch, which together are
+    the file; a cursor saved mid-document resumes exactly, and at another DP size no document is read twice."""
+    cfg = _small_jsonl(tmp_path)
+    assert open_source(cfg.sources[0], 1 << 20, SkipCounts(), cfg.shard_bytes).num_units == 1
+    per_rank = [_epoch0_docs(EpisodeStream(cfg, TOK, r, 4)) for r in range(4)]
+    assert all(per_rank), per_rank
+    everything = [d for docs in per_rank for d in docs]
+    assert len(everything) == len(set(everything)) == 40, "two ranks read the same document in one epoch"
+    for r in range(4):  # exact resume of every rank from a cursor in the middle of a document
+        stream = EpisodeStream(cfg, TOK, r, 4)
+        stream.take(5)
+        state = stream.state_dict()
+        want = [(e.doc_id, e.site) for e in stream.take(12)]
+        again = EpisodeStream(cfg, TOK, r, 4)
+        again.load_state_dict(state)
+        assert [(e.doc_id, e.site) for e in again.take(12)] == want
+    streams = [EpisodeStream(cfg, TOK, r, 4) for r in range(4)]  # elastic: 4 ranks -> 2, within epoch 0
+    before = {e.doc_id for s in streams for e in s.take(3)}
+    states = [s.state_dict() for s in streams]
+    after = []
+    for r in range(2):
+        stream = EpisodeStream(cfg, TOK, r, 2)
+        stream.resume(states)
+        after += _epoch0_docs(stream)
+    assert len(after) == len(set(after)) and not before & set(after), "a document was read twice after re-layout"
+    assert before | set(after) == set(everything), "a document was lost in the re-layout"
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"text": "abc \\ud800 def"}', "lone_surrogate"),
+    (b'{"text": "\\udfff"}', "lone_surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "malformed_json"),
+    (b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "malformed_json"),
+    (b'{"text": "x", "n": ' + b"1" * 5000 + b"}", "malformed_json"),
+])
+def test_bad_json_is_counted_and_skipped_before_the_tokenizer(tmp_path, line, reason):
+    """Half a surrogate pair, nesting past the parser's stack, an integer too long to convert: counted, skipped."""
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(line + b"\n" + json.dumps({"text": "good text here " * 4}).encode() + b"\n")
+    cfg = build_config({"data": {"sources": [{"kind": "jsonl", "path": str(path)}], "context_len": 24,
+                                 "min_context": 4, "prefetch_documents": 0}}).data
+    stream = EpisodeStream(cfg, TOK)
+    eps = stream.take(6)
+    assert all(e.doc_id.endswith(f":{len(line) + 1}") for e in eps)
+    assert stream.skips[reason] >= 1, dict(stream.skips)

@@ -76,7 +76,8 @@ def test_plan_uses_the_same_formulas():
 @pytest.mark.slow
 def test_trainer_logs_the_flops_of_its_rollouts_rows_and_scoring(tmp_path):
     """One RNTP step with a likelihood reward: the logged FLOPs match the rollouts it trained on, counted by hand
-    (two scoring passes: policy [prompt + thought + <answer>] and baseline [prompt + </think><answer>])."""
+    (two scoring passes: policy [prompt + thought + <answer>] per rollout and baseline [prompt + </think><answer>]
+    per site)."""
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
@@ -111,19 +112,25 @@ def test_trainer_logs_the_flops_of_its_rollouts_rows_and_scoring(tmp_path):
     close, answer = trainer.think_close_ids, trainer.answer_open_ids
     k = cfg.data.answer_horizon
     scoring = sum(fwd(len(r.prompt_ids) + len(trainer._thought_ids(r)) + len(answer) + k - 1, 0, k)
-                  + fwd(len(r.prompt_ids) + len(close) + len(answer) + k - 1, 0, k) for r in rollouts)
+                  for r in rollouts)  # the no-thought baseline: once per site (its G rollouts share it)
+    scoring += sum(fwd(p + len(close) + len(answer) + k - 1, 0, k) for p in prompts.values())
     assert values["step_flops_rollout"] == pytest.approx(rollout, rel=1e-12)
     assert values["step_flops_train"] == pytest.approx(train, rel=1e-12)
     assert values["step_flops_scoring"] == pytest.approx(scoring, rel=1e-12)
     assert values["flops_total"] == pytest.approx(rollout + train + scoring, rel=1e-12)
 
 
-def test_interleaved_rollouts_read_logits_at_sampled_tokens_only():
+def test_interleaved_turns_re_prefill_the_rollout_so_far():
+    """Each later turn of an interleaved rollout is a new engine call: its prompt so far is prefilled again."""
     from rntp_megatron.rollout.engine import Rollout
 
     meter = FlopMeter(CARD)
-    # a 3-token prompt, then 2 sampled, 3 fed (true text and <think>), 2 sampled: 7 tokens against the cache
-    meter.count_rollouts([Rollout([1, 2, 3], [0] * 7, "", [0.0] * 7, "stop", segments=[[0, 2, 1], [5, 7, 1]])])
-    expected = rollout_tally([3], [[7]])
-    expected.logits = 4
+    # a 3-token prompt; turn 0 samples 2 tokens; 3 are fed (true text and <think>); turn 1 samples 2 more
+    two = [Rollout([1, 2, 3], [0] * 7, "", [0.0] * 7, "stop", prompt_index=0, segments=[[0, 2, 1], [5, 7, 1]]),
+           Rollout([1, 2, 3], [0] * 6, "", [0.0] * 6, "stop", prompt_index=0, segments=[[0, 1, 1], [4, 6, 1]])]
+    meter.count_rollouts(two)
+    # turn 0: one prefill of 3 for the group, then 2 and 1 tokens after it; turn 1: prefill 3 + 5 = 8 then 2
+    # tokens after 8, and prefill 3 + 4 = 7 then 2 after 7; logits at the 2 + 1 + 2 + 2 sampled tokens
+    expected = rollout_tally([3], [[2, 1]]).add(8, 0, 0).add(2, 8, 2).add(7, 0, 0).add(2, 7, 2)
+    assert (expected.tokens, expected.logits) == (3 + 2 + 1 + 8 + 2 + 7 + 2, 7)
     assert meter.end()["step_flops_rollout"] == forward_flops(CARD, expected)

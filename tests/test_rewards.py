@@ -11,7 +11,8 @@ import torch
 from rntp_megatron.config import DataConfig, RewardConfig
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.tokenizer import ByteTokenizer
-from rntp_megatron.rewards import RewardContext, compute_rewards, get_reward
+from rntp_megatron.rewards.compute import compute_rewards
+from rntp_megatron.rewards.registry import RewardContext, get_reward
 from rntp_megatron.rewards.answer import parse_answer
 from rntp_megatron.rewards.shaping import overlong_penalty
 from rntp_megatron.rollout.engine import Rollout

@@ -10,11 +10,16 @@ import math
 import pytest
 import torch
 
-from rntp_megatron.config import RLConfig
+from rntp_megatron.config import RLConfig as _RLConfig
 from rntp_megatron.rl.batch import RLBatch, with_global_counts
 from rntp_megatron.rl.loss import OutputLayerInput, RNTPLoss
 
 B, S, V, H = 4, 7, 11, 6
+
+
+def RLConfig(**kw) -> _RLConfig:  # noqa: N802 (stands in for the class)
+    """The loss's config alone (no reward to resolve rl.train_on from): thought_and_answer unless given."""
+    return _RLConfig(**{"train_on": "thought_and_answer", **kw})
 TEMPERATURE = 0.7
 MAX_LEN = 6
 

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROWS, SEQ, VOCAB = 8, 16, 256
 RTOL = 1e-5
-RL = {"objective": "mixed", "kl_coef": 0.05, "tis_cap": 2.0, "clip_eps_high": 0.28, "logprob_chunk_size": 16}
+RL = {"objective": "mixed", "train_on": "thought_and_answer", "kl_coef": 0.05, "tis_cap": 2.0, "clip_eps_high": 0.28, "logprob_chunk_size": 16}
 
 
 def global_batch():

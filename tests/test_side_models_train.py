@@ -40,7 +40,7 @@ def _train(rank: int, world: int, tmp: str) -> dict:
         "data": {"sources": [{"kind": "pydoc"}], "context_len": 48, "min_context": 8, "answer_horizon": 2,
                  "site_selection": "entropy", "entropy_threshold": THRESHOLD, "entropy_top_k": TOP_K},
         "rollout": {"max_new_tokens": 8, "temperature": 1.0},
-        "reward": {"name": "info_gain", "baseline": "ema", "ema_decay": DECAY},
+        "reward": {"name": "info_gain", "baseline": "ema", "ema_decay": DECAY, "info_gain_interval": 1},
         "rl": {"group_size": 4, "kl_coef": 0.1},
         "schedule": {"train_steps": 2, "global_batch_size": 8, "micro_batch_size": 4, "seq_length": 72,
                      "lr": 1e-2},

@@ -27,6 +27,7 @@ STEPS = 5
 
 # the side models of the `method` variant (its fixture appends checkpoint.load, the weights they start from)
 METHOD = ["data.site_selection=entropy", "reward.name=info_gain", "reward.baseline=ema", "reward.ema_decay=0.9",
+          "reward.info_gain_interval=1",
           "rl.kl_coef=0.05"]
 
 

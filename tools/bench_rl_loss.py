@@ -48,7 +48,7 @@ def main() -> int:
                                   "ffn_hidden_size": args.hidden * 11 // 4, "num_attention_heads": 8,
                                   "num_query_groups": 4, "vocab_size": args.vocab,
                                   "max_position_embeddings": args.seq}})
-    rl = from_dict(RLConfig, {"kl_coef": 0.01, "tis_cap": 2.0})  # the loss alone: ref log-probs come in the batch
+    rl = from_dict(RLConfig, {"kl_coef": 0.01, "tis_cap": 2.0, "train_on": "thought_and_answer"})  # the loss alone: ref log-probs come in the batch
     init_distributed(cfg.parallel)
     ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg.parallel)
     n = args.micro_batch * args.micro_batches

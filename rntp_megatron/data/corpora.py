@@ -10,7 +10,8 @@ data/dictd, no download at run time)
 one document an article ("headword" then its paragraphs, cross-reference braces and dates removed), about 6.5 MB
 of prose. A document is held out when crc32(source:headword) % 100 < heldout_percent, so the split depends on the
 document alone (never on order or on which other documents exist). The recipe writes DIR/{train,heldout}.jsonl and
-tokenizes each into a Megatron dataset DIR/{train,heldout}.{bin,idx,json} (source kind `megatron`).
+tokenizes each into a Megatron dataset DIR/{train,heldout}.{bin,idx,json} (source kind `megatron`; that step is
+data/prepare.py's `prepare_encyclopedia`, which reads this module: the two import one way).
 
 It also writes DIR/train_answers: the training documents with the RNTP answer format shown in them (`with_answers`:
 every ~`answers_every` characters, `<think></think><answer>` and the next 1..4 characters, `</answer>`, then the text
@@ -30,12 +31,9 @@ import random
 import re
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from rntp_megatron.data.sources import DataError
-
-if TYPE_CHECKING:
-    from rntp_megatron.config import TokenizerConfig
 
 DICTD_ROOT = "data/dictd"  # where tools/install_corpus.sh unpacks the databases
 ENCYCLOPEDIA = (("foldoc", "dict-foldoc"), ("jargon", "dict-jargon"))  # (database, Debian package)
@@ -145,21 +143,3 @@ def write_splits(databases: Sequence[str], out_dir: str | Path, heldout_percent:
         for f in files.values():
             f.close()
     return counts
-
-
-def prepare_encyclopedia(out_dir: str | Path, tokenizer: "TokenizerConfig", workers: int = 1,
-                         root: str = DICTD_ROOT, heldout_percent: float = 5.0, progress: bool = True,
-                         thought_chars: int = 0) -> str:
-    """The `encyclopedia` recipe: JSONL splits of FOLDOC + Jargon File, each tokenized into DIR/<split>.bin/.idx;
-    returns a summary line per split."""
-    from rntp_megatron.config import SourceConfig
-    from rntp_megatron.data.prepare import prepare_data
-
-    out = Path(out_dir)
-    counts = write_splits([db for db, _ in ENCYCLOPEDIA], out, heldout_percent, root, thought_chars=thought_chars)
-    lines = []
-    for split, c in counts.items():
-        report = prepare_data([SourceConfig(kind="jsonl", path=str(out / f"{split}.jsonl"))], tokenizer,
-                              str(out / split), workers, progress=progress)
-        lines.append(f"{split}: {c['documents']} documents, {c['bytes'] / 1e6:.2f} MB of text; {report.summary()}")
-    return "\n".join(lines)

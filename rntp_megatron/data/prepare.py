@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from rntp_megatron.config import SourceConfig, TokenizerConfig
+from rntp_megatron.data.corpora import DICTD_ROOT, ENCYCLOPEDIA, write_splits
 from rntp_megatron.data.sources import DataError, SkipCounts, open_source, source_name
 from rntp_megatron.data.tokenizer import DEFAULT_TAGS, Tokenizer, build_tokenizer, train_tokenizer
 
@@ -159,11 +160,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def prepare_encyclopedia(out_dir: str | Path, tokenizer: TokenizerConfig, workers: int = 1,
+                         root: str = DICTD_ROOT, heldout_percent: float = 5.0, progress: bool = True,
+                         thought_chars: int = 0) -> str:
+    """The `encyclopedia` recipe (data/corpora.py): JSONL splits of FOLDOC + Jargon File, each tokenized into
+    DIR/<split>.bin/.idx; returns a summary line per split."""
+    out = Path(out_dir)
+    counts = write_splits([db for db, _ in ENCYCLOPEDIA], out, heldout_percent, root, thought_chars=thought_chars)
+    lines = []
+    for split, c in counts.items():
+        report = prepare_data([SourceConfig(kind="jsonl", path=str(out / f"{split}.jsonl"))], tokenizer,
+                              str(out / split), workers, progress=progress)
+        lines.append(f"{split}: {c['documents']} documents, {c['bytes'] / 1e6:.2f} MB of text; {report.summary()}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.recipe:
-            from rntp_megatron.data.corpora import prepare_encyclopedia
-
             print(prepare_encyclopedia(args.output, TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path),
                                        args.workers, args.dictd_root, args.heldout_percent,
                                        progress=not args.no_progress, thought_chars=args.thought_chars))

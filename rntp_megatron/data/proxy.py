@@ -12,7 +12,7 @@ gets the same arrays and draws the same sites.
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from rntp_megatron.data.sites import topk_entropy
+from rntp_megatron.flops import record_scoring, record_scoring_with
 from rntp_megatron.rl.logprobs import mask_padded_vocab, vocab_parallel_logprobs
 from rntp_megatron.step import forward_backward
 
@@ -66,9 +67,10 @@ class ProxyScorer:
     chunk); only the tokenizer's `vocab_size` ids count (megatron's vocab padding is masked out)."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, top_k: int = 16, pad_id: int = 0,
-                 micro_batch_size: int = 1, length_multiple: int = 1) -> None:
+                 micro_batch_size: int = 1, length_multiple: int = 1, card: Optional[Any] = None) -> None:
         self.model, self.vocab_size, self.top_k, self.pad_id = model, vocab_size, top_k, pad_id
         self.micro_batch_size, self.length_multiple = micro_batch_size, length_multiple
+        self.card = card  # the model's ModelConfig when it is not the policy's card (its FLOPs are counted by it)
 
     @torch.no_grad()
     def score(self, chunks: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -78,6 +80,11 @@ class ProxyScorer:
         micro_batch_size."""
         if not chunks:
             return []
+        # forward(n - 1, 0, n - 1) a chunk: its last token is only a label (flops.py's scoring convention)
+        if self.card is None:
+            record_scoring([1] * len(chunks), [len(c) - 1 for c in chunks])
+        else:
+            record_scoring_with(self.card, [1] * len(chunks), [len(c) - 1 for c in chunks])
         device = next(self.model.parameters()).device
         mbs = self.micro_batch_size
         width = -(-max(len(c) for c in chunks) // self.length_multiple) * self.length_multiple

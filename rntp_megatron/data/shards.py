@@ -13,15 +13,63 @@ are each rank's leftovers, its unit in progress (from its position) and the unit
 first round that no rank had begun. They are sorted by g and dealt round robin to the new ranks as their
 leftovers, and the new rounds start at base + K*D. Units sort ascending and rounds follow leftovers, so a rank
 reads g in increasing order: it never goes back to an earlier epoch.
+
+Dealing by document (`DealtSource`): a source with fewer units U than ranks D would have several ranks read
+the same unit's text at once (in different epochs). It is read as U*m units instead, m = ceil(D / U): unit
+u*m + j holds the records (documents and skipped inputs) of unit u whose index i in it has i % m == j, so each
+of the first D ranks reads
+text no other rank reads in that pass. m is fixed by the layout a run starts with and kept by its resumes
+(the cursors' units are numbered with it), so exact and elastic resume work on the dealt units as on any.
+Each of the m readers of a unit parses all of it (m times the unit's reading; small by construction).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from rntp_megatron.data.sources import DataError, Position
+from rntp_megatron.data.sources import DataError, Document, Position, SkipCounts, Source
+
+DEALT_KEY = "dealt_index"  # a dealt unit's position: the inner unit's, plus the index of the next document
+
+
+def dealing_ways(num_units: Optional[int], dp_size: int) -> int:
+    """m = ceil(D / U) ways each unit is dealt by document when U < D, else 1 (an endless source: 1)."""
+    if not num_units or num_units >= dp_size:
+        return 1
+    return -(-dp_size // num_units)
+
+
+class DealtSource(Source):
+    """`inner`'s units dealt `ways` ways by record (module docstring): unit u*m + j of this source holds the
+    records i of inner unit u with i % m == j, a record being a document or a skipped input (counted by the
+    inner source into `private_skips`), so each skip is counted once, by the rank it is dealt to."""
+
+    def __init__(self, inner: Source, private_skips: SkipCounts, skips: SkipCounts, ways: int) -> None:
+        super().__init__(inner.src, inner.max_bytes, skips)
+        self.inner, self.ways, self._private = inner, ways, private_skips
+        self.num_units = None if inner.num_units is None else inner.num_units * ways
+
+    def read(self, unit: int, pos: Position) -> Iterator[tuple[Document, Position]]:
+        """Documents of inner unit unit // m whose record index is unit % m modulo m, from `pos`."""
+        inner_unit, j = divmod(unit, self.ways)
+        index = pos.get(DEALT_KEY, 0)
+        self._private.clear()
+        for doc, after in self.inner.read(inner_unit, {k: v for k, v in pos.items() if k != DEALT_KEY}):
+            index = self._deal_skips(index, j) + 1
+            if (index - 1) % self.ways == j:
+                yield doc, {**after, DEALT_KEY: index}
+        self._deal_skips(index, j)
+
+    def _deal_skips(self, index: int, j: int) -> int:
+        """The inputs skipped since the last document take the next record indices; count this reader's."""
+        for reason in list(self._private.elements()):
+            if index % self.ways == j:
+                self.skips.add(reason)
+            index += 1
+        self._private.clear()
+        return index
 
 
 @dataclass

@@ -13,7 +13,8 @@ unit where it starts: a line or paragraph that starts inside a byte range is rea
 reader (which reads on past the range's end to finish it), and the next range skips it.
 
 Bad input never stops a run: it is counted by reason in a `SkipCounts` and skipped. Per document:
-malformed_json, missing_field (absent, null or not a string), invalid_utf8, empty, too_long (over
+malformed_json (also nesting too deep to parse), missing_field (absent, null or not a string), invalid_utf8,
+lone_surrogate (a JSON string escaping half a UTF-16 pair, `"\\ud800"`: no UTF-8 text), empty, too_long (over
 data.max_document_bytes), truncated_bin (.bin shorter than its .idx says). Per file, counted once (by the
 unit at the file's start): empty_file (0 bytes), unreadable_file (cannot be opened), corrupt_file (a Parquet
 or gzip file that does not decode), missing_column (Parquet without the text column), json_array (a JSON
@@ -45,7 +46,7 @@ Position = dict[str, int]
 
 SKIP_REASONS = ("malformed_json", "missing_field", "invalid_utf8", "empty", "too_long", "truncated_bin",
                 "empty_file", "unreadable_file", "corrupt_file", "missing_column", "json_array",
-                "too_short", "bad_token_id")
+                "too_short", "bad_token_id", "lone_surrogate")
 PARQUET_FILE_UNITS = 64  # from this many Parquet files on, a unit is a file (footers are read by its reader)
 _WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")  # what bytes.strip() strips
 _READ = [0]  # bytes read from disk by this process (open_counted)
@@ -182,6 +183,11 @@ def _text_field(value: Any, skips: SkipCounts) -> Optional[str]:
     if not value.strip():
         skips.add("empty")
         return None
+    try:  # JSON may escape half a surrogate pair: a str no tokenizer can encode
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        skips.add("lone_surrogate")
+        return None
     return value
 
 
@@ -315,7 +321,7 @@ class JsonlSource(FileRangeSource):
             return None
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             self.skips.add("malformed_json")
             return None
         text = _text_field(obj.get(self.src.text_field) if isinstance(obj, dict) else None, self.skips)

@@ -1,12 +1,12 @@
 """The data-parallel sharded, resumable, elastic episode stream.
 
-Rank r of D reads only its own units of every source (shards.py deals them out: byte ranges, row groups,
-document ranges), mixes sources by weight with a deterministic schedule (the next document comes from the
-source furthest behind its share of the episodes: argmin_i episodes_i / w_i, ties to the first), and goes on
-to the next pass of a source when its share of a pass ends (the epoch is the pass a unit belongs to). Sites
-are drawn with a numpy PCG64 generator seeded by (data.seed, r). Documents are built into episodes ahead of
-the consumer on a background thread (data.prefetch_documents of them; ahead.py), except when a proxy model
-scores the sites.
+Rank r of D reads only its own units of every source (shards.py deals them out: byte ranges, row groups, document
+ranges; a source with fewer units than ranks is dealt by record, shards.DealtSource), mixes sources by weight with
+a deterministic schedule (the next document comes from the source furthest behind its share of the episodes:
+argmin_i episodes_i / w_i, ties to the first), and goes on to the next pass of a source when its share of a pass
+ends (the epoch is the pass a unit belongs to). Sites are drawn with a numpy PCG64 generator seeded by (data.seed,
+r). Documents are built into episodes ahead of the consumer on a background thread (data.prefetch_documents of
+them; ahead.py), except when a proxy model scores the sites.
 
 The cursor (`state_dict()`) is the state at the start of the document whose episodes are being handed out,
 plus how many of them were handed out: per source the rank's shard cursor, blend counts, the RNG state and
@@ -29,7 +29,7 @@ from rntp_megatron.config import DataConfig, to_dict
 from rntp_megatron.data.ahead import Ahead
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.episodes import EpisodeBuilder
-from rntp_megatron.data.shards import ShardCursor, relayout
+from rntp_megatron.data.shards import DealtSource, ShardCursor, dealing_ways, relayout
 from rntp_megatron.data.sources import (DataError, Document, SkipCounts, check_megatron_vocab, open_source,
                                         source_name)
 from rntp_megatron.data.tokenizer import Tokenizer
@@ -69,12 +69,9 @@ class EpisodeStream:
         for src in cfg.sources:
             if src.kind == "megatron":
                 check_megatron_vocab(src, tokenizer.vocab_size)
-        self._sources = [open_source(s, cfg.max_document_bytes, self.skips, cfg.shard_bytes) for s in cfg.sources]
+        self._deal([None] * len(cfg.sources))
         total = sum(s.weight for s in cfg.sources)
         self._weights = [s.weight / total for s in cfg.sources]
-        # units are positions in the files as listed now: a cursor of another listing would point elsewhere
-        self._fingerprint = {"sources": [to_dict(s) for s in cfg.sources], "seed": cfg.seed,
-                             "shard_bytes": cfg.shard_bytes, "units": [s.num_units for s in self._sources]}
         n = len(cfg.sources)
         self._cursors = [ShardCursor(dp_rank, dp_size) for _ in range(n)]
         self._taken = [0] * n  # episodes per source (the blend's account)
@@ -82,6 +79,30 @@ class EpisodeStream:
         self._generation = 0  # layout changes so far (seeds the site RNG of a new layout)
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, dp_rank])))
         self._restart(None, None, 0, 0)
+
+    def _deal(self, ways: list[Optional[int]]) -> None:
+        """Open the sources, a source with fewer units than ranks dealt by record (shards.DealtSource) `ways` ways
+        (None: by this layout, shards.dealing_ways; a resume passes the saved run's)."""
+        self._sources = []
+        for src, m in zip(self.cfg.sources, ways):
+            private = SkipCounts()
+            source = open_source(src, self.cfg.max_document_bytes, private, self.cfg.shard_bytes)
+            self.skips.update(private)  # anything counted while opening
+            m = dealing_ways(source.num_units, self.dp_size) if m is None else m
+            if m == 1:  # read as it is: it counts into the stream's own skips
+                source.skips = self.skips
+            self._sources.append(DealtSource(source, private, self.skips, m) if m > 1 else source)
+        # units are positions in the files as listed now: a cursor of another listing would point elsewhere
+        self._fingerprint = {"sources": [to_dict(s) for s in self.cfg.sources], "seed": self.cfg.seed,
+                             "shard_bytes": self.cfg.shard_bytes, "units": [s.num_units for s in self._sources],
+                             "dealt": [getattr(s, "ways", 1) for s in self._sources]}
+
+    def _adopt_dealing(self, state: dict[str, Any]) -> None:
+        """Read the sources dealt as the saved run did (its units are numbered so)."""
+        saved = state.get("dealt", [1] * len(self._sources))  # a cursor from before dealing: undealt
+        if len(saved) == len(self._sources) and saved != self._fingerprint["dealt"]:
+            self._stop_worker()
+            self._deal(saved)
 
     # --- the producer: documents -> episodes (on the worker thread when prefetching) -----------------------
     def _restart(self, replay: Optional[int], after: Optional[dict], episodes: int, tokens: int) -> None:
@@ -204,7 +225,8 @@ class EpisodeStream:
         """Refuse a cursor of another version, sources, seed or unit layout."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data cursor version {state.get('version')!r}, this code reads {STATE_VERSION}")
-        saved = {k: state.get(k) for k in self._fingerprint}
+        # cursors from before dealing existed read every source undealt
+        saved = {k: state.get(k, [1] * len(self._sources) if k == "dealt" else None) for k in self._fingerprint}
         if saved != self._fingerprint:
             raise DataError(f"data cursor was saved for sources {saved['sources']} with seed {saved['seed']}, "
                             f"shard_bytes {saved['shard_bytes']} and units {saved['units']}, this run has "
@@ -224,6 +246,7 @@ class EpisodeStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly from a cursor saved by this data-parallel rank of a stream with the same sources,
         seed and layout (`resume` takes all ranks' cursors, of any layout)."""
+        self._adopt_dealing(state)
         self._check(state)
         if state["dp_size"] != self.dp_size or state["dp_rank"] != self.dp_rank:
             raise DataError(
@@ -242,6 +265,7 @@ class EpisodeStream:
         if len(states) == self.dp_size and all(s.get("dp_size") == self.dp_size for s in states):
             self.load_state_dict(states[self.dp_rank])
             return
+        self._adopt_dealing(states[0])
         for s in states:
             self._check(s)
         cursors = []

@@ -11,32 +11,15 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Iterator, Optional, Sequence
 
 from rntp_megatron.config import ConfigError, DataConfig, RunConfig, TokenizerConfig, padded_vocab_size
+from rntp_megatron.data.tokenizer_protocol import Tokenizer  # noqa: F401 (the protocol, where users look for it)
 
 DEFAULT_TAGS: tuple[str, ...] = ("<think>", "</think>", "<answer>", "</answer>")
 EOS_TOKEN = "<|eos|>"
 RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>")  # Llama 3's unused special tokens
 PAD_TOKEN = "<|pad|>"
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the data path, rewards and rollout engines need from a tokenizer."""
-
-    vocab_size: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special strings (tags, eos, pad) become their single ids."""
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids` (invalid UTF-8 from partial byte sequences is replaced)."""
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes token `token_id` stands for (the prefix reward checks token boundaries with it)."""
 
 
 class ByteTokenizer:

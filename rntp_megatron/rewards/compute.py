@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -19,18 +19,20 @@ from rntp_megatron.rollout.engine import Rollout
 def compute_rewards(episodes: Sequence[Episode], rollouts: Sequence[Rollout], tokenizer: Tokenizer,
                     reward: RewardConfig, data: DataConfig, max_new_tokens: int,
                     likelihood: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
-                    shuffle_seed: Optional[int] = None) -> ShapedReward:
+                    shuffle_seed: Optional[int] = None, judge_logprobs: Optional[Callable[..., Any]] = None
+                    ) -> ShapedReward:
     """Shaped rewards[N] for rollouts[N] (rollout i answers episodes[rollout.prompt_index]).
 
     String rewards read the parsed answer; likelihood rewards take `likelihood` = (logp[N, K], mask[N, K],
     baseline[N, K] or None) from rewards/scoring.py, computed by the trainer. With `reward.shuffle` the base
     rewards are permuted across the batch by `shuffle_seed` (the shuffled-reward control of docs/method.md, section 5).
+    `judge_logprobs` runs the judge model of `self_judge` (RewardContext.judge_logprobs).
     """
     spec = get_reward(reward.name)
     eps = [episodes[r.prompt_index] for r in rollouts]
     parsed = [parse_answer(r.text, data, stopped=r.finish_reason == "stop") for r in rollouts]
     if spec.kind == "string":
-        base = spec.fn(eps, [p.answer for p in parsed], RewardContext(tokenizer, reward.params))
+        base = spec.fn(eps, [p.answer for p in parsed], RewardContext(tokenizer, reward.params, judge_logprobs))
     else:
         if likelihood is None:
             raise ValueError(f"reward {reward.name!r} is a likelihood reward: pass the trainer's continuation "

@@ -33,7 +33,7 @@ def loglik(logp: torch.Tensor, mask: torch.Tensor, baseline: Optional[torch.Tens
     return discounted_mean(logp, mask, float(param(params, "gamma", 1.0)))
 
 
-@register_reward("info_gain", kind="likelihood", needs_baseline=True)
+@register_reward("info_gain", kind="likelihood", needs_baseline=True, baseline_shift=True)
 def info_gain(logp: torch.Tensor, mask: torch.Tensor, baseline: Optional[torch.Tensor], params: dict[str, Any]
               ) -> torch.Tensor:
     """r = loglik(c) - (1/K) sum_k gamma^k log p_bar(x_{t+k} | x_<t, x_{t:t+k}) (RLP), with the same discount."""

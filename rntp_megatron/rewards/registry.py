@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-from rntp_megatron.data.tokenizer import Tokenizer
+from rntp_megatron.data.tokenizer_protocol import Tokenizer  # not data.tokenizer: the config consults this registry
 
 
 @dataclass
@@ -21,6 +21,9 @@ class RewardContext:
 
     tokenizer: Tokenizer
     params: dict[str, Any] = field(default_factory=dict)
+    # (prefixes[N], continuations[N]) -> (logp[N, K], mask[N, K]) under the judge model of `self_judge` (the policy
+    # or the reference), the trainer's forward-only pass; None where no model runs (a string reward alone)
+    judge_logprobs: Optional[Callable[..., Any]] = None
 
 
 @dataclass(frozen=True)
@@ -29,19 +32,22 @@ class RewardSpec:
     kind: Literal["string", "likelihood"]
     fn: Callable[..., Any]
     needs_baseline: bool = False  # likelihood rewards that compare against the no-thought baseline model
+    # the baseline enters as r = f(logp) - g(baseline), a shift shared by a site's G thoughts (info_gain): a
+    # group-centred advantage cancels it (config.baseline_role)
+    baseline_shift: bool = False
 
 
 REWARDS: dict[str, RewardSpec] = {}
 
 
 def register_reward(name: str, kind: Literal["string", "likelihood"] = "string",
-                    needs_baseline: bool = False) -> Callable[[Callable], Callable]:
+                    needs_baseline: bool = False, baseline_shift: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` under `name` (a second registration of a name is an error)."""
 
     def wrap(fn: Callable) -> Callable:
         if name in REWARDS:
             raise ValueError(f"reward {name!r} is already registered (by {REWARDS[name].fn.__module__})")
-        REWARDS[name] = RewardSpec(name, kind, fn, needs_baseline)
+        REWARDS[name] = RewardSpec(name, kind, fn, needs_baseline, baseline_shift)
         return fn
 
     return wrap

@@ -77,7 +77,8 @@ def policy_mask(batch: RLBatch, train_on: str) -> torch.Tensor:
         return ((batch.thought_mask + batch.answer_mask) > 0).float()
     if train_on == "thought":
         return (batch.thought_mask > 0).float()
-    raise ValueError(f"rl.train_on must be 'thought_and_answer' or 'thought', got {train_on!r}")
+    raise ValueError(f"rl.train_on must be 'thought_and_answer' or 'thought', got {train_on!r} (None: unresolved; "
+                     "a RunConfig resolves it from reward.name, config.default_train_on)")
 
 
 def with_global_counts(batch: RLBatch, train_on: str, group: Optional[dist.ProcessGroup] = None) -> RLBatch:
