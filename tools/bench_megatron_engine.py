@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_io import parse_args, write_json
 
 from rntp_megatron.config import build_config
 from rntp_megatron.data.synthetic import THINK_OPEN, synthetic_documents
@@ -85,7 +86,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--no-recompute", action="store_true", help="leave out the (slow) full-recompute side")
-    args = p.parse_args()
+    args = parse_args(p, smoke={"prompts": 2, "n": 2, "new": 4, "repeats": 1, "layers": 1, "hidden": 64})
     torch.set_num_threads(1)
     import transformers
 
@@ -135,6 +136,9 @@ def main() -> None:
     for name, ts in times.items():
         best = min(ts)
         print(f"| {name:<27} | {best:8.3f} | {tokens / best:9.0f} | {base / best:6.2f}x |")
+    write_json(args.json, "bench_megatron_engine", [
+        {"name": name, "seconds": min(ts), "tokens_per_s": tokens / min(ts), "vs_hf": base / min(ts)}
+        for name, ts in times.items()], args, hf_tokens_equal=same, tokens=tokens)
 
 
 if __name__ == "__main__":
