@@ -121,7 +121,7 @@ ROWS = [
     Row("delta sync (2% of elements changed)", "bench_weight_sync.py", "bytes sent <= 0.1 of a full push",
         judge_delta, args=["--replicas", "1", "--delta", "0.02"], default=["--hidden", "1024", "--repeats", "1"],
         full=["--replicas", "1", "2", "--hidden", "1024", "--repeats", "3"], needs=(SGLANG_PYTHON,)),
-    Row("engine vs HF generate", "bench_megatron_engine.py", ">= 1x HF generate tokens/s (hidden 128)",
+    Row("engine vs HF generate", "bench_megatron_engine.py", ">= 1x HF generate tokens/s",
         judge_engine, default=["--prompts", "8", "--n", "8", "--new", "16", "--repeats", "5"],
         full=["--prompts", "8", "--n", "8", "--new", "16", "--repeats", "15"]),
     Row("data supply", "bench_data.py", "data path >= 50x what training consumes", judge_data_supply,
@@ -151,11 +151,13 @@ def run_row(row: Row, size: str, out: Path, timeout_s: float) -> dict:
     """Run one row's tool and judge its table: {name, goal, value, result, seconds, command, load_after}."""
     json_path, log_path = out / f"{slug(row.name)}.json", out / f"{slug(row.name)}.log"
     cmd = command(row, size, json_path)
-    shown = " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd[1:])
+    shown = " ".join(["torchrun" if row.nproc > 1 else "python"] +
+                     [os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd[1:-2]
+                      if c not in ("-m", "torch.distributed.run")])
     result = {"name": row.name, "goal": row.goal, "command": shown, "seconds": 0.0}
     missing = [n for n in row.needs if not (ROOT / n).exists()]
     if missing:
-        return {**result, "value": f"not available ({', '.join(missing)} missing)", "result": "not available"}
+        return {**result, "value": f"{', '.join(missing)} missing", "result": "not available"}
     json_path.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
