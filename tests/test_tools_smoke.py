@@ -73,10 +73,10 @@ def test_tool_smoke(argv: list[str], nproc: int, printed: Callable[[dict], str],
 @pytest.mark.distributed
 @pytest.mark.sglang
 @needs_sglang
-def test_bench_all_smoke(tmp_path):
+def test_bench_all_smoke(tmp_path, monkeypatch):
     """The driver at --smoke: every headline row ran its tool (or says why not), the tables parse, the summary
     names the commit, the machine and the load average."""
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     import bench_all
 
     out = tmp_path / "bench"
