@@ -4,7 +4,7 @@ SGLANG_VENV ?= sglang-venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup setup-integration corpus ablate demo test test-fast
+.PHONY: setup setup-integration corpus ablate demo test test-fast bench
 
 setup:
 	@tools/setup_venv.sh $(VENV) dev
@@ -31,6 +31,11 @@ ablate: corpus
 demo: OMP_NUM_THREADS = 2
 demo: setup
 	$(PY) -m rntp_megatron.cli demo
+
+# The headline benchmarks side by side (tools/bench_all.py, ~15 min on 2 cores): runs/bench/summary.md and .json.
+# BENCH_ARGS=--full for the sizes BENCHMARKS.md quotes, --smoke for seconds per tool.
+bench: setup-integration
+	$(PY) tools/bench_all.py $(BENCH_ARGS)
 
 test: setup-integration corpus
 	$(PY) -m pytest -q -rs --durations=15

@@ -29,6 +29,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import parse_args, write_json  # noqa: E402
+
+SMOKE = {"copies": 1, "episodes": 200, "steps": 1, "batch": 8, "bpe_vocab": 300, "big_gb": 0.1,
+         "amplification_files": 2, "overlap_steps": 3}
+
+
+def data_config(data: dict):
+    """The DataConfig of `data`: the data path alone, so no rollout row has to fit a schedule (objective ntp)."""
+    from rntp_megatron.config import build_config
+
+    return build_config({"data": data, "rl": {"objective": "ntp"}}).data
+
 
 def write_corpus(path: Path, copies: int) -> int:
     """pydoc topics as JSONL, `copies` times; returns the number of bytes of text."""
@@ -46,13 +58,12 @@ def write_corpus(path: Path, copies: int) -> int:
 def bench_episodes(prefix: str, n: int, data: dict, batch: int) -> tuple[float, int, list]:
     """Seconds to produce n episodes from the .bin/.idx and pack them into rows `batch` episodes at a time (as
     the trainer does); tokens; the episodes."""
-    from rntp_megatron.config import build_config
     from rntp_megatron.data.packing import pack_sequences
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
-    cfg = build_config({"data": {"sources": [{"kind": "megatron", "path": prefix}], **data}}).data
+    cfg = data_config({"sources": [{"kind": "megatron", "path": prefix}], **data})
     start = time.perf_counter()
     stream = EpisodeStream(cfg, tok)
     episodes = stream.take(n)
@@ -96,9 +107,9 @@ def bench_training(episodes: list, steps: int, batch: int, row_length: int) -> f
         destroy_distributed()
 
 
-def bench_amplification(tmp: Path, rows: list) -> None:
+def bench_amplification(tmp: Path, rows: list, files: int = 16, episodes: int = 4000) -> None:
     """Bytes read over all DP ranks / corpus bytes, and episodes/s of one rank of 8."""
-    from rntp_megatron.config import SourceConfig, build_config
+    from rntp_megatron.config import SourceConfig
     from rntp_megatron.data.sources import SkipCounts, bytes_read, open_source
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
@@ -107,7 +118,7 @@ def bench_amplification(tmp: Path, rows: list) -> None:
     root = tmp / "multi"
     root.mkdir()
     texts = [topics[k] for k in sorted(topics)]
-    for f in range(16):
+    for f in range(files):
         with open(root / f"{f:02d}.jsonl", "w") as out:
             for c in range(4):
                 out.writelines(json.dumps({"text": t, "id": f"{f}:{c}:{i}"}) + "\n" for i, t in enumerate(texts))
@@ -120,21 +131,21 @@ def bench_amplification(tmp: Path, rows: list) -> None:
         for rank in range(dp):
             source = open_source(src, 4 << 20, SkipCounts(), shard)
             docs += sum(1 for u in range(rank, source.num_units, dp) for _ in source.read(u, {}))
-        rows.append((f"read amplification, DP={dp}", f"{(bytes_read() - before) / size:.3f}x",
-                     f"{size / 1e6:.0f} MB in {source.num_units} units of {shard >> 10} KiB; {docs} docs", ""))
-    cfg = build_config({"data": {"sources": [{"kind": "jsonl", "path": str(root)}], "context_len": 256,
-                                 "min_context": 16, "answer_horizon": 4, "sites_per_chunk": 4,
-                                 "shard_bytes": shard, "prefetch_documents": 0}}).data
+        amplification = (bytes_read() - before) / size
+        rows.append((f"read amplification, DP={dp}", f"{amplification:.3f}x",
+                     f"{size / 1e6:.0f} MB in {source.num_units} units of {shard >> 10} KiB; {docs} docs", "",
+                     {"read_amplification": amplification, "dp": dp, "documents": docs}))
+    cfg = data_config({"sources": [{"kind": "jsonl", "path": str(root)}], "context_len": 256, "min_context": 16,
+                       "answer_horizon": 4, "sites_per_chunk": 4, "shard_bytes": shard, "prefetch_documents": 0})
     stream = EpisodeStream(cfg, ByteTokenizer(), 3, 8)
     start = time.perf_counter()
-    n = len(stream.take(4000))
-    rows.append(("episodes/s of one rank (3 of 8)", f"{n / (time.perf_counter() - start):,.0f} episodes/s",
-                 "byte tokenizer, inline", ""))
+    rate = len(stream.take(episodes)) / (time.perf_counter() - start)
+    rows.append(("episodes/s of one rank (3 of 8)", f"{rate:,.0f} episodes/s", "byte tokenizer, inline", "",
+                 {"episodes_per_s": rate}))
 
 
 def bench_resume(tmp: Path, gigabytes: float, rows: list) -> None:
     """Seconds to the first episode after loading a cursor at 1%, 50%, 99% of a `gigabytes` JSONL file."""
-    from rntp_megatron.config import build_config
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
     from pydoc_data.topics import topics
@@ -146,14 +157,14 @@ def bench_resume(tmp: Path, gigabytes: float, rows: list) -> None:
     with open(path, "wb") as f:
         f.truncate(size)  # sparse: only the units resumed into hold lines
         for frac in (0.01, 0.5, 0.99):
-            u = int(units * frac)
+            u = max(1, int(units * frac))  # unit 0 has no line before it to cut
             f.seek(u * shard - 1)
             f.write(b"\n" + (lines * (shard // len(lines)))[: shard - 1])
-    cfg = build_config({"data": {"sources": [{"kind": "jsonl", "path": str(path)}], "context_len": 256,
-                                 "min_context": 16, "answer_horizon": 4, "shard_bytes": shard}}).data
+    cfg = data_config({"sources": [{"kind": "jsonl", "path": str(path)}], "context_len": 256, "min_context": 16,
+                       "answer_horizon": 4, "shard_bytes": shard})
     state = EpisodeStream(cfg, ByteTokenizer(), 0, 8).state_dict()
     for frac in (0.01, 0.5, 0.99):
-        u = int(units * frac)
+        u = max(1, int(units * frac))  # unit 0 has no line before it to cut
         state["at_document"]["cursors"][0].update(round=u // 8, position={"offset": u * shard})
         state["at_document"]["cursors"][0]["dp_rank"] = u % 8
         start = time.perf_counter()
@@ -163,13 +174,13 @@ def bench_resume(tmp: Path, gigabytes: float, rows: list) -> None:
         seconds = time.perf_counter() - start
         stream.close()
         rows.append((f"first episode after resume at {frac:.0%} of {gigabytes:g} GB", f"{seconds:.3f} s",
-                     f"unit {u} of {units}, {ep.doc_id}", "PASS" if seconds < 2 else "FAIL (target < 2 s)"))
+                     f"unit {u} of {units}, {ep.doc_id}", "PASS" if seconds < 2 else "FAIL (target < 2 s)",
+                     {"seconds": seconds, "fraction": frac}))
     path.unlink()
 
 
 def bench_overlap(tmp: Path, rows: list, data_s: float = 0.05, train_s: float = 0.1, steps: int = 20) -> None:
     """Step wall time with a data path slowed to data_s per step (sleeps per document) and train_s of work."""
-    from rntp_megatron.config import build_config
     from rntp_megatron.data.episodes import EpisodeBuilder
     from rntp_megatron.data.stream import EpisodeStream
     from rntp_megatron.data.tokenizer import ByteTokenizer
@@ -181,8 +192,8 @@ def bench_overlap(tmp: Path, rows: list, data_s: float = 0.05, train_s: float = 
 
     tok = ByteTokenizer()
     for depth in (0, 8):
-        cfg = build_config({"data": {"sources": [{"kind": "synthetic"}], "context_len": 64, "min_context": 8,
-                                     "sites_per_chunk": 1, "prefetch_documents": depth}}).data
+        cfg = data_config({"sources": [{"kind": "synthetic"}], "context_len": 64, "min_context": 8,
+                           "sites_per_chunk": 1, "prefetch_documents": depth})
         stream = EpisodeStream(cfg, tok, builder=SlowBuilder(cfg, tok))
         stream.take(1)
         start = time.perf_counter()
@@ -193,7 +204,9 @@ def bench_overlap(tmp: Path, rows: list, data_s: float = 0.05, train_s: float = 
         stream.close()
         rows.append((f"step with slow data ({data_s * 1e3:.0f} ms) + train ({train_s * 1e3:.0f} ms), "
                      f"prefetch_documents={depth}", f"{per_step * 1e3:.0f} ms",
-                     f"max {max(data_s, train_s) * 1e3:.0f} ms, sum {(data_s + train_s) * 1e3:.0f} ms", ""))
+                     f"max {max(data_s, train_s) * 1e3:.0f} ms, sum {(data_s + train_s) * 1e3:.0f} ms", "",
+                     {"step_s": per_step, "prefetch_documents": depth, "max_s": max(data_s, train_s),
+                      "sum_s": data_s + train_s}))
 
 
 def main() -> int:
@@ -204,7 +217,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64, help="episodes per training step")
     parser.add_argument("--scale", action="store_true", help="the data path at scale (sections 4-7)")
     parser.add_argument("--big-gb", type=float, default=10.0, help="size of the sparse file resumed into")
-    args = parser.parse_args()
+    parser.add_argument("--bpe-vocab", type=int, default=2048, help="vocabulary of the trained BPE tokenizer")
+    parser.add_argument("--amplification-files", type=int, default=16, help="--scale: JSONL files of the corpus")
+    parser.add_argument("--overlap-steps", type=int, default=20, help="--scale: steps timed with slow data")
+    args = parse_args(parser, SMOKE)
     import torch
 
     torch.set_num_threads(1)
@@ -215,44 +231,50 @@ def main() -> int:
     rows: list = []
     if args.scale:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_amplification(Path(tmp), rows)
+            bench_amplification(Path(tmp), rows, args.amplification_files, args.episodes)
             bench_resume(Path(tmp), args.big_gb, rows)
-            bench_overlap(Path(tmp), rows)
-        print_table(rows)
+            bench_overlap(Path(tmp), rows, steps=args.overlap_steps)
+        print_table(rows, args)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "pydoc.jsonl"
         text_bytes = write_corpus(corpus, args.copies)
         src = [SourceConfig(kind="jsonl", path=str(corpus))]
         bpe = TokenizerConfig(kind="trained", path=f"{tmp}/bpe")
-        prepare_data(src, bpe, f"{tmp}/bpe_train", 1, train_vocab_size=2048, progress=False)  # trains once
-        for name, tok_cfg in (("byte", TokenizerConfig()), ("trained BPE 2048", bpe)):
+        prepare_data(src, bpe, f"{tmp}/bpe_train", 1, train_vocab_size=args.bpe_vocab, progress=False)  # trains once
+        for name, tok_cfg in (("byte", TokenizerConfig()), (f"trained BPE {args.bpe_vocab}", bpe)):
             prep = {w: prepare_data(src, tok_cfg, f"{tmp}/{name[:4]}{w}", w, progress=False) for w in (1, 2)}
             base = prep[1].tokens / prep[1].seconds
             for workers, rep in prep.items():
                 rate = rep.tokens / rep.seconds
                 rows.append((f"prepare-data, {workers} worker(s), {name} tokenizer", f"{rate:,.0f} tokens/s",
                              f"{rep.documents} docs / {text_bytes / 1e6:.1f} MB in {rep.seconds:.2f}s",
-                             f"{rate / base:.2f}x of 1 worker"))
+                             f"{rate / base:.2f}x of 1 worker",
+                             {"tokens_per_s": rate, "workers": workers, "seconds": rep.seconds,
+                              "ratio_to_1_worker": rate / base}))
         seconds, tokens, episodes = bench_episodes(f"{tmp}/byte1", args.episodes, data, args.batch)
         data_eps = len(episodes) / seconds
         rows.append(("episode path (.bin/.idx -> episodes -> packed rows)", f"{data_eps:,.0f} episodes/s",
-                     f"{tokens / seconds:,.0f} tokens/s", ""))
+                     f"{tokens / seconds:,.0f} tokens/s", "",
+                     {"episodes_per_s": data_eps, "tokens_per_s": tokens / seconds}))
         train_eps = bench_training(episodes, args.steps, args.batch, data["context_len"] + 16)
         rows.append((f"training step, tiny GPTModel, {args.batch} episodes/step", f"{train_eps:,.1f} episodes/s",
-                     f"{train_eps * tokens / len(episodes):,.0f} tokens/s", ""))
+                     f"{train_eps * tokens / len(episodes):,.0f} tokens/s", "",
+                     {"episodes_per_s": train_eps, "tokens_per_s": train_eps * tokens / len(episodes)}))
         rows.append(("data path / training consumption", f"{data_eps / train_eps:,.0f}x", "target >= 50x",
-                     "PASS" if data_eps / train_eps >= 50 else "FAIL"))
-    print_table(rows)
+                     "PASS" if data_eps / train_eps >= 50 else "FAIL", {"ratio": data_eps / train_eps}))
+    print_table(rows, args)
     return 0
 
 
-def print_table(rows: list) -> None:
+def print_table(rows: list, args: argparse.Namespace) -> None:
+    """The rows' (what, rate, detail, ratio) as a text table; their numbers to --json."""
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print(" | ".join(h.ljust(w) for h, w in zip(("what", "rate", "detail", "ratio"), widths)))
     print("-|-".join("-" * w for w in widths))
     for r in rows:
-        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print(" | ".join(c.ljust(w) for c, w in zip(r[:4], widths)))
+    write_json(args.json, "bench_data", [{"name": r[0], **r[4]} for r in rows], args)
 
 
 if __name__ == "__main__":

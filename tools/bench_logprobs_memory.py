@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import parse_args, write_json  # noqa: E402
 from rntp_megatron.rl.logprobs import vocab_parallel_logprobs  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=131072)
     ap.add_argument("--chunk", type=int, default=256, help="rows per chunk (rl.logprob_chunk_size)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"rows": 256, "vocab": 4096, "chunk": 32})
     dtype = getattr(torch, args.dtype)
     methods = ["naive logp", "naive logp+entropy", "ours"]
     results = {m: measure(m, args.rows, args.vocab, dtype, args.chunk) for m in methods}
@@ -80,9 +81,13 @@ def main() -> int:
     print("|---" * (len(cols) + 1) + "|")
     for m in methods:
         print(f"| {m} | " + " | ".join(f"{results[m][c]:.0f}" for c in cols) + " |")
-    for ref in ("naive logp", "naive logp+entropy"):
-        print(f"| ours / {ref} | " + " | ".join(
-            f"{results['ours'][c] / results[ref][c]:.3f}" if results[ref][c] > 0 else "-" for c in cols) + " |")
+    ratios = {f"ours / {ref}": {c: results["ours"][c] / results[ref][c] for c in cols if results[ref][c] > 0}
+              for ref in ("naive logp", "naive logp+entropy")}
+    for name, ratio in ratios.items():
+        print(f"| {name} | " + " | ".join(f"{ratio[c]:.3f}" if c in ratio else "-" for c in cols) + " |")
+    write_json(args.json, "bench_logprobs_memory",
+               [{"name": m, **{f"{c} MiB": v for c, v in results[m].items()}} for m in methods] +
+               [{"name": name, **ratio} for name, ratio in ratios.items()], args, logits_mib=logits_mib)
     return 0
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_io import parse_args, write_json
 
 from rntp_megatron.config import build_config
 from rntp_megatron.data.synthetic import THINK_OPEN, synthetic_documents
@@ -123,7 +124,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--loop-rows", default="64,512", help="row counts of the loop-vs-forward table")
     p.add_argument("--no-recompute", action="store_true", help="leave out the (slow) full-recompute side")
-    args = p.parse_args()
+    args = parse_args(p, smoke={"prompts": 2, "n": 2, "new": 4, "repeats": 1, "layers": 1, "hidden": 64,
+                                   "loop_rows": "4,8"})
     torch.set_num_threads(1)
     import transformers
 
@@ -177,10 +179,16 @@ def main() -> None:
           f"none hit at most rows), best of {args.repeats}")
     print(f"| {'rows':>5} | {'generate s':>10} | {'forward s':>9} | {'loop s':>8} | {'loop share':>10} |")
     print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    loop_rows = []
     for rows in map(int, args.loop_rows.split(",")):
         total, forward = loop_vs_forward(model, tok, prompts, rows, args.n, args.new, args.repeats)
         print(f"| {rows:5d} | {total:10.3f} | {forward:9.3f} | {total - forward:8.3f} | "
               f"{(total - forward) / total:10.1%} |")
+        loop_rows.append({"name": f"decode loop at {rows} rows", "generate_s": total, "forward_s": forward,
+                          "loop_s": total - forward})
+    write_json(args.json, "bench_megatron_engine", [
+        {"name": name, "seconds": min(ts), "tokens_per_s": tokens / min(ts), "vs_hf": base / min(ts)}
+        for name, ts in times.items()] + loop_rows, args, hf_tokens_equal=same, tokens=tokens)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from bench_io import parse_args, write_json
 
 
 def _sync_seconds(stream: Callable[[], Iterable], repeats: int) -> tuple[float, int]:
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bucket-mb", type=int, default=512)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"layers": 1, "hidden": 512, "experts": 4, "repeats": 1, "bucket_mb": 4})
 
     from megatron.core import parallel_state
 
@@ -77,8 +78,12 @@ def main() -> None:
         src.clone()
         copy = time.perf_counter() - start
         print(f"{'layout':<17} {'GB':>6} {'seconds':>8} {'GB/s':>6} {'x copy':>7}")
-        for name, nbytes, seconds in rows + [("memcpy", rows[0][1], copy)]:
+        rows.append(("memcpy", rows[0][1], copy))
+        for name, nbytes, seconds in rows:
             print(f"{name:<17} {nbytes / 1e9:>6.2f} {seconds:>8.3f} {nbytes / 1e9 / seconds:>6.2f} {seconds / copy:>7.1f}")
+        write_json(args.json, "bench_moe_sync", [
+            {"name": name, "gigabytes": nbytes / 1e9, "seconds": seconds, "gb_per_s": nbytes / 1e9 / seconds,
+             "x_copy": seconds / copy} for name, nbytes, seconds in rows], args)
     destroy_distributed()
 
 

@@ -22,6 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import parse_args, write_json  # noqa: E402
+
+SMOKE = {"repeats": 1, "layers": 1, "hidden": 64, "vocab": 512, "seq": 32, "micro_batch": 2, "policy_tokens": 8}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,7 +37,7 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--policy-tokens", type=int, default=96, help="thought+answer tokens at the end of each row")
-    args = ap.parse_args()
+    args = parse_args(ap, SMOKE)
 
     from rntp_megatron.config import RLConfig, build_config, from_dict
     from rntp_megatron.lm_loss import lm_batch, lm_forward_step
@@ -92,10 +96,15 @@ def main() -> int:
           f"threads={torch.get_num_threads()}")
     print("| step | median CPU s | min CPU s | median wall s | ratio (median CPU) | ratio (min CPU) |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for name in steps:
         med, low = statistics.median(cpu[name]), min(cpu[name])
-        print(f"| {name} | {med:.3f} | {low:.3f} | {statistics.median(wall[name]):.3f} | {med / base_med:.3f} "
+        rows.append({"name": name, "median_cpu_s": med, "min_cpu_s": low,
+                     "median_wall_s": statistics.median(wall[name]), "ratio_median_cpu": med / base_med,
+                     "ratio_min_cpu": low / base_min})
+        print(f"| {name} | {med:.3f} | {low:.3f} | {rows[-1]['median_wall_s']:.3f} | {med / base_med:.3f} "
               f"| {low / base_min:.3f} |")
+    write_json(args.json, "bench_rl_loss", rows, args, threads=torch.get_num_threads())
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_io import parse_args, write_json
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
 from rntp_megatron.config import build_config
@@ -82,13 +83,16 @@ def main() -> None:
     p.add_argument("--length", type=int, default=48)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args()
+    args = parse_args(p, smoke={"prompts": 2, "n": 2, "length": 8, "new": 4, "seeds": 1})
     print(f"{'dtype':10s} {'seed':>4s} {'prompt mismatch':>16s} {'generated mismatch':>19s} {'|dlogp| sampled':>16s}")
+    rows = []
     for dtype in ("float32", "bfloat16"):
         for seed in range(args.seeds):
             m = measure(dtype, args.prompts, args.n, args.length, args.new, seed)
             print(f"{dtype:10s} {seed:4d} {m['prompt']:16.4f} {m['generated']:19.4f} {m['logp_abs_diff']:16.2e}",
                   flush=True)
+            rows.append({"name": f"{dtype} seed {seed}", "dtype": dtype, "seed": seed, **m})
+    write_json(args.json, "bench_routing_mismatch", rows, args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import parse_args, write_json  # noqa: E402
+
 DATA = {"sources": [{"kind": "pydoc"}], "context_len": 256, "min_context": 16, "answer_horizon": 4,
         "sites_per_chunk": 4, "site_selection": "entropy", "entropy_threshold": 1.0}
 
@@ -50,7 +52,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="RL steps (the first one warms up)")
     parser.add_argument("--episodes", type=int, default=64, help="episodes drawn per supply measurement")
-    args = parser.parse_args()
+    parser.add_argument("--rollouts", type=int, default=64, help="rollouts per RL step (schedule.global_batch_size)")
+    parser.add_argument("--group", type=int, default=8, help="rl.group_size")
+    parser.add_argument("--new-tokens", type=int, default=32, help="rollout.max_new_tokens")
+    args = parse_args(parser, smoke={"steps": 2, "episodes": 32, "rollouts": 8, "group": 4, "new_tokens": 4})
     import torch
 
     torch.set_num_threads(1)
@@ -67,9 +72,10 @@ def main() -> int:
         cfg = build_config({
             "model": {"card": "demo"},
             "data": {**DATA, "proxy": {"card": str(card), "load": f"{tmp}/proxy/iter_0000000"}},
-            "rollout": {"max_new_tokens": 32, "temperature": 1.0}, "reward": {"name": "prefix"},
-            "rl": {"group_size": 8},
-            "schedule": {"train_steps": args.steps, "global_batch_size": 64, "micro_batch_size": 16,
+            "rollout": {"max_new_tokens": args.new_tokens, "temperature": 1.0}, "reward": {"name": "prefix"},
+            "rl": {"group_size": args.group},
+            "schedule": {"train_steps": args.steps, "global_batch_size": args.rollouts,
+                         "micro_batch_size": min(16, args.rollouts),
                          "seq_length": 320, "lr": 1e-4},
             "logging": {"dir": f"{tmp}/run", "progress": False, "plot": False}})
         init_distributed(cfg.parallel, cfg.seed)
@@ -82,17 +88,19 @@ def main() -> int:
             step_s = sum(r["step_time_s"] for r in records) / len(records)
             consume = cfg.schedule.global_batch_size / cfg.rl.group_size / step_s
             small = build_frozen(proxy_cfg, cfg.parallel, f"{tmp}/proxy/iter_0000000", "proxy")
-            rows = [("policy (demo card)", f"{params(trainer.model):,} params",
-                     f"RL step {step_s:.2f}s, {cfg.schedule.global_batch_size} rollouts",
-                     f"consumes {consume:.2f} episodes/s")]
+            rows = [{"name": "policy (demo card)", "params": params(trainer.model), "step_s": step_s,
+                     "rollouts": cfg.schedule.global_batch_size, "episodes_per_s": consume}]
             for name, model in (("proxy 1/4", small), ("proxy = policy size", trainer.model)):
                 rate = supply(cfg, trainer.tokenizer, model, args.episodes)
-                rows.append((name, f"{params(model):,} params", f"supplies {rate:.1f} episodes/s",
-                             f"{rate / consume:.0f}x consumption"))
+                rows.append({"name": name, "params": params(model), "episodes_per_s": rate,
+                             "x_consumption": rate / consume})
         finally:
             destroy_distributed()
+    print("| what | size | rate | vs consumption |\n|---|---|---|---|")
     for r in rows:
-        print(" | ".join(r))
+        print(f"| {r['name']} | {r['params']:,} params | {r['episodes_per_s']:.2f} episodes/s | "
+              f"{r.get('x_consumption', 1.0):.0f}x |")
+    write_json(args.json, "bench_site_supply", rows, args)
     return 0
 
 

@@ -38,7 +38,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench_io import parse_args, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"layers": 2, "hidden": 512, "repeats": 1, "bucket_mb": 4, "rollout_tokens": 4}
 
 
 def main() -> None:
@@ -48,18 +51,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--python", default=str(ROOT / "sglang-venv" / "bin" / "python"))
-    parser.add_argument("--channels", default="tensor,distributed,disk")
+    parser.add_argument("--channels", default="tensor,distributed,disk",
+                        help="comma-separated; 'none': the sources and the memcpy only, no server")
     parser.add_argument("--replicas", type=int, nargs="+", help="fleet sizes: the replica sweep (one process)")
-    parser.add_argument("--rollout-tokens", type=int, default=32, help="replica sweep: new tokens per sample")
+    parser.add_argument("--rollout-tokens", type=int, default=32,
+                        help="replica sweep: new tokens per sample of the throughput part; 0 leaves that part out")
     parser.add_argument("--delta", type=float, help="replica sweep with delta sync: fraction of elements changed")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
+    args.channels = [] if args.channels == "none" else args.channels.split(",")
     if args.delta is not None:
         if not args.replicas or not 0 < args.delta < 1:
             parser.error("--delta F needs --replicas and 0 < F < 1")
         delta_sweep(args)
     elif args.replicas:
-        if max(args.replicas) < 2:
-            parser.error("--replicas needs a fleet size of at least 2 (the throughput compares 2 replicas with 1)")
+        if max(args.replicas) < 2 and args.rollout_tokens:
+            parser.error("--replicas needs a fleet size of at least 2 (the throughput compares 2 replicas with 1) "
+                         "or --rollout-tokens 0")
         replica_sweep(args)
     else:
         sharded_sync(args)
@@ -98,7 +105,7 @@ def sharded_sync(args: argparse.Namespace) -> None:
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.weights.export import stream_hf_weights
     from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
-    from rntp_megatron.weights.shared_mirror import SharedHFMirror
+    from rntp_megatron.weights.shared_mirror import shared_mirror
 
     cfg = _config(args, tp=2, pp=2)
     init_distributed(cfg.parallel, seed=1)
@@ -107,7 +114,8 @@ def sharded_sync(args: argparse.Namespace) -> None:
     bucket_bytes = args.bucket_mb << 20
     work = Path(tempfile.mkdtemp(prefix="rntp-bench-sync-")) if rank == 0 else None
 
-    mirror = SharedHFMirror(model, cfg.model, bucket_bytes=bucket_bytes)
+    mirror = shared_mirror(model, cfg.model, bucket_bytes)
+    assert mirror is not None, "the shared-memory mirror needs the 4 ranks' CPU shards on one host with /dev/shm room"
     sources = {"transfer": lambda: stream_hf_weights(model, cfg.model, bucket_bytes=bucket_bytes),
                "mirror": mirror.stream}
     stream = sources["transfer"]
@@ -123,18 +131,18 @@ def sharded_sync(args: argparse.Namespace) -> None:
             dist.barrier()
             source_s[source] = min(source_s[source], time.perf_counter() - t0)
     engine = None
-    if rank == 0:
+    if rank == 0 and args.channels:
         tok = write_byte_tokenizer(work / "tok", eos_id=None)
         save_hf_checkpoint(stream(), work / "init", cfg.model, tokenizer_dir=tok)
         engine = _server(args, work / "init", work / "run")
         print(f"model {total / 1e9:.2f} GB bf16 (TP2 x PP2), server up in {engine.startup_s:.0f} s", flush=True)
-    else:
+    elif args.channels:
         list(stream())
     dist.barrier()
 
     rows = []
     version = 0
-    for channel in args.channels.split(","):
+    for channel in args.channels:
         for source, make in sources.items():
             best = None
             for _ in range(args.repeats):
@@ -151,26 +159,28 @@ def sharded_sync(args: argparse.Namespace) -> None:
                     list(make())
                 dist.barrier()
                 took = time.perf_counter() - t0
-                # broadcast_s overlaps server_s (the load calls receive it); disk's server_s holds its begin/end
-                parts["rest_s"] = took - sum(v for k, v in parts.items() if k != "broadcast_s")
-                if rank == 0 and (best is None or took < best[0]):
-                    best = (took, parts)
+                if rank == 0:  # broadcast_s overlaps server_s (the load calls receive it); disk's holds begin/end
+                    parts["rest_s"] = took - sum(v for k, v in parts.items() if k != "broadcast_s")
+                    if best is None or took < best[0]:
+                        best = (took, parts)
             if rank == 0:
                 rows.append((f"{channel} <- {source}", *best))
     if rank == 0:
         src = torch.randint(0, 255, (total,), dtype=torch.uint8)
         dst = torch.empty_like(src)
         memcpy_s = min(_timed(lambda: dst.copy_(src)) for _ in range(3))
+        rows = [(f"memcpy (1 copy, {total / 1e9:.2f} GB)", memcpy_s, {}),
+                ("transfer stream alone (TP gather + merge + PP send)", source_s["transfer"], {}),
+                ("shared mirror alone (each rank writes its shards)", source_s["mirror"], {})] + rows
         print("\n| channel | sync s | GB/s | x memcpy | where the time goes (s) |\n|---|---|---|---|---|")
-        print(f"| memcpy (1 copy, {total / 1e9:.2f} GB) | {memcpy_s:.3f} | {total / memcpy_s / 1e9:.2f} | 1.0 | |")
-        for source, label in (("transfer", "transfer stream alone (TP gather + merge + PP send)"),
-                              ("mirror", "shared mirror alone (each rank writes its shards)")):
-            took = source_s[source]
-            print(f"| {label} | {took:.3f} | {total / took / 1e9:.2f} | {took / memcpy_s:.1f} | |")
-        for channel, took, parts in rows:
+        for label, took, parts in rows:
             detail = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in parts.items())
-            print(f"| {channel} | {took:.3f} | {total / took / 1e9:.2f} | {took / memcpy_s:.1f} | {detail} |")
-        engine.close()
+            print(f"| {label} | {took:.3f} | {total / took / 1e9:.2f} | {took / memcpy_s:.1f} | {detail} |")
+        write_json(args.json, "bench_weight_sync", [
+            {"name": label, "seconds": took, "gb_per_s": total / took / 1e9, "x_memcpy": took / memcpy_s, **parts}
+            for label, took, parts in rows], args, gigabytes=total / 1e9, mode="sharded")
+        if engine is not None:
+            engine.close()
         shutil.rmtree(work, ignore_errors=True)
     destroy_distributed()
 
@@ -182,17 +192,27 @@ def replica_sweep(args: argparse.Namespace) -> None:
     from rntp_megatron.runtime import destroy_distributed
 
     buckets, work, engines = _fleet_setup(args)
-    _print_sync_table(_sync_rows(engines, buckets, args), args)
+    sync_rows = _sync_rows(engines, buckets, args)
+    _print_sync_table(sync_rows, args)
     for e in engines[2:]:  # an idle CPU server still polls (~20-40% of a core): only the measured ones stay up
         e.close()
-    with _server_threads(2):
-        solo = _server(args, work / "init", work / "solo")
-    tokens_per_s = _tokens_per_s({"1 replica x 2 threads": SGLangFleet([solo], owned=True),
-                                  "2 replicas x 1 thread": SGLangFleet(engines[:2], owned=False)},
-                                 args.repeats, new_tokens=args.rollout_tokens)
-    print("\n| rollout (same 2 cores) | tokens/s |\n|---|---|")
-    for label, rate in tokens_per_s.items():
-        print(f"| {label} | {rate:.1f} |")
+    tokens_per_s = {}
+    if args.rollout_tokens:
+        with _server_threads(2):
+            solo = _server(args, work / "init", work / "solo")
+        tokens_per_s = _tokens_per_s({"1 replica x 2 threads": SGLangFleet([solo], owned=True),
+                                      "2 replicas x 1 thread": SGLangFleet(engines[:2], owned=False)},
+                                     args.repeats, new_tokens=args.rollout_tokens)
+        print("\n| rollout (same 2 cores) | tokens/s |\n|---|---|")
+        for label, rate in tokens_per_s.items():
+            print(f"| {label} | {rate:.1f} |")
+    smallest = min(args.replicas)
+    write_json(args.json, "bench_weight_sync", [
+        {"name": f"{channel} x {n}", "channel": channel, "replicas": n, "seconds": took,
+         "ratio_to_smallest": took / sync_rows[channel, smallest][0], **parts}
+        for (channel, n), (took, parts) in sync_rows.items()] + [
+        {"name": f"rollout, {label}", "tokens_per_s": rate} for label, rate in tokens_per_s.items()],
+        args, mode="replicas")
     for e in engines[:2]:
         e.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -209,7 +229,7 @@ def delta_sweep(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     rows, version = {}, 0
     for _ in range(args.repeats):
-        for channel in [c for c in args.channels.split(",") if c != "tensor"]:  # delta_sync refuses tensor
+        for channel in [c for c in args.channels if c != "tensor"]:  # delta_sync refuses tensor
             for n in args.replicas:
                 fleet = SGLangFleet(engines[:n], owned=False)
                 for e in engines[:n]:
@@ -230,6 +250,7 @@ def delta_sweep(args: argparse.Namespace) -> None:
                 fleet.close()
     print(f"\n| channel | replicas | dense change s (GB sent) | {args.delta:g} of elements changed s (GB sent) | "
           "sparse / dense time | bytes | where the time goes (s): dense; sparse |\n|---|---|---|---|---|---|---|")
+    table = []
     for channel, n, change in rows:
         if change == "dense":
             (dense_s, dense_b, dense_p), (sparse_s, sparse_b, sparse_p) = (rows[channel, n, "dense"],
@@ -237,6 +258,10 @@ def delta_sweep(args: argparse.Namespace) -> None:
             detail = "; ".join(", ".join(f"{k[:-2]} {v:.2f}" for k, v in p.items()) for p in (dense_p, sparse_p))
             print(f"| {channel} | {n} | {dense_s:.3f} ({dense_b / 1e9:.3f}) | {sparse_s:.3f} ({sparse_b / 1e9:.4f}) | "
                   f"{sparse_s / dense_s:.2f} | {sparse_b / dense_b:.3f} | {detail} |", flush=True)
+            table.append({"name": f"{channel} x {n}", "channel": channel, "replicas": n, "dense_s": dense_s,
+                          "dense_gb": dense_b / 1e9, "sparse_s": sparse_s, "sparse_gb": sparse_b / 1e9,
+                          "time_sparse_over_dense": sparse_s / dense_s, "bytes_sparse_over_dense": sparse_b / dense_b})
+    write_json(args.json, "bench_weight_sync", table, args, mode="delta", changed_fraction=args.delta)
     for e in engines:
         e.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -289,7 +314,7 @@ def _sync_rows(engines: list, buckets: list, args: argparse.Namespace) -> dict[t
 
     rows, version = {}, 0
     for _ in range(args.repeats):  # rounds over every (channel, fleet size): each sees the box's load of the moment
-        for channel in args.channels.split(","):
+        for channel in args.channels:
             for n in args.replicas:
                 fleet = SGLangFleet(engines[:n], owned=False)
                 for e in engines[:n]:
@@ -315,7 +340,7 @@ def _print_sync_table(rows: dict[tuple[str, int], tuple], args: argparse.Namespa
     print(f"\n| channel | {' | '.join(f'{n} replica(s) s' for n in sizes)} | "
           f"{' | '.join(f'{n} / {sizes[0]}' for n in sizes[1:])} | where the time goes (s), per fleet size |")
     print("|---" * (2 * len(sizes) + 1) + "|")
-    for channel in args.channels.split(","):
+    for channel in args.channels:
         cells = [f"{rows[channel, n][0]:.3f}" if (channel, n) in rows else "refused" for n in sizes]
         ratios = [f"{rows[channel, n][0] / rows[channel, sizes[0]][0]:.2f}" if (channel, n) in rows else "-"
                   for n in sizes[1:]]

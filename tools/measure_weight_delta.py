@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import torch
+from bench_io import parse_args, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE_SETS = ["schedule.train_steps=2", "schedule.global_batch_size=8", "schedule.micro_batch_size=8",
+              "rollout.max_new_tokens=8", "checkpoint.save_interval=0"]
 
 
 def bf16_bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -35,13 +39,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "demo_rl.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"overrides": list(SMOKE_SETS)})  # a --set given after --smoke wins
+    with tempfile.TemporaryDirectory(prefix="rntp-weight-delta-") as tmp:
+        # --smoke writes its run (metrics, no checkpoints) to a temporary folder unless logging.dir is set
+        smoke_dir = [f"logging.dir={tmp}"] if args.smoke else []
+        measure(args, smoke_dir + args.overrides)
 
+
+def measure(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Train args.config with `overrides`, printing each step's changed fraction of bf16 elements; a summary."""
     from rntp_megatron.config import load_config
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
-    trainer = Trainer(load_config(args.config, args.overrides))
+    trainer = Trainer(load_config(args.config, overrides))
     sizes = {n: p.numel() for n, p in trainer.model.named_parameters()}
     total = sum(sizes.values())
     state = {"bits": bf16_bits(trainer.model)}
@@ -68,6 +79,12 @@ def main() -> None:
     fracs = [r[2] for r in rows]
     print(f"\n{total} parameters over {len(sizes)} tensors; {len(rows)} steps: changed fraction mean "
           f"{sum(fracs) / len(fracs):.4f}, min {min(fracs):.4f}, max {max(fracs):.4f}")
+    write_json(args.json, "measure_weight_delta", [
+        {"name": f"step {step}", "lr": lr, "changed_fraction": overall, "tensor_max": high, "tensor_min": low,
+         "delta_bytes_over_full": 3 * overall} for step, lr, overall, high, low in rows] + [
+        {"name": "changed fraction mean", "changed_fraction": sum(fracs) / len(fracs), "min": min(fracs),
+         "max": max(fracs), "delta_bytes_over_full": 3 * sum(fracs) / len(fracs)}],
+        args, parameters=total, tensors=len(sizes))
 
 
 if __name__ == "__main__":

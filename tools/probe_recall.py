@@ -5,7 +5,8 @@
 Documents `*Kq;Qm;X7;...;|Qm;X7;Kq;...`: bindings, then the same bindings recited in shuffled order, so every
 recited value is a lookup of its key. `--mode` mixes in half of the documents as: nothing else (`plain`), the
 bindings recited in order (`inorder`), or a random word repeated (`repeat`, the corpus's `@` documents). Prints
-one JSON line per 50 steps with `recall`: greedy accuracy of the recited values on 64 fixed shuffled documents.
+one JSON line per --eval-every (50) steps with `recall`: greedy accuracy of the recited values on 64 fixed
+shuffled documents.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import string
 import time
 
 import torch
+from bench_io import parse_args, write_json
 
 from rntp_megatron.config import build_config
 from rntp_megatron.model.provider import build_model
@@ -49,7 +51,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=32)
-    args = p.parse_args()
+    p.add_argument("--eval-every", type=int, default=50)
+    args = parse_args(p, smoke={"steps": 4, "eval_every": 2, "batch": 4})
     torch.set_num_threads(1)
     cfg = build_config({"model": {"card": "demo"}})
     init_distributed(cfg.parallel, seed=0)
@@ -69,7 +72,7 @@ def main() -> None:
 
     held_out = [recall_document(eval_rng, args.pairs, False) for _ in range(64)]
     values_at = [3 * args.pairs + 3 + 3 * i for i in range(args.pairs)]  # recited values: after `*`, bindings, `|`, key
-    start = time.time()
+    start, rows = time.time(), []
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / 100)
@@ -79,13 +82,15 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0:
+        if step % args.eval_every == 0:
             with torch.no_grad():
                 x, logits = forward(held_out)
             predicted = logits.argmax(-1)[:, [i - 1 for i in values_at]]
             recall = (predicted == x[:, values_at]).float().mean().item()
             print(json.dumps({"mode": args.mode, "step": step, "s": round(time.time() - start),
                               "loss": round(loss.item(), 3), "recall": round(recall, 3)}), flush=True)
+            rows.append({"name": f"step {step}", "step": step, "loss": loss.item(), "recall": recall})
+    write_json(args.json, "probe_recall", rows, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import random
 import time
 
 import torch
+from bench_io import parse_args, write_json
 
 from rntp_megatron.config import build_config
 from rntp_megatron.data.synthetic import (ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN,
@@ -225,7 +226,9 @@ def main() -> None:
     p.add_argument("--rl-eval-every", type=int, default=25)
     p.add_argument("--eval-sites", type=int, default=96)
     p.add_argument("--spec", default="{}", help="JSON overrides of SyntheticSpec fields")
-    args = p.parse_args()
+    args = parse_args(p, smoke={"layers": 1, "hidden": 64, "heads": 2, "batch": 4, "pretrain_steps": 2,
+                                "eval_every": 2, "rl_steps": 1, "rl_eval_every": 1, "rl_prompts": 2, "group": 2,
+                                "eval_sites": 8})
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     spec = SyntheticSpec(**json.loads(args.spec))
@@ -241,8 +244,13 @@ def main() -> None:
     c_sites = heldout_sites(args.seed, spec, args.eval_sites, "C")
     i_sites = heldout_sites(args.seed, spec, args.eval_sites, "I")
     logf = open(os.path.join(args.out, "log.jsonl"), "a")
+    rows = []
 
     def log(record: dict) -> None:
+        """Print and append an evaluation record; its numbers become a --json row."""
+        if "phase" in record:
+            rows.append({"name": f"{record['phase']} step {record.get('step', '-')}",
+                         **{k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "s"}})
         record = {k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}
         print(json.dumps(record), flush=True)
         logf.write(json.dumps(record) + "\n")
@@ -257,6 +265,7 @@ def main() -> None:
         log({"phase": "rl-start", **evaluate_now()})
         rl(model, engine, args, spec, evaluate_now, log)
         log({"phase": "rl-end", **evaluate_now()})
+    write_json(args.json, "probe_synthetic", rows, args)
 
 
 if __name__ == "__main__":
