@@ -304,11 +304,13 @@ class Trainer:
         rollout_s += time.monotonic() - t0
         trained_version = self.weight_version
         self.weight_version += 1
+        t0 = time.monotonic()
         self.placement.push_weights(self.weight_version)
+        weight_sync_s = time.monotonic() - t0
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
         out.update(self._rollout_metrics(scored_eps, scored, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
-        out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
+        out.update(rollout_s=rollout_s, weight_sync_s=weight_sync_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         if self.engine is not None:
             out.update(self.engine.stats())
         return out

@@ -159,3 +159,24 @@ def test_a_fleet_of_two_replicas_on_two_hosts_serves_a_trainer_on_a_third(cluste
     for r in records:
         assert r["replicas_live"] == 2 and r["replica0_share"] > 0 and r["replica1_share"] > 0, r
         assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r
+
+
+def test_each_node_is_a_host_and_reaches_the_others_over_its_own_interface(cluster):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    names = _login("srun", "-N", "3", "hostname", env=env, timeout=120)
+    assert sorted(names.stdout.split()) == ["node1", "node2", "node3"], names.stdout + names.stderr
+    route = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-m", "rntp_megatron.runtime.netif", "node1",
+                   env=env, timeout=120)
+    assert route.stdout.strip() == "eth0", route.stdout + route.stderr  # not lo: node1 is another host
+
+
+def test_ranks_on_two_hosts_refuse_a_server_bound_to_loopback(cluster, tmp_path):
+    """An owned server at the default rollout.sglang.host (loopback) would be unreachable from node2's rank."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sets = [a for s in [*SHRINK, f"logging.dir={tmp_path}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                        "rollout.engine=sglang", "rollout.placement=separate",
+                        "rollout.sglang.weight_sync=distributed"] for a in ("--set", s)]
+    out = _login("srun", "-N", "2", "--ntasks-per-node=1", "-t", "5", sys.executable, "-m", "rntp_megatron.cli",
+                 "train", "--config", str(RECIPE), *sets, cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "rollout.sglang.host: '127.0.0.1' is a loopback address" in out.stdout + out.stderr, out.stderr[-3000:]
