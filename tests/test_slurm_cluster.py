@@ -180,3 +180,21 @@ def test_ranks_on_two_hosts_refuse_a_server_bound_to_loopback(cluster, tmp_path)
                  "train", "--config", str(RECIPE), *sets, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode != 0
     assert "rollout.sglang.host: '127.0.0.1' is a loopback address" in out.stdout + out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.nemo_run
+def test_nemo_run_slurm_executor_runs_a_two_node_job(cluster, tmp_path):
+    """recipes/launch.py's SlurmExecutor (LocalTunnel) on the login node: one rank on each of two hosts."""
+    pytest.importorskip("nemo_run")
+    # NEMORUN_HOME must not contain "nemo_run": NeMo-Run 0.11.1 then doubles the Slurm job paths
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = _login(sys.executable, "-m", "recipes.launch", "tiny_cpu", "--executor", "slurm", "--partition", "debug",
+                 "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:10:00",
+                 "--run-dir", str(tmp_path / "run"), "--train-steps", "2", "--name", "tiny-hosts",
+                 cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, (out.stdout + out.stderr)[-4000:]
+    run_dir = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    # one task per node: two ranks are two hosts
+    assert json.loads((latest / "complete.json").read_text())["world_size"] == 2

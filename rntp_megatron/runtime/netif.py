@@ -1,6 +1,6 @@
 """Which network interface reaches a peer: what GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME must name on a host whose
 hostname does not resolve to an address the peer can reach (gloo then falls back to loopback, and the peer is told
-127.0.0.1).
+its loopback address).
 
 The kernel's own route decides: a UDP socket "connected" to the peer (no packet is sent) gets the source address
 the route to it uses, and the interface holding that address is the one (SIOCGIFADDR on each interface).
