@@ -23,12 +23,8 @@ export SLURM_CONF=$STATE/etc/slurm.conf
 MUNGE_SOCKET=/run/munge/munge.socket.2  # inside our mount namespaces: $STATE/munge/munge.socket.2
 HOSTS_MARK="# rntp-slurm-cluster"
 
-wait_for() {  # wait_for TRIES SLEEP CMD... : retry a check
-    local tries=$1 pause=$2
-    shift 2
-    for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep "$pause"; done
-    return 1
-}
+# shellcheck source=tools/slurm_common.sh
+source "$(dirname "$0")/slurm_common.sh"
 # Everything of the cluster runs in a mount namespace of its own where /run/munge is our munged's folder: Slurm's
 # connections to slurmdbd ignore AuthInfo's socket= and always use munge's default socket.
 with_munge() { unshare -m --propagation private sh -c 'mount --bind "$0" /run/munge && exec "$@"' "$STATE/munge" "$@"; }
@@ -119,43 +115,14 @@ write_slurm_conf() {
     cat > "$SLURM_CONF" <<EOF
 ClusterName=rntp
 SlurmctldHost=$CTL($CTL_ADDR)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
-AuthInfo=cred_expire=15
-CredType=cred/munge
-SlurmctldPort=6817
-SlurmdPort=6818
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-# no cgroups: their plugins fail in containers
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=$CTL
-AccountingStoragePort=6819
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SwitchType=switch/none
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=5,bf_interval=5
-SlurmdParameters=config_overrides
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
-SlurmctldTimeout=30
-SlurmdTimeout=60
-Waittime=0
+$(slurm_conf_common)
 EOF
     while read -r name addr; do
         echo "NodeName=$name NodeAddr=$addr NodeHostname=$name CPUs=$cpus RealMemory=$mem State=UNKNOWN" >> "$SLURM_CONF"
@@ -190,14 +157,7 @@ start() {
 stop() {
     local f pid ns
     for f in "$STATE"/run/slurmd-*.pid "$STATE"/run/{slurmctld,slurmdbd,mariadbd,munged}.pid; do
-        [ -s "$f" ] || continue
-        pid=$(cat "$f")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid"
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        fi
-        rm -f "$f"
+        stop_recorded "$f"
     done
     # what jobs left running on our hosts (e.g. a server of a cancelled job) lives only in our namespaces
     while read -r ns; do
