@@ -8,13 +8,17 @@ README documents it.
   between hosts (each side on the interface of its route to the other), 3 RL steps whose rollouts come from the
   trainer's weights of that step; USR1 to the batch shell makes the trainer checkpoint and the job requeue, and
   the requeued job (fresh replica) resumes and finishes.
-- Two replicas on node2 + node3 and the trainer on node1: a fleet across hosts, both replicas serve every step.
+- Two replicas on node2 + node3 and the trainer on node1: a fleet across hosts, both replicas serve; node3's server
+  crashes after step 0, node2's serves the rest (no step lost) and train.sbatch starts node3's again.
+- Each node is a host (own hostname, its route to the others over eth0); ranks on two hosts refuse an owned server
+  bound to loopback; NeMo-Run's SlurmExecutor runs a two-node job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,16 +152,46 @@ def test_trainer_on_two_hosts_and_a_replica_on_a_third_train_on_policy_requeue_a
     assert world == 2  # DP2: one rank on each of two hosts
 
 
+def _crash_server_on(node: str) -> list[int]:
+    """SIGKILL, on host `node`, every process below the replica step's shell (the server and its subprocesses: a
+    crash); the shell, train.sbatch's supervisor, stays. Returns the PIDs killed."""
+    def parent(pid: str) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+
+    def argv(pid: str) -> list[bytes]:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout.split()
+    [shell] = [p for p in pids if argv(p)[0].endswith(b"bash") and b"sglang.launch_server" in b" ".join(argv(p))]
+    below, frontier = [], {shell}
+    while frontier:  # descendants, breadth first
+        frontier = {p for p in pids if p not in below and p != shell and parent(p) in frontier}
+        below += sorted(frontier)
+    for pid in below:
+        os.kill(int(pid), signal.SIGKILL)
+    return [int(p) for p in below]
+
+
 def test_a_fleet_of_two_replicas_on_two_hosts_serves_a_trainer_on_a_third(cluster, hf_init, tmp_path):
+    """Node3's server crashes after step 0: its groups go to node2's replica, no step is lost, and train.sbatch
+    starts it again at the same address."""
     job, run_dir, log = _submit(tmp_path, "rntp-fleet", hf_init, sglang_nodes=2)
+    deadline = time.monotonic() + 420
+    while not _records(run_dir) and time.monotonic() < deadline and _state(job) not in DONE:
+        time.sleep(0.5)
+    assert _records(run_dir), _logs(log, run_dir)
+    assert _crash_server_on("node3")
     state = _wait(job, log, run_dir)
     text = _logs(log, run_dir)
     assert state == "COMPLETED", text
     assert "(trainer: node1)" in text, text
+    assert "SGLang replica on node3 exited with 137: starting it again at the same address" in text, text
     records = _records(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2], text
-    for r in records:
-        assert r["replicas_live"] == 2 and r["replica0_share"] > 0 and r["replica1_share"] > 0, r
+    assert records[0]["replicas_live"] == 2 and records[0]["replica1_share"] > 0, records[0]
+    assert records[-1]["replicas_live"] == 1 and records[-1]["replica0_share"] == 1.0, records[-1]  # node2 alone
+    for r in records:  # every step's full batch, from the trainer's weights of that step
+        assert r["data/episodes"] == records[0]["data/episodes"], r
         assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r
 
 
