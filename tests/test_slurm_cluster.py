@@ -204,16 +204,37 @@ def test_each_node_is_a_host_and_reaches_the_others_over_its_own_interface(clust
     assert route.stdout.strip() == "eth0", route.stdout + route.stderr  # not lo: node1 is another host
 
 
+def _train_with_owned_server(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
+    """`srun -N 2 rntp train` of the shrunk recipe (2 steps): DP2 on node1 + node2, rank 0 starts the server."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}
+    overrides = [*SHRINK, "schedule.train_steps=2", f"logging.dir={tmp_path / 'logs'}",
+                 f"checkpoint.dir={tmp_path / 'ckpt'}", "rollout.engine=sglang", "rollout.placement=separate",
+                 "rollout.sglang.weight_sync=distributed", f"rollout.sglang.python={SGLANG_PYTHON}",
+                 'rollout.sglang.extra_args=[--mem-fraction-static,"0.3"]', *sets]
+    return _login("srun", "-N", "2", "--ntasks-per-node=1", "-t", "10", sys.executable, "-m", "rntp_megatron.cli",
+                  "train", "--config", str(RECIPE), *[a for s in overrides for a in ("--set", s)],
+                  cwd=tmp_path, env=env, timeout=420)
+
+
 def test_ranks_on_two_hosts_refuse_a_server_bound_to_loopback(cluster, tmp_path):
     """An owned server at the default rollout.sglang.host (loopback) would be unreachable from node2's rank."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    sets = [a for s in [*SHRINK, f"logging.dir={tmp_path}", f"checkpoint.dir={tmp_path / 'ckpt'}",
-                        "rollout.engine=sglang", "rollout.placement=separate",
-                        "rollout.sglang.weight_sync=distributed"] for a in ("--set", s)]
-    out = _login("srun", "-N", "2", "--ntasks-per-node=1", "-t", "5", sys.executable, "-m", "rntp_megatron.cli",
-                 "train", "--config", str(RECIPE), *sets, cwd=tmp_path, env=env, timeout=300)
+    out = _train_with_owned_server(tmp_path)
     assert out.returncode != 0
     assert "rollout.sglang.host: '127.0.0.1' is a loopback address" in out.stdout + out.stderr, out.stderr[-3000:]
+
+
+def test_an_owned_server_bound_to_every_address_serves_ranks_on_two_hosts(cluster, tmp_path):
+    """rollout.sglang.host 0.0.0.0: rank 0 (node1) starts the server, the URL every rank gets names node1, and
+    node2's rank generates from it."""
+    out = _train_with_owned_server(tmp_path, "rollout.sglang.host=0.0.0.0")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(r["logp_abs_diff_rollout"] < LOGPROB_TOL for r in records), records
+    [server_log] = (tmp_path / "logs").rglob("sglang_server.0.log")
+    clients = {line.split("INFO:")[1].split(":")[0].strip() for line in server_log.read_text().splitlines()
+               if "POST /generate" in line}
+    assert clients == {"10.77.0.11", "10.77.0.12"}, clients  # both hosts' ranks
 
 
 @pytest.mark.nemo_run
