@@ -741,6 +741,21 @@ def validate_rollout(cfg: RunConfig) -> None:
                           f"{r.placement!r}, which takes one of {list(channels)} (tensor: shared memory with a "
                           "colocated server; distributed: a gloo/NCCL group with a server on devices of its own); "
                           f"fix: rollout.sglang.weight_sync: {channels[0]}")
+    validate_group_host(sg)
+
+
+def validate_group_host(sg: SGLangConfig) -> None:
+    """The distributed channel's trainer address must be one the attached servers can reach: a loopback group_host
+    reaches a server on another host's own loopback."""
+    from urllib.parse import urlsplit
+
+    from rntp_megatron.runtime.netif import is_loopback
+
+    remote = [u for u in [sg.url, *sg.urls] if u and not is_loopback(urlsplit(u).hostname or "")]
+    if sg.weight_sync == "distributed" and remote and sg.group_host and is_loopback(sg.group_host):
+        raise ConfigError(f"rollout.sglang.group_host: {sg.group_host!r} is a loopback address, but the servers at "
+                          f"{remote} are on other hosts, where it names their own loopback; fix: the trainer's "
+                          "address on the network they share, or leave it unset (MASTER_ADDR / the first Slurm node)")
 
 
 def validate_delta_sync(sg: SGLangConfig) -> None:

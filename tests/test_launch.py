@@ -202,7 +202,7 @@ def test_sbatch_sglang_nodes_start_one_replica_per_node(tmp_path):
     assert len(replicas) == 2
     for step, node in zip(replicas, ("n3", "n4")):
         assert f"--nodelist={node} " in step and "--nodes=1" in step and "sglang.launch_server" in step
-        assert step.endswith(model) and "--host 0.0.0.0" in step.replace("\\ ", " ")
+        assert f" {model} " in step and "--host 0.0.0.0" in step.replace("\\ ", " ")
     assert "--nodelist=n1\\,n2" in train or "--nodelist=n1,n2" in train
     assert "rollout.sglang.urls=\\[http://n3:30000\\,http://n4:30000\\]" in train or \
         "rollout.sglang.urls=[http://n3:30000,http://n4:30000]" in train

@@ -324,10 +324,12 @@ def test_killed_server_is_detected_and_restarted_with_current_weights(workdir, t
     eng = SGLangEngine(cfg, model_path=workdir / "init", run_dir=workdir / "run_restart", dtype="float32")
     try:
         eng.update_weights(state.items(), 5)
+        url = eng.client.url
         os.killpg(eng._server.proc.pid, signal.SIGKILL)  # a crash: the whole server dies at once
         eng._server.proc.wait()
         rollouts = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))  # detected, restarted, retried
         assert eng.restarts == 1 and rollouts[0].weight_version == 5
+        assert eng.client.url == url  # same port: ranks that attached by URL (DP > 1) still reach it
         assert max_gap(eng.prompt_logprobs(PROMPTS), hf_logprobs(state)) < LOGPROB_TOL
         assert (workdir / "run_restart" / "sglang_server.1.log").exists()
         os.killpg(eng._server.proc.pid, signal.SIGKILL)

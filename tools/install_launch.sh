@@ -9,9 +9,9 @@ set -euo pipefail
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
+APT_PACKAGES=(slurm-wlm munge slurmdbd mariadb-server iproute2)  # iproute2: tools/slurm_cluster.sh
 NEED_APT=0
-for bin in slurmctld slurmd munged slurmdbd mariadbd sacct; do
+for bin in slurmctld slurmd munged slurmdbd mariadbd sacct ip; do
     command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || NEED_APT=1
 done
 if [ "$NEED_APT" = 1 ]; then

@@ -11,12 +11,8 @@ STATE=${RNTP_SLURM_STATE:-/tmp/rntp-slurm}
 NODE=localhost  # NodeName == NodeHostname; must resolve to 127.0.0.1
 DAEMONS=(slurmd slurmctld slurmdbd mariadbd munged)  # stop order
 
-wait_for() {  # wait_for TRIES SLEEP CMD... : retry a check
-    local tries=$1 pause=$2
-    shift 2
-    for _ in $(seq "$tries"); do "$@" >/dev/null 2>&1 && return 0; sleep "$pause"; done
-    return 1
-}
+# shellcheck source=tools/slurm_common.sh
+source "$(dirname "$0")/slurm_common.sh"
 
 node_usable() { sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
 controller_up() { scontrol ping 2>/dev/null | grep -q UP; }
@@ -79,44 +75,14 @@ write_slurm_conf() {
     cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=local
 SlurmctldHost=$NODE
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
-AuthInfo=cred_expire=15
-CredType=cred/munge
-SlurmctldPort=6817
-SlurmdPort=6818
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
 SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-# no cgroups: their plugins fail in containers
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStoragePort=6819
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SwitchType=switch/none
-SchedulerType=sched/backfill
-# look at pending jobs every few seconds (defaults 60/30 s): a requeued job starts soon after it may
-SchedulerParameters=sched_interval=5,bf_interval=5
-SlurmdParameters=config_overrides
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
-SlurmctldTimeout=30
-SlurmdTimeout=60
-Waittime=0
+$(slurm_conf_common)
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
@@ -145,17 +111,7 @@ start() {
 }
 
 stop() {
-    for d in "${DAEMONS[@]}"; do
-        local f="$STATE/run/$d.pid" pid
-        [ -s "$f" ] || continue
-        pid=$(cat "$f")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid"
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        fi
-        rm -f "$f"
-    done
+    for d in "${DAEMONS[@]}"; do stop_recorded "$STATE/run/$d.pid"; done
     echo "stopped"
 }
 

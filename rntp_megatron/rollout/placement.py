@@ -24,6 +24,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -31,12 +33,30 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from rntp_megatron.config import ConfigError, RunConfig
+from rntp_megatron.config import ConfigError, RunConfig, SGLangConfig
 from rntp_megatron.data.tokenizer import Tokenizer
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine
 from rntp_megatron.runtime import device
+from rntp_megatron.runtime.netif import is_loopback
 from rntp_megatron.weights.export import stream_hf_weights
 from rntp_megatron.weights.shared_mirror import shared_mirror
+
+
+def check_reachable(sg: SGLangConfig, urls: list[str], hosts: set[str]) -> None:
+    """ConfigError when the trainer's ranks run on several hosts (`hosts`) and the servers' URLs would name a
+    loopback address, which each of those hosts reaches as its own: attached URLs, or the address an owned server
+    binds (rollout.sglang.host; its URL goes to every rank)."""
+    if len(hosts) < 2:
+        return
+    local = [u for u in urls if is_loopback(urllib.parse.urlsplit(u).hostname or "")]
+    if local:
+        raise ConfigError(f"rollout.sglang.urls: {local} name a loopback address, but the trainer's ranks run on "
+                          f"hosts {sorted(hosts)}, each of which reaches its own loopback there; fix: the servers' "
+                          "host names or addresses on the network the hosts share")
+    if not urls and is_loopback(sg.host):
+        raise ConfigError(f"rollout.sglang.host: {sg.host!r} is a loopback address, but the trainer's ranks run on "
+                          f"hosts {sorted(hosts)} and those off rank 0's host cannot reach a server bound there; fix: "
+                          "rollout.sglang.host: 0.0.0.0 (its URL is then rank 0's host name) or rank 0's address")
 
 
 class EnginePlacement:
@@ -79,6 +99,9 @@ class EnginePlacement:
         sg = self.cfg.rollout.sglang
         padding = range(tokenizer.vocab_size, self.cfg.model.vocab_size)  # sampled by no engine
         urls = [u for u in [sg.url, *sg.urls] if u]
+        hosts: list[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+        check_reachable(sg, urls, set(hosts))
         folder = None if urls else self._export_initial(tokenizer, run_dir / "sglang")
         count = len(urls) or sg.replicas
         # in a fleet the fleet restarts a dead server and brings it to the current weights; alone, it does so itself

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import os
 import secrets
 import socket
 import threading
@@ -45,7 +46,7 @@ import urllib.error
 import urllib.parse
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,7 @@ from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess, SGLan
 from rntp_megatron.rollout.sglang_plugins import served_env
 from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
 from rntp_megatron.runtime.distributed import rank_info
+from rntp_megatron.runtime.netif import socket_ifname_env
 from rntp_megatron.runtime.spawn import free_port
 from rntp_megatron.weights.buckets import DEFAULT_BUCKET_BYTES, NamedTensors, backend_device, bucketed, flatten
 from rntp_megatron.weights.delta import DeltaSender
@@ -109,7 +111,7 @@ class SGLangEngine(RolloutEngine):
         self._delta_folder: Optional[Path] = None  # disk: the last folder of deltas (model_path stays a full one)
         if cfg.url is not None:
             self.client = HTTPClient(cfg.url, self.api_key)
-            self.client.call("/health", timeout=30)
+            self.startup_s = self._wait_attached()
             self._check_served_classes()
             if routed_experts is not None:  # refused here, before a fleet would take the error for a failure
                 probe = self.client.call("/generate", {"input_ids": [0], "sampling_params": {"max_new_tokens": 1},
@@ -121,8 +123,26 @@ class SGLangEngine(RolloutEngine):
     # -------------------------------------------------------------------------------------------
     # server lifecycle
 
+    def _wait_attached(self) -> float:
+        """Seconds until an attached server answered GET /health, asked with back-off (0.5 s doubling to 10 s) for
+        up to rollout.sglang.startup_timeout_s: a replica started beside the trainer may still be loading."""
+        start, pause = time.monotonic(), 0.5
+        while True:
+            try:
+                self.client.call("/health", timeout=30)
+                return time.monotonic() - start
+            except (SGLangServerError, OSError) as e:  # OSError: refused, unreachable, reset (URLError is one)
+                waited = time.monotonic() - start
+                if waited + pause > self.cfg.startup_timeout_s:
+                    raise SGLangServerError(
+                        f"the SGLang server at {self.cfg.url} did not answer /health within {waited:.0f} s "
+                        f"(rollout.sglang.startup_timeout_s={self.cfg.startup_timeout_s:g}); last error: {e}") from None
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
+
     def _start(self) -> None:
-        port = self.cfg.port if self.restarts == 0 else free_port()
+        # a restart keeps the port: the ranks that attached by URL (rollout/placement.py) know only this address
+        port = self.cfg.port if self._server is None else self._server.port
         self._server = ServerProcess(self.cfg.python, self.model_path, self.cfg, self.run_dir, port, self.api_key,
                                      self.dtype, attempt=self.restarts, colocated=self.colocated)
         self._released, self._server_info, self._delta_base = set(), None, None
@@ -481,6 +501,9 @@ class SGLangEngine(RolloutEngine):
         self._group_name = f"rntp-weights-{secrets.token_hex(4)}"
         backend = weight_group_backend()
         host = self.cfg.group_host or rank_info().master_addr
+        # this side's interface: the one the route to the (first) server leaves from, unless the user named one
+        peer = urllib.parse.urlsplit(self._receivers()[0].client.url).hostname or host
+        ifname = socket_ifname_env(peer, os.environ)
         offsets, world = [], 1
         for r in self._receivers():
             sizes = r._server_ranks()
@@ -488,8 +511,16 @@ class SGLangEngine(RolloutEngine):
             world += sizes["tp"] * sizes["pp"] * sizes["dp"]
         payload = {"master_address": host, "master_port": port, "world_size": world, "group_name": self._group_name,
                    "backend": backend}
-        with self._all_calling("/init_weights_update_group", *({**payload, "rank_offset": o} for o in offsets)):
-            self._group = _process_group(backend, host, port, world, self._group_name)
+        try:
+            with self._all_calling("/init_weights_update_group", *({**payload, "rank_offset": o} for o in offsets)):
+                self._group = _process_group(backend, host, port, world, self._group_name, ifname)
+        except Exception as e:  # gloo/NCCL name an address at most: say which ends and interfaces met
+            self._leave_group()
+            raise SGLangServerError(
+                f"the weight-update group at {host}:{port} (rollout.sglang.group_host, else MASTER_ADDR) did not form "
+                f"between this trainer (interface {ifname['GLOO_SOCKET_IFNAME']}, the route to {peer}) and the servers "
+                f"{[r.client.url for r in self._receivers()]} (whose GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME must name "
+                f"their interface toward {host}; slurm/train.sbatch and owned servers set it): {e}") from e
 
     def leave_weight_group(self) -> None:
         """Dissolve the weight-update group on this side and on every receiver (a fleet re-forms it when its
@@ -629,19 +660,29 @@ def _in_threads(calls: Sequence[Callable[[], Any]]) -> Iterator[list[Any]]:
             t.join()
 
 
-def _process_group(backend: str, host: str, port: int, world_size: int, group_name: str) -> Any:
+def _process_group(backend: str, host: str, port: int, world_size: int, group_name: str,
+                   ifname: Mapping[str, str]) -> Any:
     """Rank 0 of a process group outside torch.distributed's default world, formed the way SGLang's
-    init_custom_process_group forms the server's side (tcp rendezvous, store prefixed by the group name)."""
+    init_custom_process_group forms the server's side (tcp rendezvous, store prefixed by the group name), over
+    the interfaces `ifname` names (GLOO_/NCCL_SOCKET_IFNAME: read when the group's transport is made)."""
     from torch.distributed import distributed_c10d as c10d
 
     timeout = timedelta(minutes=5)
     # This process hosts the store. (torch's tcp:// rendezvous would not under torchrun: with
     # TORCHELASTIC_USE_AGENT_STORE it only connects as a client, and the group never forms.)
     store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-    # torch has no public call for a group beside the default one; SGLang uses the same private helper.
-    group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend),
-                                              c10d.PrefixStore(group_name, store), group_name=group_name,
-                                              backend_options=None, timeout=timeout)
+    saved = {k: os.environ.get(k) for k in ifname}
+    os.environ.update(ifname)
+    try:  # torch has no public call for a group beside the default one; SGLang uses the same private helper.
+        group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend),
+                                                  c10d.PrefixStore(group_name, store), group_name=group_name,
+                                                  backend_options=None, timeout=timeout)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -22,6 +23,8 @@ import torch
 
 from rntp_megatron.config import SGLangConfig
 from rntp_megatron.rollout.sglang_plugins import served_env
+from rntp_megatron.runtime.distributed import rank_info
+from rntp_megatron.runtime.netif import socket_ifname_env
 
 
 # torch.distributed / torchrun variables of the trainer's own job. Inherited, they make the server's own
@@ -29,6 +32,7 @@ from rntp_megatron.rollout.sglang_plugins import served_env
 TRAINER_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 TRAINER_DIST_ENV_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
+WILDCARDS = ("0.0.0.0", "::")  # bind addresses that listen on every interface
 
 
 class SGLangServerError(RuntimeError):
@@ -115,8 +119,12 @@ class ServerProcess:
                                     "tools/install_sglang.sh (it creates sglang-venv/)")
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / f"sglang_server.{attempt}.log"
-        self.url = f"http://{cfg.host}:{port}"
+        self.port = port
+        # a server bound to every address is reached at this host's name (what the other hosts resolve)
+        self.url = f"http://{socket.gethostname() if cfg.host in WILDCARDS else cfg.host}:{port}"
         env = server_env(os.environ, cfg.delta_sync)
+        if cfg.weight_sync == "distributed":  # its side of the weight group must use the route to the trainer
+            env.update(socket_ifname_env(cfg.group_host or rank_info().master_addr, os.environ))
         argv = server_command(exe, model_path, cfg, port, api_key, dtype, colocated)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

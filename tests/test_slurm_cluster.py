@@ -1,0 +1,255 @@
+"""The multi-node path on a real multi-node Slurm: tools/slurm_cluster.sh makes 3 hosts of network + UTS
+namespaces (each its own address, loopback and hostname) and a login node `ctl`; jobs are submitted there with
+`sbatch -N 3 slurm/train.sbatch recipes/configs/demo_rl.yaml` (the shipped recipe, shrunk in size by --set), as the
+README documents it.
+
+- One SGLang replica (node3, from sglang-venv, CPU flags) and the trainer at DP2 on node1 + node2: the replica
+  is attached while it still loads (the trainer waits for its /health), weights go over the distributed channel
+  between hosts (each side on the interface of its route to the other), 3 RL steps whose rollouts come from the
+  trainer's weights of that step; USR1 to the batch shell makes the trainer checkpoint and the job requeue, and
+  the requeued job (fresh replica) resumes and finishes.
+- Two replicas on node2 + node3 and the trainer on node1: a fleet across hosts, both replicas serve; node3's server
+  crashes after step 0, node2's serves the rest (no step lost) and train.sbatch starts node3's again.
+- Each node is a host (own hostname, its route to the others over eth0); ranks on two hosts refuse an owned server
+  bound to loopback; NeMo-Run's SlurmExecutor runs a two-node job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_launch import _have_slurm
+from tests.test_trainer_placement import LOGPROB_TOL, SGLANG_PYTHON
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "tools" / "slurm_cluster.sh"
+RECIPE = REPO / "recipes" / "configs" / "demo_rl.yaml"
+# demo_rl shrunk in size only (CPU-sized batch, 3 steps, short thoughts), saving every step
+SHRINK = ["schedule.train_steps=3", "schedule.global_batch_size=16", "schedule.micro_batch_size=8",
+          "rl.group_size=4", "rollout.max_new_tokens=12", "checkpoint.save_interval=1", "logging.log_interval=1",
+          "logging.progress=false", "logging.plot=false"]
+# the CPU recipe of docs/design.md; float32 so the server's log-probs can be compared with the trainer's
+SGLANG_ARGS = ("--device cpu --attention-backend torch_native --disable-cuda-graph --mem-fraction-static 0.3 "
+               "--max-total-tokens 4096 --dtype float32 --skip-server-warmup")
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.sglang,
+              pytest.mark.skipif(not SGLANG_PYTHON.exists(), reason=f"no SGLang virtualenv at {SGLANG_PYTHON}")]
+
+
+def _login(*argv: str, **kw) -> subprocess.CompletedProcess:
+    """argv on the cluster's login node (its network namespace, SLURM_CONF set)."""
+    return subprocess.run([str(CLUSTER), "login", *argv], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running 3-node cluster of namespaces; started (and later stopped) here unless it is already up."""
+    if not _have_slurm():
+        pytest.skip("Slurm is not installed (run tools/install_launch.sh)")
+    if os.geteuid() != 0:
+        pytest.skip("the namespace cluster needs root")
+    already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
+    if not already_up:
+        start = subprocess.run([str(CLUSTER), "start", "3"], capture_output=True, text=True, timeout=300)
+        assert start.returncode == 0, start.stdout + start.stderr
+    yield
+    if not already_up:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf_init(tmp_path_factory) -> Path:
+    """A random HF folder of the recipe's model with a byte tokenizer: the replicas start from it (the trainer then
+    pushes its own weights before it generates)."""
+    import transformers
+
+    from rntp_megatron.config import load_config
+    from rntp_megatron.model import hf_mapping
+    from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
+    from rntp_megatron.weights.buckets import bucketed
+    from rntp_megatron.weights.hf_checkpoint import save_hf_checkpoint
+
+    folder = tmp_path_factory.mktemp("hf_init")
+    model_cfg = load_config(str(RECIPE), SHRINK).model
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**hf_mapping.hf_config(model_cfg, torch_dtype="float32")))
+    return save_hf_checkpoint(bucketed(model.state_dict().items(), 1 << 30), folder / "hf", model_cfg,
+                              tokenizer_dir=write_byte_tokenizer(folder / "tokenizer", eos_id=None))
+
+
+def _state(job: str) -> str:
+    out = _login("sacct", "-n", "-X", "-P", "-j", job, "-o", "State")
+    return out.stdout.strip().splitlines()[-1].split(" ")[0] if out.stdout.strip() else ""
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _submit(tmp_path: Path, name: str, hf: Path, sglang_nodes: int) -> tuple[str, Path, Path]:
+    """sbatch -N 3 the shrunk demo_rl with RNTP_SGLANG_NODES replicas; (job id, run dir, batch log)."""
+    env = {**os.environ, "RNTP_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "RNTP_SGLANG_NODES": str(sglang_nodes), "RNTP_SGLANG_MODEL": str(hf),
+           "RNTP_SGLANG_PYTHON": str(SGLANG_PYTHON), "RNTP_SGLANG_ARGS": SGLANG_ARGS, "SGLANG_USE_CPU_ENGINE": "1"}
+    sets = [a for s in SHRINK for a in ("--set", s)]
+    out = _login("sbatch", "--parsable", "-N", "3", "--ntasks-per-node=1", "-J", name, "-t", "20",
+                 str(REPO / "slurm" / "train.sbatch"), str(RECIPE), *sets,
+                 cwd=tmp_path, env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.strip().split(";")[0]
+    return job, tmp_path / "runs" / f"{name}-{job}", tmp_path / f"{name}-{job}.out"
+
+
+def _wait(job: str, log: Path, run_dir: Path, timeout: float = 420) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _state(job)
+        if state in DONE:
+            return state
+        time.sleep(2)
+    _login("scancel", job)
+    pytest.fail(f"job {job} not done after {timeout}s (state {_state(job)!r}):\n{_logs(log, run_dir)}")
+
+
+def _logs(log: Path, run_dir: Path) -> str:
+    """The batch log and the replicas' logs, last lines."""
+    parts = [log, *sorted((run_dir / "logs").glob("sglang-*.log"))]
+    return "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:])
+                     for p in parts if p.exists())
+
+
+def test_trainer_on_two_hosts_and_a_replica_on_a_third_train_on_policy_requeue_and_resume(cluster, hf_init,
+                                                                                           tmp_path):
+    job, run_dir, log = _submit(tmp_path, "rntp-hosts", hf_init, sglang_nodes=1)
+    deadline = time.monotonic() + 420
+    while not _records(run_dir) and time.monotonic() < deadline and _state(job) not in DONE:
+        time.sleep(1)
+    assert _records(run_dir), _logs(log, run_dir)
+    # what Slurm does before the time limit with --signal=B:USR1@120
+    subprocess.run([str(CLUSTER), "login", "scancel", "--batch", "--signal=USR1", job], check=True)
+    state = _wait(job, log, run_dir)
+    text = _logs(log, run_dir)
+    assert state == "COMPLETED", text
+    assert "nodes node1 node2 node3 (trainer: node1,node2)" in text, text
+    assert "requeueing job" in text and "restart 1" in text and "resumed from" in text, text
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2], text
+    for r in records:  # each step's rollouts from the weights the trainer had at that step
+        assert r["weight_version"] == r["step"] + 1, r
+        assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    world = json.loads((run_dir / "checkpoints" / latest / "complete.json").read_text())["world_size"]
+    assert world == 2  # DP2: one rank on each of two hosts
+
+
+def _crash_server_on(node: str) -> list[int]:
+    """SIGKILL, on host `node`, every process below the replica step's shell (the server and its subprocesses: a
+    crash); the shell, train.sbatch's supervisor, stays. Returns the PIDs killed."""
+    def parent(pid: str) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+
+    def argv(pid: str) -> list[bytes]:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout.split()
+    [shell] = [p for p in pids if argv(p)[0].endswith(b"bash") and b"sglang.launch_server" in b" ".join(argv(p))]
+    below, frontier = [], {shell}
+    while frontier:  # descendants, breadth first
+        frontier = {p for p in pids if p not in below and p != shell and parent(p) in frontier}
+        below += sorted(frontier)
+    for pid in below:
+        os.kill(int(pid), signal.SIGKILL)
+    return [int(p) for p in below]
+
+
+def test_a_fleet_of_two_replicas_on_two_hosts_serves_a_trainer_on_a_third(cluster, hf_init, tmp_path):
+    """Node3's server crashes after step 0: its groups go to node2's replica, no step is lost, and train.sbatch
+    starts it again at the same address."""
+    job, run_dir, log = _submit(tmp_path, "rntp-fleet", hf_init, sglang_nodes=2)
+    deadline = time.monotonic() + 420
+    while not _records(run_dir) and time.monotonic() < deadline and _state(job) not in DONE:
+        time.sleep(0.5)
+    assert _records(run_dir), _logs(log, run_dir)
+    assert _crash_server_on("node3")
+    state = _wait(job, log, run_dir)
+    text = _logs(log, run_dir)
+    assert state == "COMPLETED", text
+    assert "(trainer: node1)" in text, text
+    assert "SGLang replica on node3 exited with 137: starting it again at the same address" in text, text
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2], text
+    assert records[0]["replicas_live"] == 2 and records[0]["replica1_share"] > 0, records[0]
+    assert records[-1]["replicas_live"] == 1 and records[-1]["replica0_share"] == 1.0, records[-1]  # node2 alone
+    for r in records:  # every step's full batch, from the trainer's weights of that step
+        assert r["data/episodes"] == (r["step"] + 1) * records[0]["data/episodes"], r  # a running count
+        assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r
+
+
+def test_each_node_is_a_host_and_reaches_the_others_over_its_own_interface(cluster):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    names = _login("srun", "-N", "3", "hostname", env=env, timeout=120)
+    assert sorted(names.stdout.split()) == ["node1", "node2", "node3"], names.stdout + names.stderr
+    route = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-m", "rntp_megatron.runtime.netif", "node1",
+                   env=env, timeout=120)
+    assert route.stdout.strip() == "eth0", route.stdout + route.stderr  # not lo: node1 is another host
+
+
+def _train_with_owned_server(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
+    """`srun -N 2 rntp train` of the shrunk recipe (2 steps): DP2 on node1 + node2, rank 0 starts the server."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}
+    overrides = [*SHRINK, "schedule.train_steps=2", f"logging.dir={tmp_path / 'logs'}",
+                 f"checkpoint.dir={tmp_path / 'ckpt'}", "rollout.engine=sglang", "rollout.placement=separate",
+                 "rollout.sglang.weight_sync=distributed", f"rollout.sglang.python={SGLANG_PYTHON}",
+                 'rollout.sglang.extra_args=[--mem-fraction-static,"0.3"]', *sets]
+    return _login("srun", "-N", "2", "--ntasks-per-node=1", "-t", "10", sys.executable, "-m", "rntp_megatron.cli",
+                  "train", "--config", str(RECIPE), *[a for s in overrides for a in ("--set", s)],
+                  cwd=tmp_path, env=env, timeout=420)
+
+
+def test_ranks_on_two_hosts_refuse_a_server_bound_to_loopback(cluster, tmp_path):
+    """An owned server at the default rollout.sglang.host (loopback) would be unreachable from node2's rank."""
+    out = _train_with_owned_server(tmp_path)
+    assert out.returncode != 0
+    assert "rollout.sglang.host: '127.0.0.1' is a loopback address" in out.stdout + out.stderr, out.stderr[-3000:]
+
+
+def test_an_owned_server_bound_to_every_address_serves_ranks_on_two_hosts(cluster, tmp_path):
+    """rollout.sglang.host 0.0.0.0: rank 0 (node1) starts the server, the URL every rank gets names node1, and
+    node2's rank generates from it."""
+    out = _train_with_owned_server(tmp_path, "rollout.sglang.host=0.0.0.0")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(r["logp_abs_diff_rollout"] < LOGPROB_TOL for r in records), records
+    [server_log] = (tmp_path / "logs").rglob("sglang_server.0.log")
+    clients = {line.split("INFO:")[1].split(":")[0].strip() for line in server_log.read_text().splitlines()
+               if "POST /generate" in line}
+    assert clients == {"10.77.0.11", "10.77.0.12"}, clients  # both hosts' ranks
+
+
+@pytest.mark.nemo_run
+def test_nemo_run_slurm_executor_runs_a_two_node_job(cluster, tmp_path):
+    """recipes/launch.py's SlurmExecutor (LocalTunnel) on the login node: one rank on each of two hosts."""
+    pytest.importorskip("nemo_run")
+    # NEMORUN_HOME must not contain "nemo_run": NeMo-Run 0.11.1 then doubles the Slurm job paths
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = _login(sys.executable, "-m", "recipes.launch", "tiny_cpu", "--executor", "slurm", "--partition", "debug",
+                 "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "1", "--time", "00:10:00",
+                 "--run-dir", str(tmp_path / "run"), "--train-steps", "2", "--name", "tiny-hosts",
+                 cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout, (out.stdout + out.stderr)[-4000:]
+    run_dir = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    # one task per node: two ranks are two hosts
+    assert json.loads((latest / "complete.json").read_text())["world_size"] == 2
