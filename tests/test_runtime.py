@@ -84,3 +84,29 @@ def test_megatron_import_notices_become_one_line():
     assert text.count("not installed") == 1, text
     assert "megatron-core: Transformer Engine and Apex not installed" in text
     assert "IS DEPRECATED" not in text and "UserWarning" not in text, text
+
+
+def _group_timeouts(rank: int, world_size: int) -> list[float]:
+    """Seconds each process group of this rank (the world's and every megatron group) waits for its peers."""
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({}, ["model.card=tiny", "parallel.tensor_model_parallel_size=2",
+                            "parallel.distributed_timeout_minutes=3"])
+    init_distributed(cfg.parallel)
+    try:
+        return [group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for group in c10d._world.pg_names]
+    finally:
+        destroy_distributed()
+
+
+def test_distributed_timeout_reaches_every_group():
+    """parallel.distributed_timeout_minutes is the timeout of the world group and of each megatron group."""
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    for timeouts in run_ranks(_group_timeouts, 2, timeout_s=300):
+        assert len(timeouts) > 5 and set(timeouts) == {180.0}, timeouts
