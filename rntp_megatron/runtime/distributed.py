@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rntp_megatron.config import LOOPBACK, ParallelConfig, data_parallel_size
 from rntp_megatron.notices import missing_kernels_notice
 from rntp_megatron.runtime import cpu_compat
+from rntp_megatron.runtime.device import select_local_device
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank)
+            select_local_device(info.local_rank)
         # One process needs no rendezvous: an in-memory store, so single-process runs started side by side
         # never race for a TCP port.
         rendezvous = ({"store": dist.HashStore()} if info.world_size == 1 else
