@@ -240,6 +240,12 @@ def check_layout(cfg: RunConfig, env: Mapping[str, str]) -> Check:
     detail = (f"{source}: {world} rank(s) on {nodes} node(s) = TP {p.tensor_model_parallel_size} x PP "
               f"{p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {dp}")
     local = _local_world(env)
+    # --gpus-per-task=1 / --gpu-bind: each task sees one GPU of its own (CUDA_VISIBLE_DEVICES of one entry)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    bound = torch.cuda.is_available() and torch.cuda.device_count() == 1 and visible != "" and "," not in visible
+    if bound:
+        return Check("rank layout", OK, detail + f"; one GPU bound to each task (CUDA_VISIBLE_DEVICES="
+                     f"{visible})")
     if torch.cuda.is_available() and local > torch.cuda.device_count():
         return Check("rank layout", FAIL, detail + f"; {local} ranks per node but {torch.cuda.device_count()} GPUs",
                      f"--ntasks-per-node={torch.cuda.device_count()} (one rank a GPU), or --gpus-per-node={local}")

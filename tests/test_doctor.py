@@ -154,3 +154,20 @@ def test_every_fleet_url_is_checked():
         assert one["sglang"].status == OK and healthy in one["sglang"].detail, one["sglang"]
     finally:
         server.shutdown()
+
+
+def test_one_gpu_bound_to_each_task_is_a_valid_layout(monkeypatch):
+    """8 tasks a node under --gpus-per-task=1 / --gpu-bind: each task sees one GPU (CUDA_VISIBLE_DEVICES of one
+    entry) and that is not 8 ranks on 1 GPU; without the binding, 8 ranks on a node with 1 GPU is. (A faked CUDA of
+    one visible device: no GPU here.)"""
+    import torch
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.doctor import check_layout
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = build_config({}, ["model.card=tiny", "model.vocab_size=384", "schedule.micro_batch_size=1"])
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "3"}
+    assert check_layout(cfg, {**env, "CUDA_VISIBLE_DEVICES": "3"}).status == OK
+    assert check_layout(cfg, env).status == FAIL
