@@ -13,7 +13,7 @@ import pytest
 
 from rntp_megatron.rollout.engine import RolloutEngine
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 class _PushFailsAfterOneTensor(RolloutEngine):
