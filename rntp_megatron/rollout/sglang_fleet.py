@@ -7,9 +7,11 @@ marked down and its prompts are generated again by the others, so a step never l
 
 Weights: one replica leads the push and the others are its peers (SGLangEngine.peers): one folder that all
 load (disk), each tensor payload to each (tensor), or one broadcast group holding the trainer and every
-replica's ranks (distributed, so one send feeds all). The weight stream flows through: beyond the model, at most
-two buckets exist at once, the one being sent and the next (which the distributed channel reads ahead to know
-the last; `_Window`), so a 70B model's push holds ~2 x rollout.weight_bucket_mb, not the model, on rank 0's device.
+replica's ranks (distributed, so one send feeds all). The weight stream flows through: the fleet keeps only the
+bucket in flight while the next is made (`_Window`); with the channel's own buffers, beyond the model at most
+the bucket being made plus one earlier (tensor) or two (distributed: it reads one ahead to know the last, and
+keeps the previous bucket's flat buffer until it flattens the next) exist on rank 0's device, i.e. ~3 x
+rollout.weight_bucket_mb for a 70B model rather than the model (tests/test_sglang_fleet.py measures it).
 A replica that dies mid-push (tensor, distributed) is dropped and the push goes on to the rest from the bucket in
 flight (the group re-formed without it; the buckets they took before it are in their weights already). The disk
 channel writes every bucket to a folder before any replica loads it, so a replica lost in its load fails the
