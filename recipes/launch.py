@@ -20,7 +20,10 @@ import nemo_run as run
 from recipes import rntp_recipes
 
 RECIPES = {"tiny_cpu": rntp_recipes.tiny_cpu, "qwen3_8b_b200": rntp_recipes.qwen3_8b_b200,
+           "qwen3_30b_a3b_b200": rntp_recipes.qwen3_30b_a3b_b200,
            "llama3_1_70b_b200_fp8": rntp_recipes.llama3_1_70b_b200_fp8}
+# GPUs a Slurm node of each recipe gives the job (--gpus-per-node overrides; 0 asks for none)
+GPUS_PER_NODE = {"tiny_cpu": 0, "qwen3_8b_b200": 8, "qwen3_30b_a3b_b200": 8, "llama3_1_70b_b200_fp8": 8}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,7 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=3, help="tiny_cpu only")
     p.add_argument("--ntasks-per-node", type=int, default=None)
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="Slurm: GPUs per node (default: the recipe's, 8 on B200 nodes, none for tiny_cpu; 0: none)")
     p.add_argument("--cpus-per-task", type=int, default=None)
     p.add_argument("--account", default="local")
     p.add_argument("--partition", default=None)
@@ -59,9 +63,10 @@ def build(args: argparse.Namespace) -> tuple[run.Partial, run.Executor]:
         tunnel = run.SSHTunnel(host=args.ssh_host, user=args.ssh_user, job_dir=args.job_dir)
     else:
         tunnel = run.LocalTunnel(job_dir="")  # "" keeps job files under NEMORUN_HOME (no copy)
+    gpus = GPUS_PER_NODE[args.recipe] if args.gpus_per_node is None else args.gpus_per_node
     executor = rntp_recipes.slurm_executor(
         account=args.account, partition=args.partition, tunnel=tunnel, nodes=args.nodes,
-        ntasks_per_node=args.ntasks_per_node or 8, gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=args.ntasks_per_node or 8, gpus_per_node=gpus or None,
         cpus_per_task=args.cpus_per_task, time=args.time, container_image=args.container_image,
         setup_lines=args.setup_lines, packager=None if args.git_archive else run.Packager())
     return task, executor

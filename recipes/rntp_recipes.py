@@ -83,6 +83,11 @@ def llama3_1_70b_b200_fp8(overrides: list[str] = ()) -> run.Partial:
     return recipe(load_config(CONFIGS / "llama3_1_70b_b200_fp8.yaml", list(overrides)))
 
 
+def qwen3_30b_a3b_b200(overrides: list[str] = ()) -> run.Partial:
+    """Qwen3-30B-A3B (MoE) on one node of 8 x B200 (EP8, bf16); configs/qwen3_30b_a3b_b200.yaml."""
+    return recipe(load_config(CONFIGS / "qwen3_30b_a3b_b200.yaml", list(overrides)))
+
+
 def _env(extra: Optional[dict[str, str]]) -> dict[str, str]:
     # the task imports `recipes` and `rntp_megatron` from the repository
     return {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra or {})}

@@ -75,6 +75,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # how long a collective of any process group (the world's and every megatron group) waits for its peers
+    # before it fails the rank (Megatron-LM's --distributed-timeout-minutes)
+    distributed_timeout_minutes: int = 10
 
 
 @dataclass
@@ -556,6 +559,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                  "expert_model_parallel_size"):
         need(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}",
              f"parallel.{name}: 1 (no split along this dimension)")
+    need(p.distributed_timeout_minutes >= 1, "parallel.distributed_timeout_minutes",
+         f"must be >= 1, got {p.distributed_timeout_minutes}", "parallel.distributed_timeout_minutes: 10")
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     tp_choices = divisors(math.gcd(m.num_attention_heads, m.num_query_groups))
     need(m.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",

@@ -137,15 +137,9 @@ def check_sglang(cfg: RunConfig, start: bool) -> list[Check]:
     """The interpreter of rollout.sglang.python and its sglang version; an attached server's health; with
     `start`, a real server from a random tiny model (about 40 s on a CPU)."""
     sg, needed = cfg.rollout.sglang, cfg.rollout.engine == "sglang" and cfg.rl.objective != "ntp"
-    if sg.url:
-        from rntp_megatron.rollout.sglang_server import HTTPClient
-
-        try:
-            HTTPClient(sg.url, sg.api_key).call("/health", timeout=10)
-            return [Check("sglang", OK, f"server at {sg.url} answers /health")]
-        except Exception as e:
-            return [Check("sglang", FAIL, f"server at {sg.url} does not answer /health ({e})",
-                          "start it, or fix rollout.sglang.url (and rollout.sglang.api_key)")]
+    urls = [u for u in [sg.url, *sg.urls] if u]
+    if urls:
+        return [check_sglang_urls(urls, sg.api_key)]
     missing = WARN if not needed else FAIL
     python = Path(sg.python)
     if not python.exists():
@@ -164,6 +158,22 @@ def check_sglang(cfg: RunConfig, start: bool) -> list[Check]:
     if start:
         checks.append(start_sglang(sg))
     return checks
+
+
+def check_sglang_urls(urls: list[str], api_key: Optional[str]) -> Check:
+    """Every attached server of the fleet (rollout.sglang.url and urls) answers /health."""
+    from rntp_megatron.rollout.sglang_server import HTTPClient
+
+    silent = []
+    for url in urls:
+        try:
+            HTTPClient(url, api_key).call("/health", timeout=10)
+        except Exception as e:  # any failure to answer is this check's finding
+            silent.append(f"{url} ({e})")
+    if silent:
+        return Check("sglang", FAIL, f"{len(silent)} of {len(urls)} server(s) do not answer /health: "
+                     + "; ".join(silent), "start them, or fix rollout.sglang.url / urls (and rollout.sglang.api_key)")
+    return Check("sglang", OK, f"{len(urls)} server(s) answer /health: {', '.join(urls)}")
 
 
 def start_sglang(sg: SGLangConfig) -> Check:
@@ -230,6 +240,12 @@ def check_layout(cfg: RunConfig, env: Mapping[str, str]) -> Check:
     detail = (f"{source}: {world} rank(s) on {nodes} node(s) = TP {p.tensor_model_parallel_size} x PP "
               f"{p.pipeline_model_parallel_size} x CP {p.context_parallel_size} x DP {dp}")
     local = _local_world(env)
+    # --gpus-per-task=1 / --gpu-bind: each task sees one GPU of its own (CUDA_VISIBLE_DEVICES of one entry)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    bound = torch.cuda.is_available() and torch.cuda.device_count() == 1 and visible != "" and "," not in visible
+    if bound:
+        return Check("rank layout", OK, detail + f"; one GPU bound to each task (CUDA_VISIBLE_DEVICES="
+                     f"{visible})")
     if torch.cuda.is_available() and local > torch.cuda.device_count():
         return Check("rank layout", FAIL, detail + f"; {local} ranks per node but {torch.cuda.device_count()} GPUs",
                      f"--ntasks-per-node={torch.cuda.device_count()} (one rank a GPU), or --gpus-per-node={local}")

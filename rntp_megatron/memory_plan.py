@@ -2,10 +2,11 @@
 
 For the most loaded rank (first pipeline stage, or the last when it holds more) of a layout TP x PP x CP x DP:
 
-- parameters P (this rank's shard: matrices / TP, norms whole) in model.params_dtype;
+- parameters P (this rank's shard: matrices / TP, norms and routers whole; of a mixture of experts, the E / EP
+  experts of its EP rank, each split over expert-TP = TP) in model.params_dtype;
 - gradients: Megatron DDP's fp32 grad buffer, 4 P (grad_reduce_in_fp32);
 - Adam: m and v in fp32 (8 P) plus an fp32 master copy (4 P) when the params are 16-bit; the distributed
-  optimizer shards all of it over DP (/ DP);
+  optimizer shards all of it over DP (/ DP), the experts over expert-DP (world / (TP x EP x PP));
 - activations of one micro-batch [s, b] (s / CP), per layer, in elements of the params dtype:
     unfused attention (megatron's local spec, what runs without Transformer Engine; counted from the
     tensors autograd saves):   7 sbh + 3 sb a d / TP + b a s^2 / TP (fp32 softmax) + 5 sbf / TP; with 16-bit
@@ -74,22 +75,34 @@ def head_dim(m: ModelConfig) -> int:
 
 
 def layer_parameters(m: ModelConfig, tp: int) -> int:
-    """One transformer layer's parameters on a TP rank: qkv [h, (a + 2g) d], proj [a d, h], fc1 [h, 2f],
-    fc2 [f, h] split over TP; two RMSNorms (h) and the optional q/k norms (d each) whole."""
+    """One transformer layer's parameters on a TP rank, experts left out: qkv [h, (a + 2g) d], proj [a d, h] split
+    over TP; a dense SwiGLU MLP fc1 [h, 2f], fc2 [f, h] split over TP, or a mixture of experts' router [E, h]
+    (whole); two RMSNorms (h) and the optional q/k norms (d each) whole."""
     d = head_dim(m)
     qkv = m.hidden_size * (m.num_attention_heads + 2 * m.num_query_groups) * d
     qkv_bias = (m.num_attention_heads + 2 * m.num_query_groups) * d if m.qkv_bias else 0
     proj = m.num_attention_heads * d * m.hidden_size
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size if m.num_moe_experts is None else 0
+    router = m.hidden_size * m.num_moe_experts if m.num_moe_experts is not None else 0
     norms = 2 * m.hidden_size + (2 * d if m.qk_layernorm else 0)
-    return (qkv + qkv_bias + proj + mlp) // tp + norms
+    return (qkv + qkv_bias + proj + mlp) // tp + router + norms
 
 
-def stage_parameters(m: ModelConfig, tp: int, pp: int, first: bool, last: bool) -> int:
-    """Parameters of one pipeline stage on a TP rank: its layers, the embedding [V_pad/TP, h] on the first
-    stage, the final norm and the output layer on the last (a second copy of the embedding when tied and PP > 1)."""
+def layer_expert_parameters(m: ModelConfig, ep: int, etp: int) -> int:
+    """One layer's experts on an expert rank: E / EP local SwiGLU experts, fc1 [h, 2 f_moe] and fc2 [f_moe, h]
+    each split over expert-TP (0 for a dense model)."""
+    if m.num_moe_experts is None:
+        return 0
+    width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    return m.num_moe_experts // ep * 3 * m.hidden_size * width // etp
+
+
+def stage_parameters(m: ModelConfig, tp: int, pp: int, first: bool, last: bool, ep: int = 1) -> int:
+    """Parameters of one pipeline stage on a TP rank: its layers (with the experts of its EP rank, expert-TP = TP
+    as megatron sets it by default), the embedding [V_pad/TP, h] on the first stage, the final norm and the output
+    layer on the last (a second copy of the embedding when tied and PP > 1)."""
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp) * m.hidden_size // tp
-    total = m.num_layers // pp * layer_parameters(m, tp)
+    total = m.num_layers // pp * (layer_parameters(m, tp) + layer_expert_parameters(m, ep, tp))
     if first:
         total += vocab
     if last:
@@ -119,17 +132,24 @@ def memory_plan(cfg: RunConfig, world_size: int, fused_attention: bool, recomput
     m, p, s, r = cfg.model, cfg.parallel, cfg.schedule, cfg.rollout
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = max(world_size // (tp * pp * p.context_parallel_size), 1)
+    ep = p.expert_model_parallel_size
+    edp = max(world_size // (tp * ep * pp), 1)  # expert-data-parallel: the copies of each expert shard
     e = DTYPE_BYTES[m.params_dtype]
-    params = max(stage_parameters(m, tp, pp, True, pp == 1), stage_parameters(m, tp, pp, pp == 1, True))
+    params = max(stage_parameters(m, tp, pp, True, pp == 1, ep), stage_parameters(m, tp, pp, pp == 1, True, ep))
+    experts = m.num_layers // pp * layer_expert_parameters(m, ep, tp)
     plan = MemoryPlan()
-    plan.static.append(MemoryTerm("parameters", params * e, f"{params / 1e6:,.1f} M on this rank, {m.params_dtype}"))
+    held = f"{params / 1e6:,.1f} M on this rank" + (f" ({experts / 1e6:,.1f} M experts at EP={ep})" if experts else "")
+    plan.static.append(MemoryTerm("parameters", params * e, f"{held}, {m.params_dtype}"))
     plan.static.append(MemoryTerm("gradients", params * 4, "fp32 grad buffer"))
-    adam = params * (8 + (4 if e < 4 else 0))
+    per_param = 8 + (4 if e < 4 else 0)
+    adam = params * per_param
+    sharded_adam = (params - experts) * per_param / dp + experts * per_param / edp  # experts over expert-DP
     sharded = p.use_distributed_optimizer
+    over = f"DP={dp}" + (f", experts over expert-DP={edp}" if experts else "")
     plan.static.append(MemoryTerm(
-        "optimizer (Adam)", adam / dp if sharded else adam,
-        f"{'distributed over DP=' + str(dp) if sharded else 'replicated'}; "
-        f"{'replicated' if sharded else 'distributed'}: {(adam if sharded else adam / dp) / GiB:.3f} GiB"))
+        "optimizer (Adam)", sharded_adam if sharded else adam,
+        f"{'distributed over ' + over if sharded else 'replicated'}; "
+        f"{'replicated' if sharded else 'distributed'}: {(adam if sharded else sharded_adam) / GiB:.3f} GiB"))
     rl_on = cfg.rl.objective != "ntp"
     baseline = getattr(cfg.reward, "baseline", "policy")
     if rl_on and baseline in ("ema", "frozen"):

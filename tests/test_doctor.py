@@ -123,3 +123,51 @@ def test_start_sglang_starts_a_real_server():
     checks = run_checks(DEMO, [], env={}, start_sglang=True)
     server = _by_name(checks)["sglang server"]
     assert server.status == OK and "generated 4 tokens" in server.detail, server
+
+
+def test_every_fleet_url_is_checked():
+    """rollout.sglang.urls (what slurm/train.sbatch sets) are checked like rollout.sglang.url: one that does not
+    answer /health fails the row, named, while the healthy one passes."""
+    import http.server
+    import socket
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as closed:  # a port nobody listens on once it is closed
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    healthy = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        both = _by_name(run_checks(DEMO, ["rollout.engine=sglang", f"rollout.sglang.urls=[{healthy}, {dead}]"],
+                                   env={}))["sglang"]
+        assert both.status == FAIL and dead in both.detail and healthy not in both.detail, both
+        one = _by_name(run_checks(DEMO, ["rollout.engine=sglang", f"rollout.sglang.urls=[{healthy}]"], env={}))
+        assert one["sglang"].status == OK and healthy in one["sglang"].detail, one["sglang"]
+    finally:
+        server.shutdown()
+
+
+def test_one_gpu_bound_to_each_task_is_a_valid_layout(monkeypatch):
+    """8 tasks a node under --gpus-per-task=1 / --gpu-bind: each task sees one GPU (CUDA_VISIBLE_DEVICES of one
+    entry) and that is not 8 ranks on 1 GPU; without the binding, 8 ranks on a node with 1 GPU is. (A faked CUDA of
+    one visible device: no GPU here.)"""
+    import torch
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.doctor import check_layout
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = build_config({}, ["model.card=tiny", "model.vocab_size=384", "schedule.micro_batch_size=1"])
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_PROCID": "3"}
+    assert check_layout(cfg, {**env, "CUDA_VISIBLE_DEVICES": "3"}).status == OK
+    assert check_layout(cfg, env).status == FAIL

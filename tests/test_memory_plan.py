@@ -131,3 +131,55 @@ def test_plan_is_within_20_percent_of_the_measured_peak_of_a_cpu_rl_step(tmp_pat
     assert activations > 0.5 * plan.peak, "the check should be about activations, not only the static terms"
     print(f"plan {plan.peak / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(plan.peak - measured) <= 0.2 * measured, (plan.table(), measured / GiB)
+
+
+def _built_parameters(rank: int, world: int, parallel: dict) -> tuple[int, int]:
+    """(parameters, of them experts' parameters) of the tiny MoE GPTModel that megatron-core builds on this rank."""
+    from rntp_megatron.model.provider import build_model
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({"model": {"card": "tiny_qwen3_moe"}, "parallel": parallel, "rl": {"objective": "ntp"}})
+    init_distributed(cfg.parallel, cfg.seed)
+    try:
+        model = build_model(cfg.model, cfg.parallel)
+        named = list(model.named_parameters())
+        return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if ".experts." in n)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [
+    {"expert_model_parallel_size": 2},
+    {"tensor_model_parallel_size": 2, "sequence_parallel": True},  # experts split over expert-TP = TP
+], ids=["EP2", "TP2"])
+def test_parameters_of_a_moe_rank_are_those_megatron_builds(parallel):
+    """The plan's parameters of a rank of a mixture-of-experts model (E / EP experts, each split over expert-TP)
+    equal what megatron-core builds on each rank, and the experts' share too."""
+    from rntp_megatron.memory_plan import layer_expert_parameters
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    m = build_config({"model": {"card": "tiny_qwen3_moe"}}).model
+    tp, ep = parallel.get("tensor_model_parallel_size", 1), parallel.get("expert_model_parallel_size", 1)
+    for total, experts in run_ranks(_built_parameters, 2, args=(parallel,), timeout_s=300):
+        assert experts == m.num_layers * layer_expert_parameters(m, ep, tp)
+        assert total == stage_parameters(m, tp, 1, True, True, ep)
+
+
+def test_qwen3_30b_a3b_rank_holds_its_experts():
+    """Qwen3-30B-A3B: 30.5 B parameters on a rank at EP1 (all 128 experts of its 48 layers), a little under 5 B at
+    EP8 (16 experts a layer plus the whole attention and embeddings); Adam's states of the experts are sharded
+    over expert-DP, not DP, by the distributed optimizer."""
+    cfg = build_config({"model": {"card": "qwen3_30b_a3b"}, "parallel": {"use_distributed_optimizer": True}})
+    m = cfg.model
+    assert 30.4e9 < stage_parameters(m, 1, 1, True, True) < 30.6e9
+    ep8 = stage_parameters(m, 1, 1, True, True, ep=8)
+    experts = 48 * 128 * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    assert ep8 == stage_parameters(m, 1, 1, True, True) - experts + experts // 8
+    ep8_cfg = build_config({"model": {"card": "qwen3_30b_a3b"},
+                            "parallel": {"use_distributed_optimizer": True, "expert_model_parallel_size": 8}})
+    static = {t.name: t.bytes for t in memory_plan(ep8_cfg, 8, True).static}
+    assert static["parameters"] == ep8 * 2
+    # DP 8 for the dense part; the experts' expert-DP is 8 / EP8 = 1
+    assert static["optimizer (Adam)"] == (ep8 - experts // 8) * 12 / 8 + experts // 8 * 12

@@ -84,3 +84,67 @@ def test_megatron_import_notices_become_one_line():
     assert text.count("not installed") == 1, text
     assert "megatron-core: Transformer Engine and Apex not installed" in text
     assert "IS DEPRECATED" not in text and "UserWarning" not in text, text
+
+
+def _group_timeouts(rank: int, world_size: int) -> list[float]:
+    """Seconds each process group of this rank (the world's and every megatron group) waits for its peers."""
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    from rntp_megatron.config import build_config
+    from rntp_megatron.runtime import destroy_distributed, init_distributed
+
+    cfg = build_config({}, ["model.card=tiny", "parallel.tensor_model_parallel_size=2",
+                            "parallel.distributed_timeout_minutes=3"])
+    init_distributed(cfg.parallel)
+    try:
+        return [group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for group in c10d._world.pg_names]
+    finally:
+        destroy_distributed()
+
+
+def test_distributed_timeout_reaches_every_group():
+    """parallel.distributed_timeout_minutes is the timeout of the world group and of each megatron group."""
+    from rntp_megatron.runtime.spawn import run_ranks
+
+    for timeouts in run_ranks(_group_timeouts, 2, timeout_s=300):
+        assert len(timeouts) > 5 and set(timeouts) == {180.0}, timeouts
+
+
+class _DeviceChosen(Exception):
+    """Raised by the fake set_device once init_distributed picked a device (nothing after it runs without a GPU)."""
+
+
+def _one_visible_gpu(monkeypatch, visible: int) -> list[int]:
+    """CUDA as a task sees it under --gpus-per-task=1 / --gpu-bind (`visible` devices): set_device of an index not
+    visible fails as CUDA's does (invalid device ordinal); the indices asked for are recorded. A fake: no GPU here."""
+    import torch
+
+    chosen: list[int] = []
+
+    def set_device(index: int) -> None:
+        if not 0 <= index < visible:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index} ({visible} visible)")
+        chosen.append(index)
+        raise _DeviceChosen
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    return chosen
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(3, 1, 0), (3, 8, 3), (5, 4, 1), (0, 1, 0)])
+def test_init_distributed_takes_a_visible_device(monkeypatch, local_rank, visible, index):
+    """Local rank k takes visible device k mod count: rank 3 of a node with one GPU bound per task takes device 0."""
+    from rntp_megatron.config import ParallelConfig
+    from rntp_megatron.runtime import init_distributed
+
+    chosen = _one_visible_gpu(monkeypatch, visible)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(_DeviceChosen):
+        init_distributed(ParallelConfig(backend="gloo"))
+    assert chosen == [index]

@@ -72,12 +72,16 @@ class ProxyScorer:
         self.micro_batch_size, self.length_multiple = micro_batch_size, length_multiple
         self.card = card  # the model's ModelConfig when it is not the policy's card (its FLOPs are counted by it)
 
-    @torch.no_grad()
     def score(self, chunks: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each chunk x[n]: (entropy[n], logprob[n]) as float64, position 0 NaN. Collective over the
         model-parallel group: every rank passes the same chunks. Rows are right-padded (causal attention
         keeps padding out of real positions) to a multiple of length_multiple, their number to a multiple of
-        micro_batch_size."""
+        micro_batch_size.
+
+        Under expert parallelism a forward is also a collective of the EP group (the MoE dispatcher gathers every
+        rank's tokens), while each data-parallel rank scores documents of its own, as many and as long as they
+        are: each call is a round of the group (`_round`) in which every rank forwards the same shape, the
+        largest of the round's calls, its own chunks padded to it (or only padding: a rank in `finish`)."""
         if not chunks:
             return []
         # forward(n - 1, 0, n - 1) a chunk: its last token is only a label (flops.py's scoring convention)
@@ -85,10 +89,42 @@ class ProxyScorer:
             record_scoring([1] * len(chunks), [len(c) - 1 for c in chunks])
         else:
             record_scoring_with(self.card, [1] * len(chunks), [len(c) - 1 for c in chunks])
+        rows, width = self._shape(chunks)
+        if parallel_state.get_expert_model_parallel_world_size() > 1:
+            _, rows, width = self._round(rows, width)
+        return self._forward(chunks, rows, width)
+
+    def finish(self) -> None:
+        """Under expert parallelism: take part in the EP group's scoring rounds, with padding, until every rank of
+        the group has called finish (the data of a step is then built on all of them); nothing at EP1."""
+        if parallel_state.get_expert_model_parallel_world_size() == 1:
+            return
+        while True:
+            active, rows, width = self._round(0, 0)
+            if not active:
+                return
+            self._forward([], rows, width)
+
+    def _shape(self, chunks: Sequence[Sequence[int]]) -> tuple[int, int]:
+        """(rows, width) of the batch of chunks: their number up to a multiple of micro_batch_size, the longest
+        up to a multiple of length_multiple."""
+        width = -(-max(len(c) for c in chunks) // self.length_multiple) * self.length_multiple
+        return -(-len(chunks) // self.micro_batch_size) * self.micro_batch_size, width
+
+    def _round(self, rows: int, width: int) -> tuple[int, int, int]:
+        """(ranks of the EP group with chunks to score, the largest rows, the largest width) of this round."""
+        group = parallel_state.get_expert_model_parallel_group()
+        mine = torch.tensor([int(rows > 0), rows, width], dtype=torch.long, device=next(self.model.parameters()).device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        stacked = torch.stack(every).cpu()
+        return int(stacked[:, 0].sum()), int(stacked[:, 1].max()), int(stacked[:, 2].max())
+
+    @torch.no_grad()
+    def _forward(self, chunks: Sequence[Sequence[int]], rows: int, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The arrays of chunks, scored as rows x width tokens (padding beyond them)."""
         device = next(self.model.parameters()).device
         mbs = self.micro_batch_size
-        width = -(-max(len(c) for c in chunks) // self.length_multiple) * self.length_multiple
-        rows = -(-len(chunks) // mbs) * mbs
         tokens = torch.full((rows, width + 1), self.pad_id, dtype=torch.long, device="cpu")
         for i, c in enumerate(chunks):
             tokens[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long, device="cpu")

@@ -24,6 +24,10 @@ class Scorer(Protocol):
     def score(self, chunks: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per chunk x[n]: (entropy[n], logprob[n]), position 0 NaN."""
 
+    def finish(self) -> None:
+        """Called once a rank has all the data of its step (a scorer whose forwards are collectives of ranks that
+        read different documents keeps joining them until every rank has)."""
+
 
 def candidate_range(n: int, min_context: int, horizon: int) -> range:
     """Sites of a chunk of n tokens: [min_context, n - horizon]."""

@@ -190,8 +190,12 @@ class EpisodeStream:
         return ep
 
     def take(self, n: int) -> list[Episode]:
-        """The next n episodes."""
-        return [next(self) for _ in range(n)]
+        """The next n episodes (under expert parallelism a collective of the EP group when a proxy scores sites:
+        the ranks score in step until each has its n)."""
+        episodes = [next(self) for _ in range(n)]
+        if self.builder.scorer is not None:
+            self.builder.scorer.finish()
+        return episodes
 
     def close(self) -> None:
         """Stop the worker thread; the stream stays usable (it rewinds what was built ahead)."""

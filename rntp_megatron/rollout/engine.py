@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+
+Bucket = list[tuple[str, torch.Tensor]]  # one bucket of a weight stream: (HF name, full tensor) pairs
 
 
 @dataclass
@@ -40,6 +43,20 @@ class Rollout:
     routed_experts: Optional[torch.Tensor] = None
 
 
+@contextlib.contextmanager
+def drained(buckets: Iterable[Bucket]) -> Iterator[Iterator[Bucket]]:
+    """An iterator over a weight stream's buckets that is run to its end when the block raises: the stream's other
+    ranks wait in its TP/PP gathers and sends for this one, so a push that fails part-way would otherwise leave
+    them blocked until the process group's timeout, instead of at the status all-reduce that follows the push."""
+    stream = iter(buckets)
+    try:
+        yield stream
+    except BaseException:
+        for _ in stream:
+            pass
+        raise
+
+
 class RolloutEngine(abc.ABC):
     """Generates rollouts and receives new weights after each optimizer step."""
 
@@ -53,8 +70,10 @@ class RolloutEngine(abc.ABC):
 
     def update_weights_from_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int
                                     ) -> dict[str, float]:
-        """Load a weight stream's buckets (weights/: unchanged until the next update); seconds per phase."""
-        self.update_weights((item for bucket in buckets for item in bucket), version)
+        """Load a weight stream's buckets (weights/: unchanged until the next update); seconds per phase. The
+        stream is iterated to its end also when loading fails (`drained`)."""
+        with drained(buckets) as stream:
+            self.update_weights((item for bucket in stream for item in bucket), version)
         return {}
 
     def stats(self) -> dict[str, float]:

@@ -7,9 +7,19 @@ marked down and its prompts are generated again by the others, so a step never l
 
 Weights: one replica leads the push and the others are its peers (SGLangEngine.peers): one folder that all
 load (disk), each tensor payload to each (tensor), or one broadcast group holding the trainer and every
-replica's ranks (distributed, so one send feeds all). With more than one replica the step's buckets are held
-for the duration of the push: a replica that dies mid-push is dropped and the push is made again to the rest
-(the group re-formed without it). A replica that is down rejoins at a later push: an owned server is started
+replica's ranks (distributed, so one send feeds all). The weight stream flows through: the fleet keeps only the
+bucket in flight while the next is made (`_Window`); with the channel's own buffers, beyond the model at most
+the bucket being made plus one earlier (tensor) or two (distributed: it reads one ahead to know the last, and
+keeps the previous bucket's flat buffer until it flattens the next) exist on rank 0's device, i.e. ~3 x
+rollout.weight_bucket_mb for a 70B model rather than the model (tests/test_sglang_fleet.py measures it).
+A replica that dies mid-push (tensor, distributed) is dropped and the push goes on to the rest from the bucket in
+flight (the group re-formed without it; the buckets they took before it are in their weights already). The disk
+channel writes every bucket to a folder before any replica loads it, so a replica lost in its load fails the
+push. No host copy is kept for a fleet of several replicas: a replica started again gets the next push in full
+(it generates nothing before); a lone owned server keeps the last pushed weights on the host, the only source of
+current weights for a restart in the middle of a step (SGLangEngine._restart), since the weight stream is a
+collective of every trainer rank and cannot be made again on rank 0 alone. A replica that is down rejoins at a
+later push: an owned server is started
 again (at most rollout.sglang.max_restarts times), an attached one is health-checked again after a back-off
 that doubles (rollout.sglang.retry_backoff_s); either way the weight group is formed anew with it (a new server
 process holds none) and it gets the full weights before it generates again.
@@ -21,11 +31,11 @@ import threading
 import time
 import urllib.error
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
+from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams, drained
 from rntp_megatron.rollout.sglang_engine import SGLangEngine
 from rntp_megatron.rollout.sglang_server import SGLangServerError
 from rntp_megatron.weights.buckets import NamedTensors, bucketed
@@ -45,6 +55,27 @@ class Replica:
     restarts: int = 0
     samples: int = 0  # of the last generate call
     seconds: float = 0.0
+
+
+class _Window:
+    """A weight stream that keeps only the buckets a push may have to send again: the last one handed out and
+    the one before it, while the next is made (a channel that reads ahead holds both); replay() hands those out
+    again and then goes on with the stream."""
+
+    def __init__(self, stream: Iterator[NamedTensors]) -> None:
+        self.stream = stream
+        self.kept: list[NamedTensors] = []
+
+    def replay(self) -> Iterator[NamedTensors]:
+        """The kept buckets, then the rest of the stream (keeping the last two handed out)."""
+        yield from list(self.kept)
+        while True:
+            del self.kept[:-1]  # before the next bucket is made: only the one in flight stays
+            bucket = next(self.stream, None)
+            if bucket is None:
+                return
+            self.kept.append(bucket)
+            yield bucket
 
 
 class SGLangFleet(RolloutEngine):
@@ -136,29 +167,30 @@ class SGLangFleet(RolloutEngine):
         self.update_weights_from_buckets(bucketed(named_tensors, self.replicas[0].engine.bucket_bytes), version)
 
     def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
-        """Every live replica (and any that can rejoin) gets the weights, tagged `version`; seconds per phase."""
+        """Every live replica (and any that can rejoin) gets the weights, tagged `version`; seconds per phase. The
+        stream is iterated to its end also when the push fails (the other trainer ranks wait in its collectives)."""
         self._rejoin()
-        if len(self.replicas) == 1:  # nothing to fail over to: stream without holding the buckets
-            timing = self._push_to(self._live(), buckets, version)
-        else:
-            held = list(buckets)
+        keep_host_copy = len(self.replicas) == 1  # see the module docstring
+        with drained(buckets) as stream:
+            window = _Window(stream)
             while True:
                 live = self._live()
                 if not live:
                     raise SGLangServerError("every SGLang replica failed during the weight push")
                 try:
-                    timing = self._push_to(live, held, version)
+                    timing = self._push_to(live, window.replay(), version, keep_host_copy)
                     break
                 except FAILURES as e:
-                    dead = [r for r in live if not r.engine.server_alive()]
-                    if not dead:
-                        raise
+                    dead = [r for r in live if not r.engine.server_alive()] if len(self.replicas) > 1 else []
                     for r in dead:
                         self._down(r, f"died during the push of version {version}: {e!r}"[:300])
+                    if not dead or live[0].engine.cfg.weight_sync == "disk":
+                        raise
         self.weight_version = version
         return timing
 
-    def _push_to(self, live: list[Replica], buckets: Iterable[NamedTensors], version: int) -> dict[str, float]:
+    def _push_to(self, live: list[Replica], buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
+                 ) -> dict[str, float]:
         """Push through live[0] with the others as its peers (the weight group re-formed when they changed)."""
         leader, peers = live[0], [r.engine for r in live[1:]]
         if self._leader is not None and (self._leader is not leader or self._leader.engine.peers != peers):
@@ -166,7 +198,7 @@ class SGLangFleet(RolloutEngine):
         self._leader = leader
         leader.engine.peers = peers
         try:
-            return leader.engine.update_weights_from_buckets(buckets, version)
+            return leader.engine.update_weights_from_buckets(buckets, version, keep_host_copy=keep_host_copy)
         except FAILURES:
             self._dissolve_weight_group()  # its members are about to change
             raise

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rntp_megatron.config import LOOPBACK, ParallelConfig, data_parallel_size
 from rntp_megatron.notices import missing_kernels_notice
 from rntp_megatron.runtime import cpu_compat
+from rntp_megatron.runtime.device import select_local_device
 
 
 @dataclass(frozen=True)
@@ -65,26 +66,29 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=on_cpu, force_reset_rng=on_cpu)
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 10) -> RankInfo:
-    """torch.distributed (gloo on CPU, nccl on GPU) and megatron parallel_state with TP/PP/CP/EP; DP is the rest."""
+def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
+    """torch.distributed (gloo on CPU, nccl on GPU) and megatron parallel_state with TP/PP/CP/EP; DP is the rest.
+    Every group (the world's and megatron's) waits parallel.distributed_timeout_minutes for a peer."""
     from datetime import timedelta
 
     from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d as c10d
 
     info = rank_info()
+    timeout = timedelta(minutes=parallel.distributed_timeout_minutes)
     cpu_compat.install()
     if not dist.is_initialized():
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(info.local_rank)
+            select_local_device(info.local_rank)
         # One process needs no rendezvous: an in-memory store, so single-process runs started side by side
         # never race for a TCP port.
         rendezvous = ({"store": dist.HashStore()} if info.world_size == 1 else
                       {"init_method": f"tcp://{info.master_addr}:{info.master_port}"})
         dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(minutes=timeout_minutes), **rendezvous)
+                                timeout=timeout, **rendezvous)
     world = dist.get_world_size()
     data_parallel_size(parallel, world)  # raises a ConfigError naming the sizes
     if not parallel_state.model_parallel_is_initialized():
@@ -93,7 +97,11 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
             expert_model_parallel_size=parallel.expert_model_parallel_size,
+            distributed_timeout_minutes=parallel.distributed_timeout_minutes,
         )
+        # megatron-core 0.19 makes its expert-data-parallel gloo group without the timeout (torch's 30 minutes)
+        for group in list(c10d._world.pg_names):
+            c10d._set_pg_timeout(timeout, group)
     set_seed(seed)
     notice = missing_kernels_notice(on_gpu=torch.cuda.is_available())
     if notice and dist.get_rank() == 0:
