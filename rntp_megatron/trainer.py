@@ -392,9 +392,11 @@ class Trainer:
             policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
             baseline_prefixes = [ep.prompt_ids + self.think_close_ids + self.answer_open_ids for ep in eps]
             vocab = self.tokenizer.vocab_size
-            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
+            shared = [r.prompt_index for r in rollouts] if self.shared_context else None  # one prompt a group
+            logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab,
+                                               groups=shared)
             base, _ = continuation_logprobs([self.side.baseline_model(self.ddp)], baseline_prefixes, conts, mbs, pad,
-                                            vocab_size=vocab)
+                                            vocab_size=vocab, groups=shared)
             likelihood = (logp, mask, base)
         shaped = compute_rewards(episodes, rollouts, self.tokenizer, self.cfg.reward, self.cfg.data,
                                  self.cfg.rollout.max_new_tokens, likelihood=likelihood,

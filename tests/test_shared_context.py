@@ -1,7 +1,8 @@
 """Shared-context rows (rl/shared_context.py, model/attention.py) are exact: in float64 the loss and every
 parameter gradient of a step on [context | y_1 | ... | y_G] rows equal those of the per-row step (relative error
 <= 1e-10) at TP1, TP2 with sequence parallelism and PP2 (1F1B), through megatron's real schedules over gloo;
-the policy tokens' log-probs of a forward-only scoring pass equal the per-row ones."""
+the policy tokens' log-probs of a forward-only scoring pass (reference, off-policy anchor) and the likelihood
+rewards' continuation log-probs equal the per-row ones."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def run(rank: int, world: int, layouts_: list[dict], ckpt: str, save: bool) -> l
     from rntp_megatron.config import RLConfig, build_config, from_dict
     from rntp_megatron.model.provider import build_model
     from rntp_megatron.optimizer import wrap_ddp
+    from rntp_megatron.rewards.scoring import continuation_logprobs
     from rntp_megatron.rl.loss import RNTPLoss
     from rntp_megatron.rl.routing_replay import score_policy_tokens
     from rntp_megatron.runtime import destroy_distributed, init_distributed
@@ -90,6 +92,13 @@ def run(rank: int, world: int, layouts_: list[dict], ckpt: str, save: bool) -> l
             grads = {n: p.main_grad.detach().clone() for n, p in global_named_parameters(model)}
             logp = score_policy_tokens([ddp], loss, mbs, seq, size)
             out.append({"metrics": metrics, "grads": grads, "logp": logp, "mbs": mbs, "layout": layout})
+        # likelihood-reward scoring (rewards/scoring.py): [prompt + a thought] prefixes, continuations after them
+        rollouts, _ = rollouts_and_batch()
+        prefixes = [r.prompt_ids + r.token_ids[:1] for r in rollouts]
+        conts = [r.token_ids[1:] + [11, 12] for r in rollouts]
+        tp = cfg.parallel.tensor_model_parallel_size
+        out[1]["likelihood"] = [continuation_logprobs([ddp], prefixes, conts, 3, 0, 0.7, tp, VOCAB, groups)
+                                for groups in (None, [r.prompt_index for r in rollouts])]
         results.append(out)
         parallel_state.destroy_model_parallel()
     destroy_distributed()
@@ -114,6 +123,10 @@ def check(per_row: dict, shared: dict, what: str) -> None:
     from_shared = layout.pack(per_row["logp"][:, :layout.index.shape[1]]) * packed_policy
     err = _rel(shared["logp"] * packed_policy, from_shared)
     assert err <= RTOL and packed_policy.sum() > 0, f"{what}: scored log-probs relative error {err:.2e}"
+    (rows_logp, rows_mask), (shared_logp, shared_mask) = shared["likelihood"]
+    assert torch.equal(rows_mask, shared_mask) and rows_mask.sum() > 3 * G
+    err = _rel(shared_logp, rows_logp)  # the scoring pass hands back float32
+    assert err <= 1e-6, f"{what}: likelihood log-probs relative error {err:.2e}"
 
 
 @pytest.mark.slow

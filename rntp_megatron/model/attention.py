@@ -1,7 +1,8 @@
 """Core attention for megatron-core's local layer spec: torch SDPA (flash on a GPU) for plain causal rows, and
 the block-causal mask of shared-context rows (rl/shared_context.py): FlexAttention with a block mask on a GPU
-(tiles with nothing allowed skipped), SDPA group by group with each group's own mask on a CPU (a row holds several
-groups, and one dense [s, s] mask over all of them would multiply the attention work).
+(tiles with nothing allowed skipped), SDPA block by block on a CPU: each context causal (the flash kernel), each
+branch against [its context, itself] causal aligned to the end (one dense [s, s] mask over a row's groups would
+compute every pair the mask forbids).
 
 A shared-context row holds groups [context | y_1 | ... | y_G] one after another, then padding. Query q may read
 key k when both lie in the same group, k <= q, and k is in the group's context or in q's own branch:
@@ -38,22 +39,24 @@ class SharedContextMask:
     branch_ids: torch.Tensor
     _built: dict = field(default_factory=dict, repr=False)
 
-    def groups(self) -> list[tuple[int, int, int, torch.Tensor]]:
-        """(row, start, end, allowed[end - start, end - start]) of every group: a group is a contiguous span of
-        its row, and the mask of the module docstring is block diagonal over groups (padding excluded)."""
-        if "groups" not in self._built:
+    def blocks(self) -> list[tuple[int, slice, slice]]:
+        """(row, keys before, queries) covering every non-padding position once: a group's context attends
+        causally to itself (keys before: empty), each branch to its group's context and causally to itself.
+        Branches follow their context in the row (rl/shared_context.py), each a run of one branch id."""
+        if "blocks" not in self._built:
             out = []
-            for r, seg in enumerate(self.segment_ids.tolist()):  # one host copy of the ids per forward
-                start = 0
+            for r, (seg, br) in enumerate(zip(self.segment_ids.tolist(), self.branch_ids.tolist())):  # one host copy
+                start, context = 0, slice(0, 0)
                 for i in range(1, len(seg) + 1):
-                    if i == len(seg) or seg[i] != seg[start]:
-                        if seg[start] != 0:
-                            br = self.branch_ids[r, start:i]
-                            causal = torch.ones(i - start, i - start, dtype=torch.bool, device=br.device).tril()
-                            out.append((r, start, i, causal & ((br[None, :] == 0) | (br[None, :] == br[:, None]))))
-                        start = i
-            self._built["groups"] = out
-        return self._built["groups"]
+                    if i < len(seg) and (seg[i], br[i]) == (seg[start], br[start]):
+                        continue
+                    if seg[start] != 0:
+                        if br[start] == 0:
+                            context = slice(start, i)
+                        out.append((r, slice(0, 0) if br[start] == 0 else context, slice(start, i)))
+                    start = i
+            self._built["blocks"] = out
+        return self._built["blocks"]
 
     def block_mask(self) -> Any:
         """The same mask as a FlexAttention BlockMask (tiles with nothing allowed are skipped)."""
@@ -114,13 +117,19 @@ class SDPAttention(MegatronModule):
                 SDPAttention._flex = _flex_attention()
             out = SDPAttention._flex(q, k, v, block_mask=attention_mask.block_mask(), scale=self.scale,
                                      enable_gqa=k.shape[1] != heads)
-        elif isinstance(attention_mask, SharedContextMask):  # CPU: SDPA group by group, never [s, s] over groups
+        elif isinstance(attention_mask, SharedContextMask):  # CPU: block by block, never [s, s] over groups
             out = torch.zeros_like(q)
-            for r, start, end, allowed in attention_mask.groups():
-                span = slice(start, end)
-                out[r:r + 1, :, span] = F.scaled_dot_product_attention(
-                    q[r:r + 1, :, span], k[r:r + 1, :, span], v[r:r + 1, :, span], attn_mask=allowed,
-                    dropout_p=dropout, scale=self.scale, enable_gqa=k.shape[1] != heads)
+            gqa = k.shape[1] != heads
+            for r, before, queries in attention_mask.blocks():
+                keys = torch.cat([k[r:r + 1, :, before], k[r:r + 1, :, queries]], 2)
+                values = torch.cat([v[r:r + 1, :, before], v[r:r + 1, :, queries]], 2)
+                n_before, n = before.stop - before.start, queries.stop - queries.start
+                # causal aligned to the end: query j reads the keys before and its branch's keys up to j
+                allowed = None if n_before == 0 else torch.ones(n, n_before + n, dtype=torch.bool,
+                                                                device=q.device).tril(n_before)
+                out[r:r + 1, :, queries] = F.scaled_dot_product_attention(
+                    q[r:r + 1, :, queries], keys, values, attn_mask=allowed, dropout_p=dropout,
+                    is_causal=allowed is None, scale=self.scale, enable_gqa=gqa)
         else:
             if attention_mask is not None:
                 mask, causal = ~attention_mask, False

@@ -40,6 +40,17 @@ class SharedLayout:
     length: int
     spans: list[tuple[int, int]]  # FLOP accounting: (fed tokens, cached past) of each context and branch
 
+    def attention_ids(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """segment_ids and branch_ids[rows, length] of model/attention.SharedContextMask, groups[N] the group
+        (prompt_index) of each sequence: segment = group + 1 (0: padding), branch k = the row's k-th sequence."""
+        n, s = self.index.shape
+        in_row = torch.zeros(n, dtype=torch.long)
+        for r in range(self.rows):
+            members = (self.row == r).nonzero().squeeze(1)
+            in_row[members] = torch.arange(1, members.numel() + 1)
+        branch = torch.where(torch.arange(s) < self.context[:, None], 0, in_row[:, None].expand(n, s))
+        return self.pack((groups[:, None] + 1).expand(n, s)), self.pack(branch)
+
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """x[N, S] (per-row label coordinates) -> [rows, length]; shared context columns take any member's value
         (they are equal across a group)."""
@@ -101,14 +112,7 @@ def share_context(batch: RLBatch, rollouts: Sequence[Rollout], row_length: int, 
         return layout.pack(x[:, :s])
 
     n = len(rollouts)
-    group = torch.tensor([r.prompt_index for r in rollouts])
-    cols = torch.arange(s)
-    # per-row ids in label coordinates: the group (1-based, 0 = padding) and the branch (k-th rollout of the row)
-    in_row = torch.zeros(n, dtype=torch.long)
-    for r in range(layout.rows):
-        members = (layout.row == r).nonzero().squeeze(1)
-        in_row[members] = torch.arange(1, members.numel() + 1)
-    branch = torch.where(cols < layout.context[:, None], 0, in_row[:, None].expand(n, s))
+    segment_ids, branch_ids = layout.attention_ids(torch.tensor([r.prompt_index for r in rollouts]))
     advantages = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand(n, s)
     fields = {f.name: pack(getattr(batch, f.name)) for f in dataclasses.fields(batch)
               if f.name in ("thought_mask", "answer_mask", "ntp_mask", "old_logprobs", "rollout_logprobs")}
@@ -116,10 +120,10 @@ def share_context(batch: RLBatch, rollouts: Sequence[Rollout], row_length: int, 
     real = layout.pack(torch.ones(n, s, dtype=torch.bool))
     tokens[~real], labels[~real] = pad_id, pad_id
     per_row = lambda x: torch.zeros(layout.rows, dtype=torch.float32).index_add_(0, layout.row, x.float())  # noqa: E731
-    packed = RLBatch(tokens=tokens, labels=labels, position_ids=pack(cols.expand(n, s)), **fields,
+    packed = RLBatch(tokens=tokens, labels=labels, position_ids=pack(torch.arange(s).expand(n, s)), **fields,
                      advantages=pack(advantages), rewards=per_row(batch.rewards),
                      ref_logprobs=None if batch.ref_logprobs is None else pack(batch.ref_logprobs),
-                     segment_ids=pack((group[:, None] + 1).expand(n, s)), branch_ids=pack(branch),
+                     segment_ids=segment_ids, branch_ids=branch_ids,
                      sequences=per_row(torch.ones(n)), global_policy_tokens=batch.global_policy_tokens,
                      global_ntp_tokens=batch.global_ntp_tokens, global_rows=batch.global_rows)
     return packed, layout
@@ -132,6 +136,9 @@ def shared_context_fallback(cfg: RunConfig) -> Optional[str]:
 
     if use_transformer_engine(cfg.model):
         return "Transformer Engine's layer spec attends through its own kernels, which take no shared-prefix mask"
+    if cfg.parallel.expert_model_parallel_size > 1:
+        return ("a step's shared-context row count varies by data-parallel rank, and expert parallelism's "
+                "all-to-all needs every rank of its group to run the same micro-batches")
     if routed_experts(cfg) is not None:
         return ("moe/rollout_routing_mismatch compares the server's experts per rollout row "
                 "(rollout.sglang.routed_experts)")
