@@ -86,7 +86,7 @@ class SDPAttention(MegatronModule):
     """Megatron's core-attention interface (query[sq, b, np, hn], key/value[sk, b, ng, hn] -> context[sq, b,
     np * hn]) on F.scaled_dot_product_attention, or FlexAttention for a SharedContextMask on a GPU."""
 
-    _flex: Optional[Any] = None  # compiled once per process
+    _flex: Any = None  # compiled once per process (False where it does not import)
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: Any, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
@@ -112,12 +112,12 @@ class SDPAttention(MegatronModule):
         sq, b, heads, dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         dropout = self.dropout if self.training else 0.0
-        if isinstance(attention_mask, SharedContextMask) and q.is_cuda:
-            if SDPAttention._flex is None:
-                SDPAttention._flex = _flex_attention()
+        if isinstance(attention_mask, SharedContextMask) and q.is_cuda and SDPAttention._flex is None:
+            SDPAttention._flex = _flex_attention() or False  # False: tried, not available
+        if isinstance(attention_mask, SharedContextMask) and q.is_cuda and SDPAttention._flex:
             out = SDPAttention._flex(q, k, v, block_mask=attention_mask.block_mask(), scale=self.scale,
                                      enable_gqa=k.shape[1] != heads)
-        elif isinstance(attention_mask, SharedContextMask):  # CPU: block by block, never [s, s] over groups
+        elif isinstance(attention_mask, SharedContextMask):  # block by block, never [s, s] over groups
             out = torch.zeros_like(q)
             gqa = k.shape[1] != heads
             for r, before, queries in attention_mask.blocks():
