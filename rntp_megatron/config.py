@@ -245,6 +245,9 @@ class RLConfig:
     # MoE: old log-probs from a recording pass over the step's micro-batches whose experts the training forward
     # replays (Megatron-Core's RouterReplay; rl/routing_replay.py)
     routing_replay: bool = False
+    # a group's rollouts train as one sequence [context | y_1 | ... | y_G], groups packed into rows
+    # (rl/shared_context.py); falls back to one rollout a row, saying why once, where it cannot apply
+    shared_context: bool = True
 
 
 @dataclass

@@ -16,7 +16,9 @@ branches compare at equal FLOPs: real tokens only (padding is free), logits only
 (the loss tokens of a training row, the sampled tokens of a rollout, the continuation of a scored row),
 embeddings and norms free.
 
-- training: each trained row of n tokens: 3 x forward(n tokens, past 0, logits at its loss tokens),
+- training: each trained row of n tokens: 3 x forward(n tokens, past 0, logits at its loss tokens); with
+  rl.shared_context a group's context of c tokens once, 3 x forward(c, 0, .), and each rollout's branch of b
+  tokens after it, 3 x forward(b, c, .), as a rollout's prefill and decode are counted,
 - rollout: each prompt of p tokens prefilled once per group (its G samples share the KV cache), then each of
   the g generated tokens of every sample decoded once against the cache: forward(p, 0, 0) + forward(g, p, g);
   each later turn of an interleaved rollout is a new engine call, so its whole prompt so far (p + s tokens,
@@ -119,6 +121,14 @@ def record_scoring_with(card: Any, prefix_lens: Sequence[int], continuation_lens
         tally.add(p + c - 1, 0, c)
 
 
+def record_scoring_spans(spans: Sequence[tuple[int, int]], logits: int) -> None:
+    """Count a forward-only pass over shared-context rows: (fed tokens, cached past) spans (rl/shared_context.py)
+    reading `logits` distributions."""
+    for tokens, past in spans:
+        _SCORING.add(tokens, past, 0)
+    _SCORING.logits += logits
+
+
 def take_scoring() -> TokenTally:
     """The scoring passes recorded since the last call (and reset the record)."""
     global _SCORING
@@ -151,6 +161,13 @@ class FlopMeter:
         """Trained rows: row i feeds row_tokens[i] tokens and reads logits at loss_tokens[i] of them."""
         for n, k in zip(row_tokens, loss_tokens):
             self.train.add(n, 0, k)
+
+    def count_train_spans(self, spans: Sequence[tuple[int, int]], logits: int) -> None:
+        """Trained shared-context rows: each group's context once (past 0), each branch after it (past = the
+        context), padding free; logits at `logits` positions."""
+        for tokens, past in spans:
+            self.train.add(tokens, past, 0)
+        self.train.logits += logits
 
     def count_rollouts(self, rollouts: Sequence[Any]) -> None:
         """Rollouts grouped by prompt_index: each prompt prefilled once, each sample's first turn decoded after it

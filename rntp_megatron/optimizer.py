@@ -12,8 +12,9 @@ from rntp_megatron.config import ParallelConfig, ScheduleConfig
 
 
 def wrap_ddp(model: MegatronModule, parallel: ParallelConfig) -> DistributedDataParallel:
-    """Megatron DDP around one model chunk: fp32 grad buffers, grads reduced over DP (and, through
-    finalize_model_grads, sequence-parallel/qk-norm grads over TP and embeddings over PP).
+    """Megatron DDP around one model chunk: fp32 grad buffers (float64 ones for float64 params, as the exactness
+    tests use), grads reduced over DP (and, through finalize_model_grads, sequence-parallel/qk-norm grads over TP
+    and embeddings over PP).
 
     Losses are per-token sums (`calculate_per_token_loss`): finalize_model_grads divides by the global token
     count, so the result is independent of how the batch is split over micro-batches, DP ranks and stages.
@@ -22,7 +23,7 @@ def wrap_ddp(model: MegatronModule, parallel: ParallelConfig) -> DistributedData
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=config.params_dtype != torch.float64,
         overlap_grad_reduce=False,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         average_in_collective=False,

@@ -37,7 +37,7 @@ from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.fit import CUT_KEY, cut_prompt_left
 from rntp_megatron.data.stream import EpisodeStream
 from rntp_megatron.data.tokenizer import Tokenizer, check_model_vocab, tokenizer_for
-from rntp_megatron.flops import FlopMeter, record_scoring
+from rntp_megatron.flops import FlopMeter, record_scoring, record_scoring_spans
 from rntp_megatron.lm_loss import lm_batch, lm_forward_step
 from rntp_megatron.model.provider import build_model
 from rntp_megatron.optimizer import build_optimizer, wrap_ddp
@@ -49,7 +49,8 @@ from rntp_megatron.rl.batch import RLBatch, pack_rollouts, policy_mask, with_glo
 from rntp_megatron.rl.interleaved import generate_interleaved, pack_interleaved, segment_views
 from rntp_megatron.rl.loss import RNTPLoss
 from rntp_megatron.rl.rollout_routing import routed_experts, rollout_routing_mismatch
-from rntp_megatron.rl.routing_replay import RoutingReplay
+from rntp_megatron.rl.routing_replay import RoutingReplay, score_policy_tokens
+from rntp_megatron.rl.shared_context import SharedLayout, share_context, shared_context_fallback
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams
 from rntp_megatron.rollout.placement import EnginePlacement
 from rntp_megatron.rollout.prefetch import RolloutPrefetcher, generate_single
@@ -104,6 +105,10 @@ class Trainer:
         self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
         self.model = build_model(cfg.model, cfg.parallel)
         self.routing = RoutingReplay(self.model) if rl.routing_replay else None
+        fallback = shared_context_fallback(cfg) if rl.shared_context and rl.objective != "ntp" else None
+        self.shared_context = rl.shared_context and rl.objective != "ntp" and fallback is None
+        if fallback is not None and dist.get_rank() == 0:
+            print(f"rl.shared_context: one rollout a row instead: {fallback}", flush=True)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
         self.optimizer = build_optimizer([self.ddp], s, cfg.parallel)
         self.side = SideModels(cfg, self.tokenizer)  # reference, proxy, EMA baseline: those the config uses
@@ -289,29 +294,36 @@ class Trainer:
         pack = pack_interleaved if interleaved else pack_rollouts
         batch = pack(episodes, rollouts, advantages, rewards, self.think_close_ids,
                      cfg.schedule.seq_length, self.tokenizer.pad_id,
-                     old_logprobs=None if self.routing else self._old_logprobs(rollouts))
+                     old_logprobs=None if self.routing or self.shared_context else self._old_logprobs(rollouts))
         if cfg.rl.dynamic_sampling:  # groups with equal rewards teach nothing: keep them out of the token mean
             keep = groups.sample_mask(G).float().unsqueeze(1)
             batch.thought_mask, batch.answer_mask = batch.thought_mask * keep, batch.answer_mask * keep
-        with self.phases.phase("scoring"):
-            batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
-        self._count_flops(rollouts, batch)
-        batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
         s = cfg.schedule
-        microbatches, forward_step = batch.microbatches(s.micro_batch_size), self.loss.forward_step
+        seq_length, mbs = s.seq_length, s.micro_batch_size
+        if self.shared_context:  # micro-batches of one row holding micro_batch_size * seq_length tokens
+            batch, layout = share_context(batch, rollouts, mbs * seq_length, self.tokenizer.pad_id,
+                                          self.side.length_multiple)
+            seq_length, mbs = layout.length, 1
+            with self.phases.phase("scoring"):
+                batch = self._score_shared(batch.to(device()), layout)
+        else:
+            with self.phases.phase("scoring"):
+                batch.ref_logprobs = self.side.ref_logprobs(rollouts)  # the KL term's reference (None: no KL)
+        self._count_flops(rollouts, batch, layout if self.shared_context else None)
+        batch = with_global_counts(batch.to(device()), cfg.rl.train_on, parallel_state.get_data_parallel_group())
+        microbatches, forward_step = batch.microbatches(mbs), self.loss.forward_step
         routing_metrics: dict[str, float] = {}
         if self.routing is not None:  # old log-probs and experts from one pass over these micro-batches: replayed
-            record_scoring([len(r.prompt_ids) for r in rollouts], [len(r.token_ids) for r in rollouts])
+            self._record_scoring(rollouts, batch, layout if self.shared_context else None)
             with self.phases.phase("scoring"):
-                microbatches = self.routing.record([self.ddp], self.loss, microbatches, s.seq_length,
-                                                   s.micro_batch_size)
+                microbatches = self.routing.record([self.ddp], self.loss, microbatches, seq_length, mbs)
             forward_step = self.routing.replaying(forward_step)
             if routed_experts(cfg) is not None:  # the server's experts against the recording's
                 versus = rollout_routing_mismatch(microbatches, rollouts, self.routing.layers,
                                                   self.routing.sequence_parallel)
                 routing_metrics = {} if versus is None else {"moe/rollout_routing_mismatch": versus}
         with self.placement.training(), self.phases.phase("train"):
-            out = train_step([self.ddp], self.optimizer, forward_step, microbatches, s.seq_length, s.micro_batch_size)
+            out = train_step([self.ddp], self.optimizer, forward_step, microbatches, seq_length, mbs)
         if self.routing is not None:
             out["moe/routing_mismatch"] = self.routing.mismatch()
         out.update(routing_metrics)
@@ -334,13 +346,41 @@ class Trainer:
             out.update(self.engine.stats())
         return out
 
-    def _count_flops(self, rollouts: list[Rollout], batch: RLBatch) -> None:
-        """This step's rollouts, and its rows (fed tokens: prompt + generated - 1; logits at the tokens the loss
-        reads: the policy's, plus the context under the mixed objective)."""
+    def _score_shared(self, batch: RLBatch, layout: SharedLayout) -> RLBatch:
+        """The scoring passes on the shared-context rows themselves: the reference's log-probs of the policy
+        tokens (the KL term), and off-policy the trainer's own before the update (the PPO anchor; with routing
+        replay its recording pass computes them instead)."""
+        micro = batch.microbatches(1)
+        policy = policy_mask(batch, self.cfg.rl.train_on) > 0
+        if self.side.kl:
+            self._record_scoring(None, batch, layout)
+            ref = score_policy_tokens([self.side.reference], self.loss, micro, layout.length, 1)
+            batch.ref_logprobs = torch.where(policy, ref, 0.0).float()
+        if self.cfg.rollout.off_policy_steps and self.routing is None:
+            self._record_scoring(None, batch, layout)
+            old = score_policy_tokens([self.ddp], self.loss, micro, layout.length, 1)
+            batch.old_logprobs = torch.where(policy, old, batch.old_logprobs).float()
+        return batch
+
+    def _record_scoring(self, rollouts: Optional[list[Rollout]], batch: RLBatch, layout: Optional[SharedLayout]
+                        ) -> None:
+        """The FLOPs of a forward-only pass over this step's rows reading the policy tokens' logits."""
+        if layout is None:
+            record_scoring([len(r.prompt_ids) for r in rollouts], [len(r.token_ids) for r in rollouts])
+        else:
+            record_scoring_spans(layout.spans, int(policy_mask(batch, self.cfg.rl.train_on).sum().item()))
+
+    def _count_flops(self, rollouts: list[Rollout], batch: RLBatch, layout: Optional[SharedLayout]) -> None:
+        """This step's rollouts, and its rows (fed tokens: prompt + generated - 1, or with shared context each
+        group's context once and each branch after it; logits at the tokens the loss reads: the policy's, plus
+        the context under the mixed objective)."""
         self.flops.count_rollouts(rollouts)
         read = policy_mask(batch, self.cfg.rl.train_on)
         if self.cfg.rl.objective == "mixed":
             read = ((read + batch.ntp_mask) > 0).float()
+        if layout is not None:
+            self.flops.count_train_spans(layout.spans, int(read.sum().item()))
+            return
         self.flops.count_train([len(r.prompt_ids) + len(r.token_ids) - 1 for r in rollouts],
                                read.sum(1).long().tolist())
 
@@ -373,8 +413,10 @@ class Trainer:
             mbs, pad = self.cfg.schedule.micro_batch_size, self.tokenizer.pad_id
             policy_prefixes = [ep.prompt_ids + th + self.answer_open_ids for ep, th in zip(eps, thoughts)]
             vocab = self.tokenizer.vocab_size
+            shared = [r.prompt_index for r in rollouts] if self.shared_context else None  # one prompt a group
             with self.phases.phase("scoring"):
-                logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab)
+                logp, mask = continuation_logprobs([self.ddp], policy_prefixes, conts, mbs, pad, vocab_size=vocab,
+                                                   groups=shared)
                 gain_base = self._baseline_logprobs(episodes, rollouts)
             # where the baseline cancels from the advantage, the reward is its thought term on every step
             # (baseline 0), so `reward` keeps one meaning; the gain itself is logged when scored

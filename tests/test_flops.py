@@ -9,7 +9,7 @@ import pytest
 
 from rntp_megatron.config import ModelConfig, build_config
 from rntp_megatron.flops import (FlopMeter, TokenTally, forward_flops, non_embedding_params, record_scoring,
-                                 rollout_tally, take_scoring, training_flops)
+                                 record_scoring_spans, rollout_tally, take_scoring, training_flops)
 from rntp_megatron.plan import make_plan
 
 # L=2, h=8, 2 heads of 4 (a=8), 1 KV group, ffn 16, V=10
@@ -65,6 +65,15 @@ def test_meter_totals_accumulate_and_restore():
     assert again.end()["flops_train"] == 2 * 3 * 7776
 
 
+def test_shared_context_spans_count_the_context_once():
+    meter = FlopMeter(CARD)
+    # a context of 4 tokens, then branches of 2 and 3 tokens after it, 5 logits read
+    meter.count_train_spans([(4, 0), (2, 4), (3, 4)], 5)
+    assert (meter.train.tokens, meter.train.pairs, meter.train.logits) == (9, 10 + 11 + 18, 5)
+    record_scoring_spans([(4, 0), (2, 4)], 2)
+    assert (take_scoring().tokens, take_scoring().tokens) == (6, 0)
+
+
 def test_plan_uses_the_same_formulas():
     # one chunk of 6 text tokens, one site, G=2 thoughts of 2 tokens
     p = make_plan(CARD, gpus=1, gpu="H100", context_len=6, thought_len=2, group_size=2, token_budget=6,
@@ -76,8 +85,8 @@ def test_plan_uses_the_same_formulas():
 @pytest.mark.slow
 def test_trainer_logs_the_flops_of_its_rollouts_rows_and_scoring(tmp_path):
     """One RNTP step with a likelihood reward: the logged FLOPs match the rollouts it trained on, counted by hand
-    (two scoring passes: policy [prompt + thought + <answer>] per rollout and baseline [prompt + </think><answer>]
-    per site)."""
+    (shared-context rows; two scoring passes: policy [prompt + thought + <answer>] per rollout and baseline
+    [prompt + </think><answer>] per site)."""
     from rntp_megatron.runtime import destroy_distributed
     from rntp_megatron.trainer import Trainer
 
@@ -108,11 +117,25 @@ def test_trainer_logs_the_flops_of_its_rollouts_rows_and_scoring(tmp_path):
     prompts = {r.prompt_index: len(r.prompt_ids) for r in rollouts}
     rollout = sum(fwd(p, 0, 0) for p in prompts.values()) + sum(
         fwd(len(r.token_ids), len(r.prompt_ids), len(r.token_ids)) for r in rollouts)
-    train = sum(3 * fwd(len(r.prompt_ids) + len(r.token_ids) - 1, 0, len(r.token_ids)) for r in rollouts)
+    per_row = sum(3 * fwd(len(r.prompt_ids) + len(r.token_ids) - 1, 0, len(r.token_ids)) for r in rollouts)
+    # rl.shared_context (on): each group's context (its prompt less one token) once, each rollout's branch of
+    # g tokens after it; the row's padding tail is free
+    train = sum(3 * fwd(p - 1, 0, 0) for p in prompts.values()) + sum(
+        3 * fwd(len(r.token_ids), len(r.prompt_ids) - 1, len(r.token_ids)) for r in rollouts)
+    assert train < per_row
     close, answer = trainer.think_close_ids, trainer.answer_open_ids
     k = cfg.data.answer_horizon
-    scoring = sum(fwd(len(r.prompt_ids) + len(trainer._thought_ids(r)) + len(answer) + k - 1, 0, k)
-                  for r in rollouts)  # the no-thought baseline: once per site (its G rollouts share it)
+    # the policy pass on shared-context rows: [prompt + thought + <answer> + continuation] of a group share their
+    # common prefix (at most the shortest prefix less one token), fed once; each rollout's rest after it
+    full = {}
+    for r in rollouts:
+        full.setdefault(r.prompt_index, []).append(r.prompt_ids + trainer._thought_ids(r) + answer + [0] * k)
+    scoring = 0.0
+    for seqs in full.values():
+        c = min(len(q) for q in seqs) - k - 1
+        c = min([c] + [next((i for i, (a, b) in enumerate(zip(seqs[0], q)) if a != b), len(q)) for q in seqs[1:]])
+        scoring += fwd(c, 0, 0) + sum(fwd(len(q) - 1 - c, c, k) for q in seqs)
+    # the no-thought baseline: once per site (its G rollouts share it)
     scoring += sum(fwd(p + len(close) + len(answer) + k - 1, 0, k) for p in prompts.values())
     assert values["step_flops_rollout"] == pytest.approx(rollout, rel=1e-12)
     assert values["step_flops_train"] == pytest.approx(train, rel=1e-12)

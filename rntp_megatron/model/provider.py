@@ -9,11 +9,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from rntp_megatron.config import ModelConfig, ParallelConfig, padded_vocab_size
 from rntp_megatron.model.moe import moe_config
+from rntp_megatron.model.rope_positions import PositionedGPTModel
 from rntp_megatron.model.spec import layer_spec, use_transformer_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,14 +95,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, pre_process: Optional[bool] = None,
-                post_process: Optional[bool] = None, **config_overrides: object) -> GPTModel:
+                post_process: Optional[bool] = None, **config_overrides: object) -> PositionedGPTModel:
     """This rank's GPTModel stage; pre/post process default to this rank's place in the pipeline."""
     config = transformer_config(model, parallel, **config_overrides)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    gpt = GPTModel(
+    gpt = PositionedGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, config),
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by,

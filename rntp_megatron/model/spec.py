@@ -13,6 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from rntp_megatron.config import ModelConfig
+from rntp_megatron.model.attention import SDPAttention
 
 
 def transformer_engine_available() -> bool:
@@ -57,6 +58,8 @@ def layer_spec(model: ModelConfig, config: TransformerConfig) -> ModuleSpec | Tr
     if use_transformer_engine(model):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, **experts)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm", **experts)
+    # torch SDPA (flash on a GPU) in place of megatron's materialised softmax; takes shared-context masks
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if not config.sequence_parallel:
         return spec
     spec.submodules.input_layernorm = SequenceParallelRMSNorm

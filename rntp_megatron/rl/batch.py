@@ -16,7 +16,16 @@ import torch
 import torch.distributed as dist
 
 from rntp_megatron.data.episode import Episode
+from rntp_megatron.model.attention import SharedContextMask
 from rntp_megatron.rollout.engine import Rollout
+
+
+def sequence_sums(x: torch.Tensor, branch_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """sums[b, K] of x[b, s] over each rollout's positions: K = 1 for plain rows (branch_ids None); for
+    shared-context rows column k sums branch k (column 0: the contexts and padding)."""
+    if branch_ids is None:
+        return x.sum(-1, keepdim=True)
+    return x.new_zeros(x.shape).scatter_add_(1, branch_ids, x)
 
 
 @dataclass
@@ -34,6 +43,10 @@ class RLBatch:
     advantages: torch.Tensor  # [b], or [b, s] per token (interleaved episodes: each site's own advantage)
     rewards: torch.Tensor  # [b] (metrics only)
     ref_logprobs: Optional[torch.Tensor] = None  # [b, s] reference policy, for the KL term
+    # shared-context rows (rl/shared_context.py): [context | y_1 | ... | y_G] groups per row; None: one rollout a row
+    segment_ids: Optional[torch.Tensor] = None  # [b, s] group of each position in its row (0: padding)
+    branch_ids: Optional[torch.Tensor] = None  # [b, s] 0 on a group's context, k on the row's k-th rollout
+    sequences: Optional[torch.Tensor] = None  # [b] rollouts per row
     global_policy_tokens: float = 0.0  # policy tokens of the whole step (all micro-batches, all DP ranks)
     global_ntp_tokens: float = 0.0  # next-token-loss tokens of the whole step
     global_rows: float = 0.0  # rows of the whole step
@@ -41,6 +54,19 @@ class RLBatch:
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def num_sequences(self) -> float:
+        """Rollouts in the batch: its rows, or what its shared-context rows hold."""
+        return float(self.num_rows) if self.sequences is None else self.sequences.sum().item()
+
+    def attention_mask(self) -> Optional[SharedContextMask]:
+        """What the model's attention_mask argument gets: None for plain causal rows."""
+        return None if self.segment_ids is None else SharedContextMask(self.segment_ids, self.branch_ids)
+
+    def per_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """sequence_sums of x[b, s] over this batch's rollouts."""
+        return sequence_sums(x, self.branch_ids)
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RLBatch":
         """The batch with fn applied to every tensor field (counts kept)."""
@@ -84,7 +110,7 @@ def policy_mask(batch: RLBatch, train_on: str) -> torch.Tensor:
 def with_global_counts(batch: RLBatch, train_on: str, group: Optional[dist.ProcessGroup] = None) -> RLBatch:
     """The batch with its step-wide token and row counts: local sums all-reduced over `group` (the DP group)."""
     counts = torch.tensor([policy_mask(batch, train_on).sum().item(), batch.ntp_mask.sum().item(),
-                           float(batch.num_rows)], dtype=torch.float64, device=batch.tokens.device)
+                           batch.num_sequences], dtype=torch.float64, device=batch.tokens.device)
     if group is not None:
         dist.all_reduce(counts, group=group)
     return dataclasses.replace(batch, global_policy_tokens=counts[0].item(), global_ntp_tokens=counts[1].item(),

@@ -132,14 +132,21 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def _fp32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """The softmax's working dtype: fp32, or the input's when wider (float64 exactness tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 PADDED_LOGIT = -1.0e4  # exp() underflows to 0 in any dtype, and p * logit stays 0 in the entropy (no -inf * 0)
 
 
 def _output_layer_logits(hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float,
                          first_padded: int) -> torch.Tensor:
-    """z[c, V/tp] = hidden[c, h] @ weight[V/tp, h]^T / T in fp32, columns >= first_padded at PADDED_LOGIT."""
+    """z[c, V/tp] = hidden[c, h] @ weight[V/tp, h]^T / T in fp32 (or wider), columns >= first_padded at
+    PADDED_LOGIT."""
     # 1/T as the GEMM's alpha: no extra pass over [c, V/tp], and one rounding in bf16 as megatron's logits have
-    z = torch.addmm(hidden.new_zeros(()), hidden, weight.t(), beta=0, alpha=inv_temperature).float()
+    z = torch.addmm(hidden.new_zeros(()), hidden, weight.t(), beta=0, alpha=inv_temperature)
+    z = z.to(_fp32_or_wider(z.dtype))
     if first_padded < z.shape[1]:
         z[:, max(first_padded, 0):] = PADDED_LOGIT
     return z
@@ -163,7 +170,7 @@ class _OutputLayerLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         local_labels, owned = _local_labels(labels, rank, weight.shape[0])
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=_fp32_or_wider(hidden.dtype), device=hidden.device)
         entropy, logp = torch.empty_like(lse), torch.empty_like(lse)
         for lo in range(0, n, chunk_size):
             hi = min(lo + chunk_size, n)
@@ -183,7 +190,7 @@ class _OutputLayerLogProbs(torch.autograd.Function):
         inv_t = ctx.inv_temperature
         grad_hidden = torch.empty_like(hidden)
         # fp32 accumulation over chunks; the same buffer when the weight is fp32
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=_fp32_or_wider(weight.dtype))
         for lo in range(0, hidden.shape[0], ctx.chunk_size):
             hi = min(lo + ctx.chunk_size, hidden.shape[0])
             z = _output_layer_logits(hidden[lo:hi], weight, inv_t, ctx.first_padded)
@@ -281,6 +288,6 @@ def output_layer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     first_padded = (vocab_size if vocab_size is not None else 1 << 62) - rank * weight.shape[0]
     logp, entropy = _OutputLayerLogProbs.apply(rows, weight, labels_sb.index_select(0, index).long(),
                                                1.0 / temperature, first_padded, chunk_size, group, rank)
-    zeros = torch.zeros(labels_sb.numel(), dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(labels_sb.numel(), dtype=logp.dtype, device=hidden.device)
     s, b = labels.shape[1], labels.shape[0]
     return (zeros.index_copy(0, index, logp).view(s, b).t(), zeros.index_copy(0, index, entropy).view(s, b).t())

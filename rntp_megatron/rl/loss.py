@@ -80,7 +80,7 @@ class RNTPLoss:
             raise ValueError("RNTPLoss returns per-token sums: set config.calculate_per_token_loss=True "
                              "(rntp_megatron.optimizer.wrap_ddp does)")
         batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, None, output_processor=output_layer_input)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask(), output_processor=output_layer_input)
         return output, partial(self.loss_func, batch)
 
     def _logprobs(self, head: OutputLayerInput, labels: torch.Tensor, temperature: float, mask: torch.Tensor
@@ -114,13 +114,13 @@ class RNTPLoss:
         mask = policy_mask(batch, rl.train_on)
         logp, entropy = self.policy_logprobs(head, batch)
         terms = policy_terms(logp, batch.old_logprobs, batch.rollout_logprobs, batch.advantages, mask, rl,
-                             batch.ref_logprobs)
+                             batch.ref_logprobs, batch.branch_ids)
         token_sum = (terms.loss * mask).sum()
-        rows = batch.num_rows
+        rows = batch.num_sequences
         if rl.aggregation == "token_mean":
             numerator, count, global_count = token_sum, mask.sum(), batch.global_policy_tokens
         elif rl.aggregation == "seq_mean":
-            per_row = (terms.loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            per_row = batch.per_sequence(terms.loss * mask) / batch.per_sequence(mask).clamp(min=1)
             numerator, count, global_count = per_row.sum(), rows, batch.global_rows
         elif rl.aggregation == "dr_grpo":
             numerator, count, global_count = token_sum / self.max_response_len, rows, batch.global_rows
@@ -136,7 +136,8 @@ class RNTPLoss:
             "logp_abs_diff_rollout": _pair(((logp.detach() - batch.rollout_logprobs).abs() * mask).sum(), n_tok),
             "reward": _pair(batch.rewards.sum(), rows),
             "advantage": _pair(batch.advantages.sum() if batch.advantages.dim() == 1
-                               else ((batch.advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum(), rows),
+                               else (batch.per_sequence(batch.advantages * mask)
+                                     / batch.per_sequence(mask).clamp(min=1)).sum(), rows),
             "policy_tokens": _pair(n_tok, rows),
         }
         if terms.kl is not None:

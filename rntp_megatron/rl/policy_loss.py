@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from rntp_megatron.config import RLConfig
+from rntp_megatron.rl.batch import sequence_sums
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
@@ -53,14 +54,15 @@ class PolicyTerms:
 
 def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor,
                  advantages: torch.Tensor, mask: torch.Tensor, cfg: RLConfig,
-                 ref_logp: Optional[torch.Tensor] = None) -> PolicyTerms:
+                 ref_logp: Optional[torch.Tensor] = None, branch_ids: Optional[torch.Tensor] = None) -> PolicyTerms:
     """l[b, s] = w * max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)) (with dual clip min(., -c A) for A < 0)
-    + kl_coef * KL; rho = e^(logp - old) per token, or GSPO's rho_i = e^(mean_t over mask of (logp - old)) per row.
+    + kl_coef * KL; rho = e^(logp - old) per token, or GSPO's rho_i = e^(mean_t over mask of (logp - old)) per
+    rollout (a row, or a branch of a shared-context row: `branch_ids`, rl/batch.sequence_sums).
     """
     log_ratio = logp - old_logp
     if cfg.ratio_type == "gspo":
-        tokens = mask.sum(-1).clamp(min=1)
-        log_ratio = ((log_ratio * mask).sum(-1) / tokens)[:, None].expand_as(logp)
+        means = sequence_sums(log_ratio * mask, branch_ids) / sequence_sums(mask, branch_ids).clamp(min=1)
+        log_ratio = means.expand_as(logp) if branch_ids is None else means.gather(1, branch_ids)
     elif cfg.ratio_type != "token":
         raise ValueError(f"rl.ratio_type must be 'token' or 'gspo', got {cfg.ratio_type!r}")
     ratio = torch.exp(log_ratio)

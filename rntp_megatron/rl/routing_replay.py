@@ -92,8 +92,27 @@ def logprob_step(loss: RNTPLoss, data_iterator: Iterator[RLBatch], model: torch.
     """Forward-only step: the model on one micro-batch without autograd, and the loss that returns its log-probs."""
     batch = next(data_iterator)
     with torch.no_grad():
-        head = model(batch.tokens, batch.position_ids, None, output_processor=output_layer_input)
+        head = model(batch.tokens, batch.position_ids, batch.attention_mask(), output_processor=output_layer_input)
     return head, partial(_logprob_data, loss, batch)
+
+
+def score_policy_tokens(chunks: list[torch.nn.Module], loss: RNTPLoss, microbatches: list[RLBatch],
+                        seq_length: int, micro_batch_size: int) -> torch.Tensor:
+    """logp[rows, s] of the policy tokens of every micro-batch (0 elsewhere) from a forward-only pass of `chunks`
+    (the policy for the off-policy anchor, the reference for the KL term), on every pipeline stage."""
+    out = forward_backward(chunks, partial(logprob_step, loss), microbatches, len(microbatches), seq_length,
+                           micro_batch_size, forward_only=True)
+    first = microbatches[0].tokens
+    # float64 on every stage: the stages before the last do not know the model's dtype
+    logp = torch.empty(sum(mb.num_rows for mb in microbatches), first.shape[1], dtype=torch.float64,
+                       device=first.device)
+    if parallel_state.is_pipeline_last_stage():
+        logp = torch.cat([o["logp"] for o in out]).double()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        logp = logp.contiguous()
+        dist.broadcast(logp, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return logp
 
 
 class RoutingReplay:
