@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_io import parse_args, write_json  # noqa: E402  (tools/, beside this script)
 
-RL = {"objective": "mixed", "kl_coef": 0.01, "tis_cap": 2.0, "clip_eps_high": 0.28}
+RL = {"objective": "mixed", "kl_coef": 0.01, "tis_cap": 2.0, "clip_eps_high": 0.28, "train_on": "thought_and_answer"}
 
 
 def rollouts_for(args: argparse.Namespace):
@@ -118,7 +119,6 @@ def step(rank: int, world: int, args: argparse.Namespace, shared: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="a tiny shape: the whole path in seconds")
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--context", type=int, default=1024)
@@ -130,10 +130,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
-    args = ap.parse_args()
-    if args.smoke:
-        args.groups, args.G, args.context, args.thought_min, args.thought_max = 1, 4, 48, 4, 16
-        args.layers, args.hidden, args.vocab, args.micro_batch, args.warmup = 2, 64, 512, 2, 0
+    args = parse_args(ap, smoke={"groups": 1, "G": 4, "context": 48, "thought_min": 4, "thought_max": 16,
+                                 "layers": 2, "hidden": 64, "vocab": 512, "micro_batch": 2, "warmup": 0})
 
     from rntp_megatron.runtime.spawn import run_ranks
 
@@ -152,6 +150,10 @@ def main() -> int:
           f"{a['flops'] / b['flops']:.2f}x fewer FLOPs, "
           f"peak RSS {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x, loss difference {abs(a['loss'] - b['loss']):.2e}")
     ok = all(math.isfinite(v) for r in rows.values() for v in (r["time_s"], r["flops"], r["loss"]))
+    write_json(args.json, "bench_rl_step", [
+        {"name": name, "step_s": r["time_s"], "cpu_s": r["cpu_s"], "gflop": r["flops"] / 1e9,
+         "peak_mib": r["peak_rss_mib"], "loss": r["loss"], "fed_tokens": r["fed_tokens"]} for name, r in rows.items()],
+        args)
     return 0 if ok else 1
 
 
