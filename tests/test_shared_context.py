@@ -13,7 +13,8 @@ from rntp_megatron.runtime.spawn import run_ranks
 
 RTOL = 1e-10
 G, VOCAB, SEQ, CLOSE = 3, 256, 24, 7
-RL = {"objective": "mixed", "kl_coef": 0.05, "tis_cap": 2.0, "clip_eps_high": 0.28, "logprob_chunk_size": 16}
+RL = {"objective": "mixed", "train_on": "thought_and_answer", "kl_coef": 0.05, "tis_cap": 2.0, "clip_eps_high": 0.28,
+      "logprob_chunk_size": 16}
 
 
 def rollouts_and_batch():
