@@ -104,13 +104,13 @@ def _shared_continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Seque
     longest = max(len(p) + len(c) - 1 for p, c in zip(prefixes, continuations))
     layout = shared_layout(seqs, micro_batch_size * longest, length_multiple)
     n, s = layout.index.shape
-    full = torch.full((n, s + 1), pad_id, dtype=torch.long)
+    full = torch.full((n, s + 1), pad_id, dtype=torch.long, device="cpu")
     for i, (p, c) in enumerate(zip(prefixes, continuations)):
-        full[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c))
+        full[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), device="cpu")
     record_scoring_spans(layout.spans, sum(len(c) for c in continuations))
-    segment_ids, branch_ids = layout.attention_ids(torch.tensor(list(groups)))
+    segment_ids, branch_ids = layout.attention_ids(torch.tensor(list(groups), device="cpu"))
     tokens, labels = layout.pack(full[:, :-1]), layout.pack(full[:, 1:])
-    positions = layout.pack(torch.arange(s).expand(n, s))
+    positions = layout.pack(torch.arange(s, device="cpu").expand(n, s))
     dev = device()
     microbatches = [{"tokens": tokens[r:r + 1].to(dev), "labels": labels[r:r + 1].to(dev),
                      "position_ids": positions[r:r + 1].to(dev),

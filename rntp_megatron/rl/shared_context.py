@@ -44,11 +44,11 @@ class SharedLayout:
         """segment_ids and branch_ids[rows, length] of model/attention.SharedContextMask, groups[N] the group
         (prompt_index) of each sequence: segment = group + 1 (0: padding), branch k = the row's k-th sequence."""
         n, s = self.index.shape
-        in_row = torch.zeros(n, dtype=torch.long)
+        in_row = torch.zeros(n, dtype=torch.long, device="cpu")
         for r in range(self.rows):
             members = (self.row == r).nonzero().squeeze(1)
-            in_row[members] = torch.arange(1, members.numel() + 1)
-        branch = torch.where(torch.arange(s) < self.context[:, None], 0, in_row[:, None].expand(n, s))
+            in_row[members] = torch.arange(1, members.numel() + 1, device="cpu")
+        branch = torch.where(torch.arange(s, device="cpu") < self.context[:, None], 0, in_row[:, None].expand(n, s))
         return self.pack((groups[:, None] + 1).expand(n, s)), self.pack(branch)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,8 @@ def shared_layout(rollouts: Sequence[Rollout], row_length: int, length_multiple:
     length = max(start + n for (_, start), n in zip(placement, sizes))
     length = -(-length // length_multiple) * length_multiple
     n, s = len(rollouts), max(len(f) for f in full) - 1
-    row, context = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
-    index = torch.full((n, s), -1, dtype=torch.long)
+    row, context = torch.zeros(n, dtype=torch.long, device="cpu"), torch.zeros(n, dtype=torch.long, device="cpu")
+    index = torch.full((n, s), -1, dtype=torch.long, device="cpu")
     spans: list[tuple[int, int]] = []
     for (r, start), c, members in zip(placement, contexts, groups.values()):
         spans.append((c, 0))
@@ -94,8 +94,8 @@ def shared_layout(rollouts: Sequence[Rollout], row_length: int, length_multiple:
         for i in members:
             b = len(full[i]) - 1 - c
             row[i], context[i] = r, c
-            index[i, :c] = torch.arange(start, start + c)
-            index[i, c:c + b] = torch.arange(at, at + b)
+            index[i, :c] = torch.arange(start, start + c, device="cpu")
+            index[i, c:c + b] = torch.arange(at, at + b, device="cpu")
             spans.append((b, c))
             at += b
     rows = 1 + max(r for r, _ in placement)
@@ -112,19 +112,20 @@ def share_context(batch: RLBatch, rollouts: Sequence[Rollout], row_length: int, 
         return layout.pack(x[:, :s])
 
     n = len(rollouts)
-    segment_ids, branch_ids = layout.attention_ids(torch.tensor([r.prompt_index for r in rollouts]))
+    segment_ids, branch_ids = layout.attention_ids(torch.tensor([r.prompt_index for r in rollouts], device="cpu"))
     advantages = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand(n, s)
     fields = {f.name: pack(getattr(batch, f.name)) for f in dataclasses.fields(batch)
               if f.name in ("thought_mask", "answer_mask", "ntp_mask", "old_logprobs", "rollout_logprobs")}
     tokens, labels = pack(batch.tokens), pack(batch.labels)
-    real = layout.pack(torch.ones(n, s, dtype=torch.bool))
+    real = layout.pack(torch.ones(n, s, dtype=torch.bool, device="cpu"))
     tokens[~real], labels[~real] = pad_id, pad_id
-    per_row = lambda x: torch.zeros(layout.rows, dtype=torch.float32).index_add_(0, layout.row, x.float())  # noqa: E731
-    packed = RLBatch(tokens=tokens, labels=labels, position_ids=pack(torch.arange(s).expand(n, s)), **fields,
+    per_row = lambda x: torch.zeros(layout.rows, device="cpu").index_add_(0, layout.row, x.float())  # noqa: E731
+    positions = pack(torch.arange(s, device="cpu").expand(n, s))
+    packed = RLBatch(tokens=tokens, labels=labels, position_ids=positions, **fields,
                      advantages=pack(advantages), rewards=per_row(batch.rewards),
                      ref_logprobs=None if batch.ref_logprobs is None else pack(batch.ref_logprobs),
                      segment_ids=segment_ids, branch_ids=branch_ids,
-                     sequences=per_row(torch.ones(n)), global_policy_tokens=batch.global_policy_tokens,
+                     sequences=per_row(torch.ones(n, device="cpu")), global_policy_tokens=batch.global_policy_tokens,
                      global_ntp_tokens=batch.global_ntp_tokens, global_rows=batch.global_rows)
     return packed, layout
 
