@@ -16,6 +16,7 @@ source "$(dirname "$0")/slurm_common.sh"
 
 node_usable() { sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated|completing)'; }
 controller_up() { scontrol ping 2>/dev/null | grep -q UP; }
+accounting_up() { sacctmgr -n show cluster 2>/dev/null | grep -q .; }  # slurmdbd reaches its database
 
 start_munge() {
     if [ ! -s /etc/munge/munge.key ]; then
@@ -89,10 +90,12 @@ EOF
 }
 
 start() {
-    if controller_up && node_usable; then
+    if controller_up && node_usable && accounting_up; then
         echo "already up"
         return 0
     fi
+    # a partial cluster (say its database died: jobs run, `sacct` fails) starts over from what was recorded
+    for d in "${DAEMONS[@]}"; do stop_recorded "$STATE/run/$d.pid"; done
     [ "$(id -u)" = 0 ] || { echo "slurm_local.sh: starting the daemons needs root" >&2; exit 1; }
     command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ] || {
         echo "slurm_local.sh: Slurm is not installed: run tools/install_launch.sh" >&2; exit 1; }
