@@ -3,7 +3,7 @@
 # slurmctld and slurmd, started by hand (no systemd, no cgroups) as root.
 #   tools/slurm_local.sh start     start what is not running; prints "started" or "already up"
 #   tools/slurm_local.sh stop      stop, by the PIDs recorded at start, only the daemons this script started
-#   tools/slurm_local.sh status    exit 0 when the controller answers and the node is usable
+#   tools/slurm_local.sh status    exit 0 when the controller answers, the node is usable and accounting works
 # State (pid files, logs, spool, database) lives in $RNTP_SLURM_STATE (default /tmp/rntp-slurm).
 # Install the packages first with tools/install_launch.sh.
 set -euo pipefail
@@ -121,6 +121,6 @@ stop() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    status) controller_up && node_usable ;;
+    status) controller_up && node_usable && accounting_up ;;
     *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac
