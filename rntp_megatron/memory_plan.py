@@ -8,10 +8,11 @@ For the most loaded rank (first pipeline stage, or the last when it holds more) 
 - Adam: m and v in fp32 (8 P) plus an fp32 master copy (4 P) when the params are 16-bit; the distributed
   optimizer shards all of it over DP (/ DP), the experts over expert-DP (world / (TP x EP x PP));
 - activations of one micro-batch [s, b] (s / CP), per layer, in elements of the params dtype:
-    unfused attention (megatron's local spec, what runs without Transformer Engine; counted from the
-    tensors autograd saves):   7 sbh + 3 sb a d / TP + b a s^2 / TP (fp32 softmax) + 5 sbf / TP; with 16-bit
-    params 4 of the 7 sbh are fp32 (the norms' input and output) and b a s^2 / TP more in 16 bits (the
-    probabilities the value matmul keeps), measured on the CPU and on an H200 (BENCHMARKS.md)
+    the local spec (what runs without Transformer Engine: model/attention.SDPAttention keeps no [s, s] scores;
+    counted from the tensors autograd saves): 7 sbh + sb (2a + 3g) d / TP (the qkv output, rotated q and k, the
+    attention output) + b a s / TP (fp32 logsumexp) + 5 sbf / TP; with 16-bit params 4 of the 7 sbh are fp32
+    (the norms' input and output). (Megatron's DotProductAttention, before SDPAttention, also kept the
+    b a s^2 / TP fp32 probabilities, and in 16 bits a second copy: measured on the CPU and an H200, BENCHMARKS.md)
     fused attention (TE, flash): 4 sbh + sb (a + 2g) d / TP + sb a d / TP + 3 sbf / TP
   (h-sized terms / TP under sequence parallelism), times the micro-batches the schedule keeps in flight on
   the first stage (min(PP, micro-batches) under 1F1B); full recomputation keeps only each layer's input
@@ -119,12 +120,13 @@ def layer_activation_elements(m: ModelConfig, p: ParallelConfig, seq: int, micro
     sp = tp if p.sequence_parallel else 1
     if fused:
         return 4 * s * b * h / sp + s * b * (2 * a + 2 * g) * d / tp + 3 * s * b * f / tp, 0.0
-    probs = b * a * s * s / tp  # the fp32 softmax output, kept for the softmax's backward
+    # the local spec's SDPAttention (no [s, s] scores kept): the fused qkv output (a + 2g heads, which v views),
+    # the rotated q and k (a + g) and the output SDPA keeps with its fp32 logsumexp (a values a token)
+    attention, lse = s * b * (2 * a + 3 * g) * d / tp, b * a * s / tp
     if m.params_dtype == "float32":
-        return 7 * s * b * h / sp + 3 * s * b * a * d / tp + 5 * s * b * f / tp, probs
-    # 16-bit: the value matmul keeps its own 16-bit copy of the probabilities, and the two norms (fp32 weights,
-    # composite) keep their input and normalised output in fp32
-    return 3 * s * b * h / sp + 3 * s * b * a * d / tp + 5 * s * b * f / tp + probs, 4 * s * b * h / sp + probs
+        return 7 * s * b * h / sp + attention + 5 * s * b * f / tp, lse
+    # 16-bit: the two norms (fp32 weights, composite) keep their input and normalised output in fp32
+    return 3 * s * b * h / sp + attention + 5 * s * b * f / tp, 4 * s * b * h / sp + lse
 
 
 def memory_plan(cfg: RunConfig, world_size: int, fused_attention: bool, recompute: bool = False) -> MemoryPlan:
