@@ -149,8 +149,11 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
                                                  not parallel.get("use_distributed_optimizer")))
     # Each DP rank's last stage holds logits of its slice of the batch, in DP order.
     last = sorted((r for r in results if r["last"] and r["tp_rank"] == 0), key=lambda r: r["dp_rank"])
-    for key in ("logits_before", "logits_after"):
-        _close(torch.cat([r[key] for r in last]), reference[key], f"{layout} {key}")
+    _close(torch.cat([r["logits_before"] for r in last]), reference["logits_before"], f"{layout} logits_before")
+    # after STEPS Adam steps at lr 1e-2: Adam divides by sqrt(v), so the layouts' fp32 rounding differences in the
+    # gradients (1e-7 relative) grow; with SDPAttention's kernel TP2xPP2xDP2 lands at 1.6e-5
+    _close(torch.cat([r["logits_after"] for r in last]), reference["logits_after"], f"{layout} logits_after",
+           rtol=3 * RTOL)
     for step, (loss, ref_loss) in enumerate(zip(last[0]["losses"], reference["losses"])):
         assert abs(loss - ref_loss) <= RTOL * abs(ref_loss), f"{layout} step {step}: loss {loss} vs {ref_loss}"
     for r in results:
