@@ -38,7 +38,7 @@ bench: setup-integration
 	$(PY) tools/bench_all.py $(BENCH_ARGS)
 
 test: setup-integration corpus
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs --durations=40
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not distributed and not sglang and not slurm and not nemo_run and not learning"
