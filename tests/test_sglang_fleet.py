@@ -188,6 +188,59 @@ def test_a_colocated_fleet_trains_through_the_tensor_channel(tmp_path, two_hosts
         assert m["logp_abs_diff_rollout"] < LOGPROB_TOL, m  # both serve the trainer's current weights
 
 
+def _alive(made: list) -> int:
+    """How many of the buckets (lists of weak references to their tensors' storages) still have memory in use:
+    a storage lives while any tensor refers to it (a view, a detached alias, a host copy of a CPU tensor)."""
+    return sum(any(not ref.expired() for ref in refs) for refs in made)
+
+
+def _tracked_stream(folder: Path, bucket_bytes: int, live: list[int], made: list):
+    """The model folder's tensors in buckets, each made fresh (as weights/' streams make them); live[i] is how many
+    earlier buckets were still referenced when bucket i was made (weak references in `made`: nothing is kept alive
+    here)."""
+    from safetensors.torch import load_file
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from rntp_megatron.weights.buckets import bucketed
+
+    tensors = sorted((name, t) for f in sorted(folder.glob("*.safetensors")) for name, t in load_file(f).items())
+    for bucket in bucketed(tensors, bucket_bytes):
+        live.append(_alive(made))
+        fresh = [(name, t.clone()) for name, t in bucket]
+        made.append([StorageWeakRef(t.untyped_storage()) for _, t in fresh])
+        yield fresh
+
+
+@sglang_test
+@pytest.mark.parametrize("channel", ["distributed", "tensor"])
+def test_a_fleet_push_holds_a_bounded_number_of_buckets_and_keeps_no_host_copy(two_hosts, channel):
+    """A push to a fleet of the two servers: when each bucket is made at most one (tensor) or two (distributed)
+    earlier buckets still have memory in use, not the model, and none after the push (no host copy, though the
+    servers are owned by their engines); the servers then serve the pushed version. distributed: attached engines;
+    tensor: the owning engines."""
+    import dataclasses
+
+    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+
+    if channel == "tensor":
+        engines = two_hosts
+    else:
+        engines = [SGLangEngine(dataclasses.replace(e.cfg, url=e.client.url, weight_sync="distributed"),
+                                dtype="float32") for e in two_hosts]
+    fleet = SGLangFleet(engines, owned=False)
+    live: list[int] = []
+    made: list = []
+    try:
+        fleet.update_weights_from_buckets(_tracked_stream(Path(two_hosts[0].model_path), 64 << 10, live, made), 9)
+        after = _alive(made)
+        assert [e.server_weight_version() for e in two_hosts] == [9, 9]
+    finally:
+        fleet.close()  # leaves the weight group (attached engines: the servers stay up)
+    # tensor: the bucket in flight; distributed: also the one before it, whose flat buffer (a view of it when the
+    # bucket is one tensor) the channel keeps until it flattens the next, which it reads ahead of
+    assert len(live) > 6 and max(live) <= {"tensor": 1, "distributed": 2}[channel] and after == 0, (live, after)
+
+
 @sglang_test
 def test_an_attached_fleet_survives_a_server_killed_in_generation_and_one_killed_in_a_push(tmp_path, two_hosts):
     """Attached servers are not the trainer's to restart: one killed in generation is dropped, its groups are
@@ -294,56 +347,3 @@ def test_an_owned_fleet_survives_a_replica_killed_in_generation_and_one_killed_i
     assert all(m["policy_tokens"] > 0 for m in metrics)
     # replica 1 was started again at the push after step 0; replica 0, killed in the last push, is down at the end
     assert result["restarts"] == [0, 1] and result["live"] == [False, True]
-
-
-def _alive(made: list) -> int:
-    """How many of the buckets (lists of weak references to their tensors' storages) still have memory in use:
-    a storage lives while any tensor refers to it (a view, a detached alias, a host copy of a CPU tensor)."""
-    return sum(any(not ref.expired() for ref in refs) for refs in made)
-
-
-def _tracked_stream(folder: Path, bucket_bytes: int, live: list[int], made: list):
-    """The model folder's tensors in buckets, each made fresh (as weights/' streams make them); live[i] is how many
-    earlier buckets were still referenced when bucket i was made (weak references in `made`: nothing is kept alive
-    here)."""
-    from safetensors.torch import load_file
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    from rntp_megatron.weights.buckets import bucketed
-
-    tensors = sorted((name, t) for f in sorted(folder.glob("*.safetensors")) for name, t in load_file(f).items())
-    for bucket in bucketed(tensors, bucket_bytes):
-        live.append(_alive(made))
-        fresh = [(name, t.clone()) for name, t in bucket]
-        made.append([StorageWeakRef(t.untyped_storage()) for _, t in fresh])
-        yield fresh
-
-
-@sglang_test
-@pytest.mark.parametrize("channel", ["distributed", "tensor"])
-def test_a_fleet_push_holds_a_bounded_number_of_buckets_and_keeps_no_host_copy(two_hosts, channel):
-    """A push to a fleet of the two servers: when each bucket is made at most one (tensor) or two (distributed)
-    earlier buckets still have memory in use, not the model, and none after the push (no host copy, though the
-    servers are owned by their engines); the servers then serve the pushed version. distributed: attached engines;
-    tensor: the owning engines."""
-    import dataclasses
-
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-
-    if channel == "tensor":
-        engines = two_hosts
-    else:
-        engines = [SGLangEngine(dataclasses.replace(e.cfg, url=e.client.url, weight_sync="distributed"),
-                                dtype="float32") for e in two_hosts]
-    fleet = SGLangFleet(engines, owned=False)
-    live: list[int] = []
-    made: list = []
-    try:
-        fleet.update_weights_from_buckets(_tracked_stream(Path(two_hosts[0].model_path), 64 << 10, live, made), 9)
-        after = _alive(made)
-        assert [e.server_weight_version() for e in two_hosts] == [9, 9]
-    finally:
-        fleet.close()  # leaves the weight group (attached engines: the servers stay up)
-    # tensor: the bucket in flight; distributed: also the one before it, whose flat buffer (a view of it when the
-    # bucket is one tensor) the channel keeps until it flattens the next, which it reads ahead of
-    assert len(live) > 6 and max(live) <= {"tensor": 1, "distributed": 2}[channel] and after == 0, (live, after)
