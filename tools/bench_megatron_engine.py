@@ -177,15 +177,15 @@ def main() -> None:
         print(f"| {name:<27} | {best:8.3f} | {tokens / best:9.0f} | {base / best:6.2f}x |")
     print(f"\nthe decode loop's own time beside the forwards: {args.new} new tokens a row (stop string set, "
           f"none hit at most rows), best of {args.repeats}")
-    print(f"| {'rows':>5} | {'generate s':>10} | {'forward s':>9} | {'loop s':>8} | {'loop share':>10} |")
-    print(f"|{'-' * 7}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
+    print(f"| {'rows':<26} | {'generate s':>10} | {'forward s':>9} | {'loop s':>8} | {'loop share':>10} |")
+    print(f"|{'-' * 28}|{'-' * 12}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
     loop_rows = []
     for rows in map(int, args.loop_rows.split(",")):
         total, forward = loop_vs_forward(model, tok, prompts, rows, args.n, args.new, args.repeats)
-        print(f"| {rows:5d} | {total:10.3f} | {forward:9.3f} | {total - forward:8.3f} | "
+        name = f"decode loop at {rows} rows"
+        print(f"| {name:<26} | {total:10.3f} | {forward:9.3f} | {total - forward:8.3f} | "
               f"{(total - forward) / total:10.1%} |")
-        loop_rows.append({"name": f"decode loop at {rows} rows", "generate_s": total, "forward_s": forward,
-                          "loop_s": total - forward})
+        loop_rows.append({"name": name, "generate_s": total, "forward_s": forward, "loop_s": total - forward})
     write_json(args.json, "bench_megatron_engine", [
         {"name": name, "seconds": min(ts), "tokens_per_s": tokens / min(ts), "vs_hf": base / min(ts)}
         for name, ts in times.items()] + loop_rows, args, hf_tokens_equal=same, tokens=tokens)
