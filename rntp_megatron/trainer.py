@@ -30,8 +30,8 @@ from megatron.core import parallel_state
 
 from rntp_megatron.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_states, resolve_checkpoint,
                                       rng_state, save_checkpoint, set_rng_state)
-from rntp_megatron.config import (ConfigError, RunConfig, baseline_role, check_prompt_fits, data_parallel_size, next_multiple,
-                                  to_dict, validate)
+from rntp_megatron.config import (ConfigError, RunConfig, baseline_role, check_prompt_fits, data_parallel_size,
+                                  next_multiple, to_dict, validate)
 from rntp_megatron.data.chunks import ChunkBuilder
 from rntp_megatron.data.episode import Episode
 from rntp_megatron.data.fit import CUT_KEY, cut_prompt_left
@@ -105,8 +105,9 @@ class Trainer:
         self.prompt_prefix_len, self.max_prompt_len = len(before), s.seq_length + 1 - cfg.rollout.max_new_tokens
         self.model = build_model(cfg.model, cfg.parallel)
         self.routing = RoutingReplay(self.model) if rl.routing_replay else None
-        fallback = shared_context_fallback(cfg) if rl.shared_context and rl.objective != "ntp" else None
-        self.shared_context = rl.shared_context and rl.objective != "ntp" and fallback is None
+        applies = rl.shared_context and rl.objective != "ntp"
+        fallback = shared_context_fallback(cfg) if applies else None
+        self.shared_context = applies and fallback is None
         if fallback is not None and dist.get_rank() == 0:
             print(f"rl.shared_context: one rollout a row instead: {fallback}", flush=True)
         self.ddp = wrap_ddp(self.model, cfg.parallel)
