@@ -189,7 +189,9 @@ def test_a_fleet_of_two_replicas_on_two_hosts_serves_a_trainer_on_a_third(cluste
     records = _records(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2], text
     assert records[0]["replicas_live"] == 2 and records[0]["replica1_share"] > 0, records[0]
-    assert records[-1]["replicas_live"] == 1 and records[-1]["replica0_share"] == 1.0, records[-1]  # node2 alone
+    # node2 alone once node3's server is gone; it may be back (restarted, same address) by the last step
+    alone = [r for r in records[1:] if r["replicas_live"] == 1]
+    assert alone and all(r["replica0_share"] == 1.0 for r in alone), records
     for r in records:  # every step's full batch, from the trainer's weights of that step
         assert r["data/episodes"] == (r["step"] + 1) * records[0]["data/episodes"], r  # a running count
         assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r

@@ -119,7 +119,10 @@ def share_context(batch: RLBatch, rollouts: Sequence[Rollout], row_length: int, 
     tokens, labels = pack(batch.tokens), pack(batch.labels)
     real = layout.pack(torch.ones(n, s, dtype=torch.bool, device="cpu"))
     tokens[~real], labels[~real] = pad_id, pad_id
-    per_row = lambda x: torch.zeros(layout.rows, device="cpu").index_add_(0, layout.row, x.float())  # noqa: E731
+
+    def per_row(x: torch.Tensor) -> torch.Tensor:  # a per-rollout value summed over each packed row, in x's dtype
+        return torch.zeros(layout.rows, dtype=x.dtype, device="cpu").index_add_(0, layout.row, x.cpu())
+
     positions = pack(torch.arange(s, device="cpu").expand(n, s))
     packed = RLBatch(tokens=tokens, labels=labels, position_ids=positions, **fields,
                      advantages=pack(advantages), rewards=per_row(batch.rewards),
