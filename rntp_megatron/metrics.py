@@ -25,7 +25,7 @@ HEADLINE = ("loss", "reward", "tokens_per_s")  # the values the console line sho
 
 def is_timing(key: str) -> bool:
     """Whether a logged value is a wall-clock measurement (it differs between runs that compute the same)."""
-    return key in ("step_time_s", "rollout_s", "tokens_per_s") or key.startswith("time/")
+    return key in ("step_time_s", "tokens_per_s") or key.startswith("time/")
 
 
 class PhaseTimer:

@@ -280,10 +280,8 @@ class Trainer:
 
     def _rl_step(self) -> dict[str, float]:
         cfg, G = self.cfg, self.cfg.rl.group_size
-        t0 = time.monotonic()
-        with self.phases.phase("rollout"):
+        with self.phases.phase("rollout"):  # what the step waits for (less than the generation when ahead)
             ahead = self.rollouts.batch(self.step, prefetch_next=self.step + 1 < self.total_steps)
-        rollout_s = time.monotonic() - t0  # what the step waited for (less than the generation when ahead)
         episodes, rollouts = ahead.episodes, ahead.rollouts
         interleaved = cfg.data.episode_format == "interleaved"  # rewards per (rollout, site): rl/interleaved.py
         scored_eps, scored = segment_views(episodes, rollouts, self.tokenizer) if interleaved else (episodes, rollouts)
@@ -331,10 +329,8 @@ class Trainer:
         out.update(self.placement.memory_metrics())  # free GPU memory while a colocated server slept ({} on CPU)
         with self.phases.phase("train"):
             self.side.after_step(self.model)
-        t0 = time.monotonic()
         with self.phases.phase("rollout"):
             self.rollouts.wait()  # the batch generated ahead is all of the weights it started under
-        rollout_s += time.monotonic() - t0
         trained_version = self.weight_version
         self.weight_version += 1
         with self.phases.phase("weight_sync"):
@@ -342,7 +338,7 @@ class Trainer:
         self.consumed_tokens += self._dp_total(sum(len(ep.prompt_ids) for ep in episodes))
         out.update(self._rollout_metrics(scored_eps, scored, shaped.terms["reward_base"], rewards,
                                          groups.zero_variance_fraction, likelihood, trained_version))
-        out.update(rollout_s=rollout_s, consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
+        out.update(consumed_tokens=self.consumed_tokens, weight_version=self.weight_version)
         if self.engine is not None:
             out.update(self.engine.stats())
         return out
