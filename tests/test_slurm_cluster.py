@@ -59,7 +59,10 @@ def cluster():
         pytest.skip("the namespace cluster needs root")
     already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
     if not already_up:
-        start = subprocess.run([str(CLUSTER), "start", "3"], capture_output=True, text=True, timeout=300)
+        # node3 (the replicas' host) names itself 127.0.1.1, as Debian's /etc/hosts does: its side of the weight
+        # group must take the interface toward the trainer, not the hostname's address (loopback to other hosts)
+        start = subprocess.run([str(CLUSTER), "start", "3"], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "RNTP_CLUSTER_LOOPBACK_NAMES": "node3"})
         assert start.returncode == 0, start.stdout + start.stderr
     yield
     if not already_up:
@@ -204,6 +207,9 @@ def test_each_node_is_a_host_and_reaches_the_others_over_its_own_interface(clust
     route = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-m", "rntp_megatron.runtime.netif", "node1",
                    env=env, timeout=120)
     assert route.stdout.strip() == "eth0", route.stdout + route.stderr  # not lo: node1 is another host
+    own = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-c",
+                 "import socket; print(socket.gethostbyname(socket.gethostname()))", env=env, timeout=120)
+    assert own.stdout.strip() == "127.0.1.1", own.stdout + own.stderr  # what gloo would advertise there, left alone
 
 
 def _train_with_owned_server(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:

@@ -9,6 +9,9 @@
 # namespace with its own loopback and one veth (eth0, 10.77.0.X/24 by default) whose peer sits on a bridge in a
 # namespace of its own (a bridge in the root namespace passes no traffic through its filters); each daemon also
 # gets its own UTS namespace whose hostname is its node's name. Names go into /etc/hosts (removed on stop).
+# $RNTP_CLUSTER_LOOPBACK_NAMES (e.g. "node3"): nodes whose own name resolves, on that node only, to 127.0.1.1 first,
+# as Debian's installer writes /etc/hosts (a file of that node's own, bound over /etc/hosts in its mount namespace):
+# a process there that advertises its hostname's address (gloo does) offers loopback to other hosts.
 # Only addresses on interfaces this script creates, inside namespaces it makes, are used.
 # Beside the one-node tools/slurm_local.sh: its own state ($RNTP_CLUSTER_STATE, default /tmp/rntp-cluster), its
 # own config ($STATE/etc/slurm.conf: export SLURM_CONF to it, `login` does), its own munged socket and database;
@@ -30,9 +33,11 @@ source "$(dirname "$0")/slurm_common.sh"
 with_munge() { unshare -m --propagation private sh -c 'mount --bind "$0" /run/munge && exec "$@"' "$STATE/munge" "$@"; }
 in_ns() { local ns=$1; shift; nsenter --net="/run/netns/$ns" unshare -m --propagation private \
     sh -c 'mount --bind "$0" /run/munge && exec "$@"' "$STATE/munge" "$@"; }
-# a daemon of host NAME: its network namespace, a UTS namespace of its own whose hostname is NAME
+# a daemon of host NAME: its network namespace, a UTS namespace of its own whose hostname is NAME (and its own
+# /etc/hosts where make_network wrote one)
 on_host() { local ns=$1; shift; nsenter --net="/run/netns/$ns" unshare -m -u --propagation private \
-    sh -c 'mount --bind "$1" /run/munge && hostname "$0" && shift && exec "$@"' "$ns" "$STATE/munge" "$@"; }
+    sh -c 'mount --bind "$1" /run/munge && { [ ! -f "$2" ] || mount --bind "$2" /etc/hosts; } && hostname "$0" \
+           && shift 2 && exec "$@"' "$ns" "$STATE/munge" "$STATE/hosts.$ns" "$@"; }
 nodes() { cat "$STATE/nodes" 2>/dev/null; }
 controller_up() { in_ns "$CTL" scontrol ping 2>/dev/null | grep -q UP; }
 nodes_usable() {
@@ -61,6 +66,10 @@ make_network() {  # the bridge namespace, then one namespace + veth + address pe
         ip -n "$host" link set eth0 up
         echo "$addr $host $HOSTS_MARK" >> /etc/hosts
         [ "$host" = "$CTL" ] || echo "$host $addr" >> "$STATE/nodes"
+    done
+    rm -f "$STATE"/hosts.*
+    for host in ${RNTP_CLUSTER_LOOPBACK_NAMES:-}; do
+        { echo "127.0.1.1 $host"; cat /etc/hosts; } > "$STATE/hosts.$host"
     done
 }
 
