@@ -648,7 +648,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
              "drops whole rows, but an interleaved row holds one group member of each of its sites' groups",
              "rl.dynamic_sampling: false")
     need(cfg.checkpoint.save_interval >= 0, "checkpoint.save_interval",
-         f"must be >= 0 (0: no saves by step count), got {cfg.checkpoint.save_interval}", "checkpoint.save_interval: 500")
+         f"must be >= 0 (0: no saves by step count), got {cfg.checkpoint.save_interval}",
+         "checkpoint.save_interval: 500")
     need(cfg.checkpoint.save_interval_minutes >= 0, "checkpoint.save_interval_minutes",
          f"must be >= 0 (0: no saves by wall time), got {cfg.checkpoint.save_interval_minutes}",
          "checkpoint.save_interval_minutes: 30")

@@ -23,7 +23,8 @@ def reduce_logged(losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     result: list = [{}]
     if parallel_state.is_pipeline_last_stage():
         names = sorted(losses[0]) if losses else []
-        totals = torch.stack([sum(d[n].double() for d in losses) for n in names]) if names else torch.zeros(0, 2, device=device())
+        totals = (torch.stack([sum(d[n].double() for d in losses) for n in names]) if names
+                  else torch.zeros(0, 2, device=device()))
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         result = [{n: (t[0] / t[1].clamp(min=1)).item() for n, t in zip(names, totals)}]
     dist.broadcast_object_list(result, src=parallel_state.get_pipeline_model_parallel_last_rank(),

@@ -1,4 +1,5 @@
-"""`rntp train --config run.yaml [--config changes.yaml ...] [--set a.b=c ...]`: one training run (under torchrun, srun, or alone)."""
+"""`rntp train --config run.yaml [--config changes.yaml ...] [--set a.b=c ...]`: one training run (under torchrun,
+srun, or alone)."""
 
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ key k when both lie in the same group, k <= q, and k is in the group's context o
 
 How the mask gets here: GPTModel.forward's `attention_mask` argument, which megatron-core hands untouched through
 TransformerBlock, TransformerLayer and SelfAttention to `core_attention`. We pass a `SharedContextMask` there (the
-ids, not an [s, s] tensor: each layer gets the same object, which builds its masks once and keeps them), so no megatron code changes; `packed_seq_params` is THD metadata for Transformer
-Engine kernels, which cannot express a shared prefix. `attention_mask=None` means plain causal rows. Under tensor
-parallelism each rank runs its heads; under sequence parallelism the QKV projection has gathered the sequence, so
-the mask covers the whole row on every rank; pipeline stages each receive the micro-batch's mask. Context
-parallelism is refused at validation.
+ids, not an [s, s] tensor: each layer gets the same object, which builds its masks once and keeps them), so no
+megatron code changes; `packed_seq_params` is THD metadata for Transformer Engine kernels, which cannot express a
+shared prefix. `attention_mask=None` means plain causal rows. Under tensor parallelism each rank runs its heads;
+under sequence parallelism the QKV projection has gathered the sequence, so the mask covers the whole row on every
+rank; pipeline stages each receive the micro-batch's mask. Context parallelism is refused at validation.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def split_tp_shard(name: str, full: torch.Tensor, tp_size: int, tp_rank: int) ->
 
 
 def _split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q[heads*d, ...], k[groups*d, ...], v[groups*d, ...] from megatron's interleaved qkv[groups*(heads/groups+2)*d, ...]."""
+    """q[heads*d, ...], k[groups*d, ...], v[groups*d, ...] from megatron's interleaved
+    qkv[groups*(heads/groups+2)*d, ...]."""
     groups, d = cfg.num_query_groups, head_dim(cfg)
     per_group = cfg.num_attention_heads // groups
     expected = groups * (per_group + 2) * d

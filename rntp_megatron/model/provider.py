@@ -1,4 +1,5 @@
-"""GPTModel provider: a Megatron-Core GPTModel for a model card (llama, qwen2, qwen3, qwen3_moe) on this rank's stage."""
+"""GPTModel provider: a Megatron-Core GPTModel for a model card (llama, qwen2, qwen3, qwen3_moe) on this rank's
+stage."""
 
 from __future__ import annotations
 

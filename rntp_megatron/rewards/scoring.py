@@ -69,8 +69,8 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
     positions = torch.arange(length, device=ids.device).expand(micro_batch_size, length).contiguous()
     microbatches = [{"tokens": ids[i:i + micro_batch_size, :-1], "labels": ids[i:i + micro_batch_size, 1:],
                      "position_ids": positions} for i in range(0, padded_n, micro_batch_size)]
-    out = forward_backward(chunks, partial(_logprob_forward_step, temperature, vocab_size), microbatches, len(microbatches),
-                           length, micro_batch_size, forward_only=True)
+    out = forward_backward(chunks, partial(_logprob_forward_step, temperature, vocab_size), microbatches,
+                           len(microbatches), length, micro_batch_size, forward_only=True)
     all_logp = _gathered(out, padded_n, length, ids.device)
     k_max = max(len(c) for c in continuations)
     logp, mask = torch.zeros(n, k_max, device="cpu"), torch.zeros(n, k_max, device="cpu")

@@ -70,7 +70,8 @@ class RNTPLoss:
             raise ValueError(f"rl.objective='mixed' needs reward.ntp_weight > 0, got {ntp_weight}")
         if rl.aggregation == "dr_grpo" and max_response_len < 1:
             raise ValueError(f"dr_grpo aggregation needs max_response_len >= 1, got {max_response_len}")
-        self.rl, self.temperature, self.ntp_weight, self.max_response_len = rl, temperature, ntp_weight, max_response_len
+        self.rl, self.temperature, self.ntp_weight = rl, temperature, ntp_weight
+        self.max_response_len = max_response_len
         self.vocab_size = vocab_size  # the tokenizer's: ids past it are megatron's vocab padding, never sampled
 
     def forward_step(self, data_iterator: Iterator[RLBatch], model: torch.nn.Module):

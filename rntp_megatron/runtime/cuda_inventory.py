@@ -40,5 +40,5 @@ if __name__ == "__main__":  # python -m rntp_megatron.runtime.cuda_inventory > t
 
     import megatron.core
 
-    json.dump({"megatron_core": megatron.core.__version__.split("+")[0], "calls": cuda_call_inventory()}, sys.stdout, indent=1,
-              sort_keys=True)
+    json.dump({"megatron_core": megatron.core.__version__.split("+")[0], "calls": cuda_call_inventory()}, sys.stdout,
+              indent=1, sort_keys=True)
