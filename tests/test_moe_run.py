@@ -61,9 +61,10 @@ def test_ep2_run_trains_resumes_and_exports_like_ep1(tmp_path):
     init = tmp_path / "init"
     assert run_ranks(_rntp, 1, (["convert", "from-hf", "--hf", str(tmp_path / "hf"), "--out", str(init)],)) == [0]
     init = init / "iter_0000000"
-    # expert parallelism trains one rollout a row (rl.shared_context falls back there), so its reference does too
+    # one rollout a row at both: EP2's shared rows pad to its group's layout, and the load-balancing loss averages
+    # over every fed token, padding too (shared rows under EP: tests/test_shared_context.py)
     _train(tmp_path / "ep1", init, STEPS, "rl.shared_context=false")
-    ep2_replay = ("parallel.expert_model_parallel_size=2", "rl.routing_replay=true")
+    ep2_replay = ("parallel.expert_model_parallel_size=2", "rl.routing_replay=true", "rl.shared_context=false")
     _train(tmp_path / "ep2", init, 2, *ep2_replay)
     _train(tmp_path / "ep2", init, STEPS, *ep2_replay)  # resumes at step 2
     ep1, ep2 = _records(tmp_path / "ep1"), _records(tmp_path / "ep2")

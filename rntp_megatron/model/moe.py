@@ -69,6 +69,8 @@ def expert_parallel_max(value: int, device: torch.device) -> int:
     """max(value) over this rank's EP group (value itself at EP1). Forwards of an expert-parallel model are
     collectives of the EP group whose all-gather token dispatcher needs equal token counts from every rank, so
     ranks with batches of their own pad them to one agreed length (right padding leaves causal log-probs alone)."""
+    if not parallel_state.model_parallel_is_initialized():  # one process without groups (tools, unit tests)
+        return value
     group = parallel_state.get_expert_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return value

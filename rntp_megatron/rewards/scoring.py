@@ -45,7 +45,7 @@ def continuation_logprobs(chunks: list[torch.nn.Module], prefixes: Sequence[Sequ
     `length_multiple`, and of TP under sequence parallelism; the longest of the EP group's ranks under expert
     parallelism) and N to a multiple of micro_batch_size. With `groups[N]`, the sequences of one group share
     their common prefix in shared-context rows of micro_batch_size x the longest sequence (rl/shared_context.py;
-    not under expert parallelism)."""
+    under expert parallelism as many rows, as long, on every rank of the EP group)."""
     n = len(prefixes)
     if n != len(continuations) or n == 0:
         raise ValueError(f"need as many continuations as prefixes (> 0), got {n} and {len(continuations)}")

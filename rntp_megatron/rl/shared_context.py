@@ -25,8 +25,10 @@ import torch
 
 from rntp_megatron.config import RunConfig
 from rntp_megatron.data.packing import pack_sequences
+from rntp_megatron.model.moe import expert_parallel_max
 from rntp_megatron.rl.batch import RLBatch
 from rntp_megatron.rollout.engine import Rollout
+from rntp_megatron.runtime import device
 
 
 @dataclass
@@ -69,7 +71,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def shared_layout(rollouts: Sequence[Rollout], row_length: int, length_multiple: int = 1) -> SharedLayout:
     """The packed placement of rollouts grouped by prompt_index: context c = the group's common prefix, at most
     its shortest prompt less one token; groups placed first-fit decreasing in rows of max(row_length, longest
-    group) tokens, cut to the fullest row's length rounded up to a multiple of length_multiple."""
+    group) tokens, cut to the fullest row's length rounded up to a multiple of length_multiple. Under expert
+    parallelism every rank of the EP group gets the group's most rows and longest length (empty rows and columns
+    are padding): its forwards are collectives that need as many micro-batches, and as many tokens, on each rank."""
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(r.prompt_index, []).append(i)
@@ -98,7 +102,8 @@ def shared_layout(rollouts: Sequence[Rollout], row_length: int, length_multiple:
             index[i, c:c + b] = torch.arange(at, at + b, device="cpu")
             spans.append((b, c))
             at += b
-    rows = 1 + max(r for r, _ in placement)
+    rows = expert_parallel_max(1 + max(r for r, _ in placement), device())
+    length = expert_parallel_max(length, device())
     return SharedLayout(row, context, index, rows, length, spans)
 
 
@@ -140,9 +145,6 @@ def shared_context_fallback(cfg: RunConfig) -> Optional[str]:
 
     if use_transformer_engine(cfg.model):
         return "Transformer Engine's layer spec attends through its own kernels, which take no shared-prefix mask"
-    if cfg.parallel.expert_model_parallel_size > 1:
-        return ("a step's shared-context row count varies by data-parallel rank, and expert parallelism's "
-                "all-to-all needs every rank of its group to run the same micro-batches")
     if routed_experts(cfg) is not None:
         return ("moe/rollout_routing_mismatch compares the server's experts per rollout row "
                 "(rollout.sglang.routed_experts)")
