@@ -30,4 +30,6 @@ def test_gpu_check_passes_on_the_cpu(tmp_path):
     assert rows[("export", "max |HF - Megatron| logit (float32)")]["value"] <= 1e-4
     assert rows[("demo", "RL steps with finite loss (of 2)")]["value"] == 2
     assert rows[("loss hook", "RNTP / plain step time")]["value"] > 0
+    rl_step = {name: r["value"] for (check, name), r in rows.items() if check == "rl step"}
+    assert len(rl_step) == 4 and all(v > 0 for v in rl_step.values()), rl_step  # both layouts, speed-up, wall s
     assert "RNTP / plain step time" in done.stdout  # the table

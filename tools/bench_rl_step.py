@@ -62,13 +62,14 @@ def step(rank: int, world: int, args: argparse.Namespace, shared: bool) -> dict:
     from rntp_megatron.rl.loss import RNTPLoss
     from rntp_megatron.rl.routing_replay import score_policy_tokens
     from rntp_megatron.rl.shared_context import share_context
-    from rntp_megatron.runtime import init_distributed
+    from rntp_megatron.runtime import device, init_distributed
     from rntp_megatron.step import train_step
 
     seq = args.context + args.thought_max + args.answer + 8  # + the prompt template's tokens
     cfg = build_config({"model": {"card": "tiny", "num_layers": args.layers, "hidden_size": args.hidden,
                                   "ffn_hidden_size": args.hidden * 3, "num_attention_heads": 8,
-                                  "num_query_groups": 2, "vocab_size": args.vocab, "max_position_embeddings": seq},
+                                  "num_query_groups": 2, "vocab_size": args.vocab, "max_position_embeddings": seq,
+                                  "params_dtype": "bfloat16" if args.bf16 else "float32"},
                         "data": {"context_len": args.context, "min_context": 8},
                         "rollout": {"max_new_tokens": args.thought_max + args.answer},
                         "schedule": {"seq_length": seq, "micro_batch_size": args.micro_batch, "lr": 1e-5}})
@@ -88,6 +89,7 @@ def step(rank: int, world: int, args: argparse.Namespace, shared: bool) -> dict:
         prompts, conts = [r.prompt_ids for r in rollouts], [r.token_ids for r in rollouts]
         if shared:
             batch, layout = share_context(batch, rollouts, args.micro_batch * seq, 0)
+            batch = batch.to(device())
             micro, length, mbs = batch.microbatches(1), layout.length, 1
             policy_tokens = policy_mask(batch, "thought_and_answer")
             for model, field in ((reference, "ref_logprobs"), (ddp, "old_logprobs")):
@@ -102,6 +104,7 @@ def step(rank: int, world: int, args: argparse.Namespace, shared: bool) -> dict:
                 for i, r in enumerate(rollouts):
                     full[i, len(r.prompt_ids) - 1:len(r.prompt_ids) - 1 + len(r.token_ids)] = logp[i, :len(r.token_ids)]
                 setattr(batch, field, full)
+            batch = batch.to(device())
             read = (policy_mask(batch, "thought_and_answer") + batch.ntp_mask).clamp(max=1)
             meter.count_train([len(p) + len(c) - 1 for p, c in zip(prompts, conts)], read.sum(1).long().tolist())
         batch = with_global_counts(batch, "thought_and_answer")
@@ -130,6 +133,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="bf16 parameters (a GPU's setting; tools/gpu_check.py)")
     args = parse_args(ap, smoke={"groups": 1, "G": 4, "context": 48, "thought_min": 4, "thought_max": 16,
                                  "layers": 2, "hidden": 64, "vocab": 512, "micro_batch": 2, "warmup": 0})
 

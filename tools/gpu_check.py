@@ -17,6 +17,9 @@ Every check goes through the product's own entry points, on the device the produ
   the tiny card): step-time ratio and, on a GPU, memory of each (torch.cuda.memory_allocated: held before a step,
   when the forward returns, and the peak) beside the peak that `rntp plan`'s memory plan predicts.
 - MFU: the ~1B model's bf16 plain training step timed with CUDA events: tokens/s and MFU = 6 N tokens/s / peak.
+- RL step: tools/bench_rl_step.py, the RL step with its scoring passes on shared-context rows vs one rollout a row
+  (GPU: 4 groups of G = 8 after 2,048-token prompts, thoughts of 32-1,024 tokens, a bf16 8-layer model; --cpu: its
+  --smoke size): tokens/s of each (the rollouts' distinct tokens over the step's wall time) and their ratio.
 Each check runs on even when an earlier one failed (its error is recorded). Writes one JSON (--out) and prints a
 table; exits 1 when a check failed.
 """
@@ -50,9 +53,12 @@ ONE_B = {"card": "tiny", "num_layers": 16, "hidden_size": 2048, "ffn_hidden_size
          "num_query_groups": 8, "vocab_size": 32000, "max_position_embeddings": 4096, "params_dtype": "bfloat16"}
 SIZES = {  # per mode: demo steps, resume point, RL steps, loss-hook card and shapes, timed steps
     "gpu": {"pretrain": 300, "rl": 10, "side": 3, "rl_batch": [], "card": ONE_B, "batch": 4, "seq": 2048, "policy": 512,
-            "steps": 5},
+            "steps": 5, "rl_step": ["--groups", "4", "--G", "8", "--context", "2048", "--thought-max", "1024",
+                                    "--layers", "8", "--hidden", "1024", "--vocab", "32000", "--micro-batch", "2",
+                                    "--bf16"]},
     "cpu": {"pretrain": 12, "rl": 2, "side": 2, "rl_batch": ["schedule.global_batch_size=16", "schedule.micro_batch_size=16"],
-            "card": {"card": "tiny", "params_dtype": "bfloat16"}, "batch": 2, "seq": 64, "policy": 16, "steps": 2},
+            "card": {"card": "tiny", "params_dtype": "bfloat16"}, "batch": 2, "seq": 64, "policy": 16, "steps": 2,
+            "rl_step": ["--smoke"]},
 }
 
 
@@ -316,6 +322,20 @@ def check_loss_hook_and_mfu(report: Report, size: dict, on_gpu: bool) -> None:
                    mfu)
 
 
+def check_rl_step(report: Report, work: Path, size: dict, on_gpu: bool) -> None:
+    """tools/bench_rl_step.py at this size: tokens/s of shared-context rows and of one rollout a row (the same
+    distinct tokens, the shared layout's fed tokens, over each step's wall time) and the speed-up."""
+    out = work / "bench_rl_step.json"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "bench_rl_step.py"), *size["rl_step"], "--json", str(out)],
+                   check=True)
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    tokens = rows["shared"]["fed_tokens"]
+    for name, r in rows.items():
+        report.add("rl step", f"{name} tokens/s ({tokens} distinct tokens)", tokens / r["step_s"])
+    speedup = rows["per-row"]["step_s"] / rows["shared"]["step_s"]
+    report.add("rl step", "shared / per-row speed", speedup, ok=speedup > 1 or not on_gpu)  # smoke sizes: noise
+
+
 def _timed(fn: Callable[[], Any], on_gpu: bool) -> tuple[Any, float]:
     """fn()'s result and its seconds: CUDA events around it on a GPU, the wall clock on the CPU."""
     import torch
@@ -359,6 +379,7 @@ def main() -> int:
         report.run("resume", lambda: check_resume(report, work, size, on_gpu))
         report.run("export", lambda: check_export(report, work, on_gpu))
         report.run("loss hook", lambda: check_loss_hook_and_mfu(report, size, on_gpu))
+        report.run("rl step", lambda: check_rl_step(report, work, size, on_gpu))
     report.facts["wall_s"] = round(time.monotonic() - t0, 1)
     report.write()
     print(report.table(), flush=True)
