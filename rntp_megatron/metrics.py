@@ -70,10 +70,13 @@ class PhaseTimer:
 SHORT = {"tokens_per_s": "tok/s", "data_wait": "data", "weight_sync": "sync"}  # console labels
 
 
-def console_line(step: int, total_steps: int, elapsed: float, eta: Optional[float], values: dict[str, Any]) -> str:
+def console_line(step: int, total_steps: int, elapsed: float, eta: Optional[float], values: dict[str, Any],
+                 budget_share: Optional[float] = None) -> str:
     """`[step i/N 12.3s eta 4m05s] loss=.. reward=.. tok/s=.. | rollout 1.2s train 310ms busy 64%`: the headline
-    values and the phases that took a millisecond or more; other values and counters are left to the logs."""
-    head = f"[step {step + 1}/{total_steps} {elapsed:.1f}s" + (f" eta {_duration(eta)}]" if eta is not None else "]")
+    values and the phases that took a millisecond or more; other values and counters are left to the logs. A run
+    that ends at its FLOP budget shows `step i, 31% of flops_budget` instead of the step count."""
+    of = f"/{total_steps}" if budget_share is None else f", {budget_share:.0%} of flops_budget"
+    head = f"[step {step + 1}{of} {elapsed:.1f}s" + (f" eta {_duration(eta)}]" if eta is not None else "]")
     shown = [f"{SHORT.get(k, k)}={values[k]:.4g}" for k in HEADLINE if isinstance(values.get(k), (int, float))]
     phases = [f"{SHORT.get(name, name)} {_seconds(values[f'time/{name}_s'])}" for name in PHASES
               if values.get(f"time/{name}_s", 0.0) >= 0.0005]
@@ -101,8 +104,10 @@ class MetricsLogger:
     """Append-only metrics per step; `resume_at` drops lines past the step a run restarts from."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, enabled: bool = True, total_steps: int = 0,
-                 resume_at: Optional[int] = None, run_config: Optional[dict[str, Any]] = None) -> None:
-        self.cfg, self.enabled, self.total_steps = cfg, enabled, total_steps
+                 resume_at: Optional[int] = None, run_config: Optional[dict[str, Any]] = None,
+                 flops_budget: Optional[float] = None) -> None:
+        self.cfg, self.enabled, self.total_steps, self.flops_budget = cfg, enabled, total_steps, flops_budget
+        self._flops_from: Optional[tuple[float, float]] = None  # (time, flops_total) of the first logged step
         self.dir = Path(run_dir)
         self.path = self.dir / "metrics.jsonl"
         self._tb = None
@@ -145,7 +150,14 @@ class MetricsLogger:
             elapsed = time.monotonic() - self._t0
             done = step + 1 - self._first_step
             eta = elapsed / done * (self.total_steps - step - 1) if self.total_steps else None
-            print(console_line(step, self.total_steps, elapsed, eta, values), file=sys.stderr, flush=True)
+            share, flops = None, values.get("flops_total")
+            if self.flops_budget and isinstance(flops, (int, float)):  # the budget ends the run: ETA by FLOPs
+                share = flops / self.flops_budget
+                t1, f1 = self._flops_from or (time.monotonic(), flops)
+                self._flops_from = (t1, f1)
+                rate = (flops - f1) / (time.monotonic() - t1) if flops > f1 else 0.0
+                eta = (self.flops_budget - flops) / rate if rate > 0 else None
+            print(console_line(step, self.total_steps, elapsed, eta, values, share), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._tb is not None:

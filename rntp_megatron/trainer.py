@@ -141,7 +141,8 @@ class Trainer:
                                               share=self.placement.share, generate=self._generate)
             self.rollouts.load_state_dict(pending)
         self.metrics = MetricsLogger(cfg.logging, self.run_dir, enabled=dist.get_rank() == 0,
-                                     total_steps=self.total_steps, resume_at=self.step, run_config=to_dict(cfg))
+                                     total_steps=self.total_steps, resume_at=self.step, run_config=to_dict(cfg),
+                                     flops_budget=cfg.schedule.flops_budget)
 
     # ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -43,6 +43,21 @@ def test_console_line_shows_the_headline_and_drops_zero_counters():
     assert line == "[step 10/40 20.0s eta 1m01s] loss=0.1235 reward=0.5 tok/s=1523 | rollout 1.2s train 500ms busy 25%"
 
 
+def test_a_run_ended_by_its_flop_budget_shows_the_share_spent_and_an_eta_by_flops(tmp_path, capsys, monkeypatch):
+    """rntp ablate's branches run to schedule.flops_budget with a step count that never binds (10^9)."""
+    from rntp_megatron.config import LoggingConfig
+    from rntp_megatron.metrics import MetricsLogger
+
+    clock = iter([0.0, 10.0, 10.0, 20.0, 20.0, 30.0, 30.0])
+    monkeypatch.setattr("rntp_megatron.metrics.time.monotonic", lambda: next(clock))
+    logger = MetricsLogger(LoggingConfig(log_interval=1, plot=False), tmp_path, total_steps=10**9, flops_budget=1e12)
+    for step, flops in enumerate((1e11, 2e11, 3e11)):
+        logger.log(step, {"loss": 1.0, "flops_total": flops})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[step 1, 10% of flops_budget 10.0s]"), lines[0]  # no rate yet: no ETA
+    assert lines[2].startswith("[step 3, 30% of flops_budget 30.0s eta 1m10s]"), lines[2]  # 1e10 FLOP/s, 7e11 left
+
+
 @pytest.mark.slow
 def test_rl_run_logs_its_phases_and_a_short_console_line(tmp_path, capsys):
     """Two RNTP steps of the tiny model with a likelihood reward (its scoring passes)."""
