@@ -147,7 +147,7 @@ class DataConfig:
 @dataclass
 class SGLangConfig:
     """Real SGLang servers: started as child processes (python=..., `replicas` of them) or attached (url=... and/or
-    urls=[...]); several make a fleet (rollout/sglang_fleet.py) that shares each step's groups and gets every
+    urls=[...]); several make a fleet (rollout/sglang/fleet.py) that shares each step's groups and gets every
     weight version."""
 
     url: Optional[str] = None
@@ -174,7 +174,7 @@ class SGLangConfig:
     routed_experts: bool = True
     # distributed/disk channels: send each tensor's changed elements (bit-exact deltas: int32 indices or a bitmask,
     # with the values) when fewer bytes than the tensor; the servers run rntp's served model classes that apply them
-    # (rollout/sglang_plugins; an owned server is started with them, an attached one is checked)
+    # (rollout/sglang/plugins; an owned server is started with them, an attached one is checked)
     delta_sync: bool = False
     delta_max_density: float = 0.5  # a tensor with a larger fraction of its elements changed goes whole
 

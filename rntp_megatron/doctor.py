@@ -162,7 +162,7 @@ def check_sglang(cfg: RunConfig, start: bool) -> list[Check]:
 
 def check_sglang_urls(urls: list[str], api_key: Optional[str]) -> Check:
     """Every attached server of the fleet (rollout.sglang.url and urls) answers /health."""
-    from rntp_megatron.rollout.sglang_server import HTTPClient
+    from rntp_megatron.rollout.sglang.client import HTTPClient
 
     silent = []
     for url in urls:
@@ -187,7 +187,8 @@ def start_sglang(sg: SGLangConfig) -> Check:
     from rntp_megatron.config import build_config
     from rntp_megatron.model import hf_mapping
     from rntp_megatron.model.hf_byte_tokenizer import write_byte_tokenizer
-    from rntp_megatron.rollout.sglang_server import HTTPClient, ServerProcess
+    from rntp_megatron.rollout.sglang.client import HTTPClient
+    from rntp_megatron.rollout.sglang.process import ServerProcess
 
     card = build_config({"model": {"card": "tiny_qwen2", "transformer_impl": "local"}}).model
     with tempfile.TemporaryDirectory(prefix="rntp-doctor-sglang-") as tmp:

@@ -256,7 +256,7 @@ def test_sglang_server_serves_the_exported_folder(tmp_path):
     if not SGLANG_PYTHON.exists():
         pytest.skip(f"SGLang server virtualenv missing ({SGLANG_PYTHON}); run tools/install_sglang.sh")
     from rntp_megatron.config import SGLangConfig
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
     from rntp_megatron.runtime.spawn import free_port
 
     ranks = run_ranks(_save_random_checkpoint, 2, ("tiny_qwen2", 2, 1, str(tmp_path / "ckpt")))

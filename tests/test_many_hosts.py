@@ -37,8 +37,8 @@ def test_sbatch_replicas_take_the_interface_of_their_route_to_the_trainer(tmp_pa
 
 
 def test_attaching_waits_for_the_server_and_names_its_url():
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from rntp_megatron.rollout.sglang_server import SGLangServerError
+    from rntp_megatron.rollout.sglang.client import SGLangServerError
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     url = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
     t0 = time.monotonic()

@@ -1,5 +1,5 @@
 """Lossless delta weight sync (rollout.sglang.delta_sync): weights/delta.py on the trainer, the served classes of
-rollout/sglang_plugins on the server.
+rollout/sglang/plugins on the server.
 
 Fast: the codec round-trips both encodings bit for bit (NaN, -0.0) and picks the fewer bytes; the sender sends
 whole when told, and a tensor denser than the cap; the config refuses the knob where it cannot work, naming it;
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from rntp_megatron.config import ConfigError, build_config
-from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
+from rntp_megatron.rollout.sglang.plugins.rntp_delta_models import codec
 from rntp_megatron.weights.delta import DeltaSender
 from tests.test_trainer_placement import (LOGPROB_TOL, SGLANG_PYTHON, _overrides, _train_with_sglang, sglang_test,
                                           tiny_hf_folder)
@@ -77,7 +77,7 @@ def test_config_refuses_delta_sync_where_it_cannot_work(overrides, field):
 
 def test_sbatch_starts_fleet_replicas_with_the_served_classes_when_delta_sync_is_on(tmp_path):
     """slurm/train.sbatch starts the replicas itself: with delta_sync each gets the served classes' environment."""
-    from rntp_megatron.rollout.sglang_plugins import served_env
+    from rntp_megatron.rollout.sglang.plugins import served_env
     from tests.test_launch import _dry_run, _steps
 
     steps = _steps(_dry_run(tmp_path, {"RNTP_NODES": "n1 n2", "RNTP_SGLANG_NODES": "1"},
@@ -95,7 +95,7 @@ def delta_server(tmp_path_factory):
     """An owned server of a random tiny llama, started with the served classes (float32: bf16 pushes load
     exactly, and the trainer's float32 runs match its log-probs)."""
     from rntp_megatron.config import SGLangConfig
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
     from rntp_megatron.runtime.spawn import free_port
 
     folder = tmp_path_factory.mktemp("delta_server")
@@ -149,7 +149,7 @@ def test_delta_pushes_serve_the_trainers_weights_exactly(delta_server):
         engine.cfg.weight_sync = channel
         weights = {k: _one_step(v, 0.9 if k == "model.embed_tokens.weight" else 0.02, gen) for k, v in weights.items()}
         stats = push(version)
-        assert 0 < engine._delta.deltas == len(names) - 1, channel  # the dense embedding went whole
+        assert 0 < engine.delta.sender.deltas == len(names) - 1, channel  # the dense embedding went whole
         assert stats["weights/sent_fraction"] < 0.5, stats
         assert _differing(_served(engine, weights), weights) == [], channel
     # a server that ignored the deltas would still serve the whole push of version 1
@@ -167,7 +167,7 @@ def test_delta_pushes_serve_the_trainers_weights_exactly(delta_server):
 def test_a_server_without_the_served_classes_is_refused_at_attach(delta_server, monkeypatch):
     """Attaching asks GET /get_weights_by_name for the marker; SGLang's own classes answer an error for a name that
     is no weight of theirs (a marker this server's classes do not know stands in for one started without them)."""
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     server, _ = delta_server
     cfg = dataclasses.replace(server.cfg, url=server.client.url, api_key=server.api_key)

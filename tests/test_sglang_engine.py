@@ -164,7 +164,7 @@ def trained(workdir, initial):
 
 @pytest.fixture(scope="module")
 def engine(workdir, initial):
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     cfg = SGLangConfig(python=str(SGLANG_PYTHON), port=_port(), max_restarts=0)
     eng = SGLangEngine(cfg, model_path=workdir / "init", run_dir=workdir / "run", dtype="float32")
@@ -201,7 +201,7 @@ def test_padding_ids_are_never_sampled(engine, initial):
     """Ids beyond the tokenizer's vocabulary (here: pretend it ends at 200 of the model's 256) are never sampled,
     and the rollout log-probs are those of the softmax over the real ids, as the trainer recomputes them."""
     from rntp_megatron.rollout.engine import SamplingParams
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     real = 200
     sampling = SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=11)
@@ -248,7 +248,7 @@ def _mirror_push(rank: int, world_size: int, init: dict, url: str, api_key: str,
     from safetensors.torch import save_file
 
     from rntp_megatron.model.provider import build_model
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
     from rntp_megatron.runtime import destroy_distributed, init_distributed
     from rntp_megatron.weights.export import gather_hf_state_dict
     from rntp_megatron.weights.hf_checkpoint import load_hf_weights
@@ -316,8 +316,8 @@ def test_update_while_a_request_is_in_flight(engine, trained, initial):
 
 def test_killed_server_is_detected_and_restarted_with_current_weights(workdir, trained):
     from rntp_megatron.rollout.engine import SamplingParams
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from rntp_megatron.rollout.sglang_server import SGLangServerError
+    from rntp_megatron.rollout.sglang.client import SGLangServerError
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     state, _ = trained[(1, 2)]
     cfg = SGLangConfig(python=str(SGLANG_PYTHON), port=_port(), max_restarts=1, weight_sync="tensor")
@@ -325,15 +325,15 @@ def test_killed_server_is_detected_and_restarted_with_current_weights(workdir, t
     try:
         eng.update_weights(state.items(), 5)
         url = eng.client.url
-        os.killpg(eng._server.proc.pid, signal.SIGKILL)  # a crash: the whole server dies at once
-        eng._server.proc.wait()
+        os.killpg(eng.process.proc.pid, signal.SIGKILL)  # a crash: the whole server dies at once
+        eng.process.proc.wait()
         rollouts = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))  # detected, restarted, retried
         assert eng.restarts == 1 and rollouts[0].weight_version == 5
         assert eng.client.url == url  # same port: ranks that attached by URL (DP > 1) still reach it
         assert max_gap(eng.prompt_logprobs(PROMPTS), hf_logprobs(state)) < LOGPROB_TOL
         assert (workdir / "run_restart" / "sglang_server.1.log").exists()
-        os.killpg(eng._server.proc.pid, signal.SIGKILL)
-        eng._server.proc.wait()
+        os.killpg(eng.process.proc.pid, signal.SIGKILL)
+        eng.process.proc.wait()
         with pytest.raises(SGLangServerError, match="after 1 restarts"):
             eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
     finally:

@@ -1,10 +1,11 @@
-"""rollout/sglang_server: the launch command and clear errors, without starting a server."""
+"""rollout/sglang/process: the launch command and clear errors, without starting a server."""
 
 import pytest
 
 from rntp_megatron.config import SGLangConfig
-from rntp_megatron.rollout.sglang_engine import SGLangEngine
-from rntp_megatron.rollout.sglang_server import ServerProcess, SGLangServerError, server_command, server_env
+from rntp_megatron.rollout.sglang.client import SGLangServerError
+from rntp_megatron.rollout.sglang.engine import SGLangEngine
+from rntp_megatron.rollout.sglang.process import ServerProcess, server_command, server_env
 
 
 def test_command_binds_localhost_with_api_key_and_cpu_flags():

@@ -1,4 +1,4 @@
-"""rollout/sglang_engine's tensor channel payloads: the path chosen by the tensors' device, and a CPU bucket that
+"""rollout/sglang/tensor_channel payloads: the path chosen by the tensors' device, and a CPU bucket that
 SGLang's own deserializer (the one its scheduler runs, in the server's virtualenv) reads back exactly.
 The CUDA IPC path needs a GPU and is not run here."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rntp_megatron.rollout.sglang_engine import sharing_path, tensor_payloads
-from rntp_megatron.rollout.sglang_server import server_env
+from rntp_megatron.rollout.sglang.tensor_channel import sharing_path, tensor_payloads
+from rntp_megatron.rollout.sglang.process import server_env
 from rntp_megatron.weights.fp8 import fp8_buckets
 
 ROOT = Path(__file__).resolve().parents[1]

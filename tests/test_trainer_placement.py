@@ -277,7 +277,7 @@ def tiny_hf_folder(folder: Path) -> Path:
 def shared_server(tmp_path_factory):
     """One server for the runs that attach by URL: a random tiny llama (the trainer pushes its own weights)."""
     from rntp_megatron.config import SGLangConfig
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
     from rntp_megatron.runtime.spawn import free_port
 
     folder = tmp_path_factory.mktemp("shared_server")
@@ -297,7 +297,7 @@ def _train_with_sglang(rank: int, world_size: int, overrides: list[str]) -> dict
 
     trainer = Trainer(build_config({}, overrides))
     out: dict = {"versions": [], "replica_versions": [], "sleeps": [], "generate": [], "train": [],
-                 "mirror": trainer.placement._mirror is not None}
+                 "mirror": trainer.placement.mirror is not None}
     try:
         engine, placement = trainer.engine, trainer.placement
         push, generate, training = placement.push_weights, engine.generate, placement.training
@@ -411,8 +411,8 @@ def test_attached_server_without_routed_experts_is_named(shared_server):
     --enable-return-routed-experts (this one) returns none, and attaching fails saying how to fix it."""
     import dataclasses
 
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
-    from rntp_megatron.rollout.sglang_server import SGLangServerError
+    from rntp_megatron.rollout.sglang.client import SGLangServerError
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
 
     cfg = dataclasses.replace(shared_server.cfg, url=shared_server.client.url, api_key=shared_server.api_key)
     with pytest.raises(SGLangServerError, match=r"--enable-return-routed-experts.*rollout.sglang.routed_experts"):

@@ -46,7 +46,7 @@ def _push_on_two_hosts(rank: int, world_size: int, run_dir: str) -> tuple[str, f
     try:
         model = build_model(cfg.model, cfg.parallel)
         placement = EnginePlacement(cfg, model, tokenizer_for(cfg.data), run_dir, engine=_PushFailsAfterOneTensor())
-        assert placement._mirror is None
+        assert placement.mirror is None
         t0 = time.monotonic()
         try:
             placement.push_weights(1)

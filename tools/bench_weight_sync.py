@@ -1,6 +1,6 @@
 """Weight sync benchmark: a ~1 GB bf16 model sharded TP2 x PP2 (4 gloo ranks) pushed into a real SGLang server
 through each channel (tensor, distributed, disk), side by side with one plain memcpy of the same bytes; or, with
---replicas, the same push into fleets of several servers (rollout/sglang_fleet.py).
+--replicas, the same push into fleets of several servers (rollout/sglang/fleet.py).
 
     .venv/bin/torchrun --nproc-per-node 4 tools/bench_weight_sync.py [--layers 10] [--repeats 2]
     .venv/bin/python tools/bench_weight_sync.py --replicas 1 2 4 [--hidden 1024]
@@ -20,7 +20,7 @@ total cores). Each push's phases include "rest": its seconds outside the load ca
 /begin_weight_update and /end_weight_update calls (made to all replicas at once) and the fleet's bookkeeping.
 
 --replicas N... --delta F: the servers run with rollout.sglang.delta_sync (the served classes of
-rollout/sglang_plugins); per channel (distributed, disk) and fleet size, after one untimed full push, the seconds
+rollout/sglang/plugins); per channel (distributed, disk) and fleet size, after one untimed full push, the seconds
 and bytes of a push where every element moved by one bf16 step (dense: every tensor goes whole) and of one where a
 fraction F of them did (a small-lr step: deltas); best of --repeats rounds. No rollout throughput in this mode.
 """
@@ -89,7 +89,7 @@ def _server(args: argparse.Namespace, hf_folder: Path, run_dir: Path):
     """An owned SGLang server of the HF folder in bf16 (a 1 GB model needs more than the CPU default
     --mem-fraction-static 0.05; the last flag wins)."""
     from rntp_megatron.config import SGLangConfig
-    from rntp_megatron.rollout.sglang_engine import SGLangEngine
+    from rntp_megatron.rollout.sglang.engine import SGLangEngine
     from rntp_megatron.runtime.spawn import free_port
 
     server = SGLangConfig(python=args.python, port=free_port(), startup_timeout_s=900,
@@ -188,7 +188,7 @@ def sharded_sync(args: argparse.Namespace) -> None:
 def replica_sweep(args: argparse.Namespace) -> None:
     """Sync seconds per channel into fleets of args.replicas servers, as ratios to 1 replica; rollout tokens/s of
     2 one-thread replicas against 1 two-thread replica (module docstring)."""
-    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+    from rntp_megatron.rollout.sglang.fleet import SGLangFleet
     from rntp_megatron.runtime import destroy_distributed
 
     buckets, work, engines = _fleet_setup(args)
@@ -222,7 +222,7 @@ def replica_sweep(args: argparse.Namespace) -> None:
 def delta_sweep(args: argparse.Namespace) -> None:
     """Seconds and bytes of a dense and of a sparse (args.delta) change pushed with delta sync into fleets of
     args.replicas servers (module docstring)."""
-    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+    from rntp_megatron.rollout.sglang.fleet import SGLangFleet
     from rntp_megatron.runtime import destroy_distributed
 
     buckets, work, engines = _fleet_setup(args)
@@ -310,7 +310,7 @@ def _moved(buckets: list, fraction: float, gen: torch.Generator) -> list:
 
 def _sync_rows(engines: list, buckets: list, args: argparse.Namespace) -> dict[tuple[str, int], tuple]:
     """(channel, replicas) -> (best seconds of one push into a fleet of the first `replicas` engines, its phases)."""
-    from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+    from rntp_megatron.rollout.sglang.fleet import SGLangFleet
 
     rows, version = {}, 0
     for _ in range(args.repeats):  # rounds over every (channel, fleet size): each sees the box's load of the moment

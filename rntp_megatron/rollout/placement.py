@@ -81,19 +81,19 @@ class EnginePlacement:
         if engine is None:
             engine = self._start_sglang(tokenizer, run_dir)
         # one host, CPU shards: each rank writes its shards in place into shared memory (no shard transfers)
-        self._mirror = None if self.in_process else shared_mirror(model, cfg.model, self._bucket_bytes())
+        self.mirror = None if self.in_process else shared_mirror(model, cfg.model, self._bucket_bytes())
         self.engine = engine  # on every rank in-process; else on the ranks that generate (None elsewhere)
         self._memory: dict[str, float] = {}
 
     def _start_sglang(self, tokenizer: Tokenizer, run_dir: Path) -> Optional[RolloutEngine]:
         """Rank 0 starts rollout.sglang.replicas servers from the trainer's current weights (or attaches to
-        rollout.sglang.url/urls): a fleet (rollout/sglang_fleet.py) that gets every weight push; the other
+        rollout.sglang.url/urls): a fleet (rollout/sglang/fleet.py) that gets every weight push; the other
         model-parallel sources attach to the same servers by URL to generate. Every rank takes part in the weight
         export's gathers."""
         from rntp_megatron.model import hf_mapping
         from rntp_megatron.rl.rollout_routing import routed_experts
-        from rntp_megatron.rollout.sglang_engine import SGLangEngine
-        from rntp_megatron.rollout.sglang_fleet import SGLangFleet
+        from rntp_megatron.rollout.sglang.engine import SGLangEngine
+        from rntp_megatron.rollout.sglang.fleet import SGLangFleet
         from rntp_megatron.runtime.spawn import free_port
 
         sg = self.cfg.rollout.sglang
@@ -197,10 +197,10 @@ class EnginePlacement:
         if self.in_process:  # it samples from the trainer's module: only the version to record
             self.engine.update_weights(iter(()), version)
             return
-        if self._mirror is None:
+        if self.mirror is None:
             buckets = stream_hf_weights(self.model, self.cfg.model, self._bucket_bytes())
         else:
-            buckets = self._mirror.stream()
+            buckets = self.mirror.stream()
         failure = None
         if dist.get_rank() == 0:
             try:

@@ -1,5 +1,5 @@
 """The trainer's side of lossless delta weight sync (rollout.sglang.delta_sync): the last pushed tensors, kept on
-the host, and each new bucket re-encoded as deltas against them (rollout/sglang_plugins/rntp_delta_models/codec.py
+the host, and each new bucket re-encoded as deltas against them (rollout/sglang/plugins/rntp_delta_models/codec.py
 has the format; a server applies them with the served classes beside it).
 
 A push is full (every tensor whole) when `full` says so: the first push, and any push to a server that did not get
@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from rntp_megatron.rollout.sglang_plugins.rntp_delta_models import codec
+from rntp_megatron.rollout.sglang.plugins.rntp_delta_models import codec
 from rntp_megatron.weights.buckets import NamedTensors, nbytes
 
 

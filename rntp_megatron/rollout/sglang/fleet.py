@@ -17,12 +17,12 @@ flight (the group re-formed without it; the buckets they took before it are in t
 channel writes every bucket to a folder before any replica loads it, so a replica lost in its load fails the
 push. No host copy is kept for a fleet of several replicas: a replica started again gets the next push in full
 (it generates nothing before); a lone owned server keeps the last pushed weights on the host, the only source of
-current weights for a restart in the middle of a step (SGLangEngine._restart), since the weight stream is a
-collective of every trainer rank and cannot be made again on rank 0 alone. A replica that is down rejoins at a
-later push: an owned server is started
-again (at most rollout.sglang.max_restarts times), an attached one is health-checked again after a back-off
-that doubles (rollout.sglang.retry_backoff_s); either way the weight group is formed anew with it (a new server
-process holds none) and it gets the full weights before it generates again.
+current weights for a restart in the middle of a step (SGLangEngine restarts a dead server itself), since the
+weight stream is a collective of every trainer rank and cannot be made again on rank 0 alone. A replica that is
+down rejoins at a later push: an owned server is started again (at most rollout.sglang.max_restarts times), an
+attached one is health-checked again after a back-off that doubles (rollout.sglang.retry_backoff_s); either way
+the weight group is formed anew with it (a new server process holds none) and it gets the full weights before it
+generates again.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams, drained
-from rntp_megatron.rollout.sglang_engine import SGLangEngine
-from rntp_megatron.rollout.sglang_server import SGLangServerError
+from rntp_megatron.rollout.sglang.client import SGLangServerError
+from rntp_megatron.rollout.sglang.engine import SGLangEngine
 from rntp_megatron.weights.buckets import NamedTensors, bucketed
 
 FAILURES = (SGLangServerError, OSError, urllib.error.URLError, RuntimeError)
@@ -116,7 +116,7 @@ class SGLangFleet(RolloutEngine):
                 raise SGLangServerError(f"no SGLang replica is live ({len(self.replicas)} in the fleet)")
             failed: list[int] = []
             threads = [threading.Thread(target=self._generate_on, args=(r, idx, prompts, sampling, results, failed))
-                       for r, idx in zip(live, self._assign(pending, prompts, sampling, len(live))) if idx]
+                       for r, idx in zip(live, self.assign(pending, prompts, sampling, len(live))) if idx]
             for t in threads:
                 t.start()
             for t in threads:
@@ -125,8 +125,8 @@ class SGLangFleet(RolloutEngine):
         return [ro for i in range(len(prompts)) for ro in results[i]]
 
     @staticmethod
-    def _assign(pending: list[int], prompts: list[list[int]], sampling: SamplingParams, replicas: int
-                ) -> list[list[int]]:
+    def assign(pending: list[int], prompts: list[list[int]], sampling: SamplingParams, replicas: int
+               ) -> list[list[int]]:
         """Prompt indices per replica: longest first, each to the replica with the fewest outstanding tokens."""
         load, shares = [0] * replicas, [[] for _ in range(replicas)]
         for i in sorted(pending, key=lambda i: -len(prompts[i])):

@@ -1,28 +1,26 @@
 """An SGLang server as a child process: command line, start, health wait, logs in the run folder, stop.
 
 The server runs in its own virtualenv (tools/install_sglang.sh) and its own process group, bound to
-rollout.sglang.host (the loopback address unless told otherwise) with an API key; it is stopped by PID (the whole group),
-never by name.
+rollout.sglang.host (the loopback address unless told otherwise) with an API key; it is stopped by PID (the whole
+group), never by name.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
 from rntp_megatron.config import SGLangConfig
-from rntp_megatron.rollout.sglang_plugins import served_env
+from rntp_megatron.rollout.sglang.client import HTTPClient, SGLangServerError
+from rntp_megatron.rollout.sglang.plugins import served_env
 from rntp_megatron.runtime.distributed import rank_info
 from rntp_megatron.runtime.netif import socket_ifname_env
 
@@ -33,10 +31,6 @@ TRAINER_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
                     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 TRAINER_DIST_ENV_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
 WILDCARDS = ("0.0.0.0", "::")  # bind addresses that listen on every interface
-
-
-class SGLangServerError(RuntimeError):
-    """The SGLang server failed, refused a request or could not be (re)started; the message says which."""
 
 
 def on_cpu() -> bool:
@@ -70,7 +64,7 @@ def server_command(python: str, model_path: str, cfg: SGLangConfig, port: int, a
 
 def server_env(base: Mapping[str, str], delta_sync: bool = False) -> dict[str, str]:
     """The server's environment: ours without PYTHONPATH and the trainer's torch.distributed variables; with
-    delta_sync, the served classes' package (rollout/sglang_plugins.served_env: PYTHONPATH is its folder alone)."""
+    delta_sync, the served classes' package (rollout/sglang/plugins.served_env: PYTHONPATH is its folder alone)."""
     env = {k: v for k, v in base.items()
            if k != "PYTHONPATH" and k not in TRAINER_DIST_ENV and not k.startswith(TRAINER_DIST_ENV_PREFIXES)}
     if on_cpu():
@@ -78,34 +72,6 @@ def server_env(base: Mapping[str, str], delta_sync: bool = False) -> dict[str, s
     if delta_sync:
         env.update(served_env())
     return env
-
-
-class HTTPClient:
-    """JSON over HTTP to one SGLang server, with its API key."""
-
-    def __init__(self, url: str, api_key: Optional[str]):
-        self.url = url.rstrip("/")
-        self.api_key = api_key
-
-    def call(self, path: str, payload: Optional[dict[str, Any]] = None, timeout: float = 600.0,
-             method: Optional[str] = None) -> Any:
-        """The decoded JSON reply of POST (or GET without payload) url+path; SGLangServerError on HTTP errors."""
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method or ("GET" if data is None else "POST"))
-        req.add_header("Content-Type", "application/json")
-        if self.api_key:
-            req.add_header("Authorization", f"Bearer {self.api_key}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as e:
-            raise SGLangServerError(f"{path}: HTTP {e.code}: {e.read()[:2000].decode(errors='replace')}") from None
-        if not body:
-            return None
-        try:
-            return json.loads(body)
-        except json.JSONDecodeError:
-            return body.decode(errors="replace")
 
 
 class ServerProcess:
@@ -131,9 +97,11 @@ class ServerProcess:
                                      env=env, cwd=run_dir, start_new_session=True)
 
     def alive(self) -> bool:
+        """Whether the server's process still runs."""
         return self.proc.poll() is None
 
     def log_tail(self, lines: int = 30) -> str:
+        """The last `lines` lines of the server's log."""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_healthy(self, client: HTTPClient, timeout_s: float) -> float:
