@@ -36,6 +36,7 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import http.client
 import io
 import os
 import secrets
@@ -189,11 +190,47 @@ class SGLangEngine(RolloutEngine):
                                     f"(rollout.sglang.max_restarts={self.cfg.max_restarts}); last log "
                                     f"{self._server.log_path}:\n{self._server.log_tail()}")
         self.relaunch()
-        current = self._delta.last if self._delta is not None and self._delta.last else self._host_copy
+        current = self.held_weights()
         if current:
             self._push_tensor(list(bucketed(current.items(), self.bucket_bytes)), self.weight_version)
         else:
             self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
+
+    def held_weights(self) -> dict[str, torch.Tensor]:
+        """The last full weights pushed, kept on the host for a server that comes back without them (the delta
+        sender's base with delta_sync, else the host copy kept by pushes with keep_host_copy); {} when none."""
+        return self._delta.last if self._delta is not None and self._delta.last else self._host_copy
+
+    def serves(self, version: int) -> bool:
+        """Whether the server answers and reports weight version `version` (a restarted one reports "default",
+        the weights it started from, until a push)."""
+        try:
+            reply = self.client.call("/model_info", timeout=30)
+        except (SGLangServerError, OSError, http.client.HTTPException):
+            return False
+        return isinstance(reply, dict) and str(reply.get("weight_version")) == str(version)
+
+    def resync(self) -> None:
+        """Push held_weights() whole, as weight_version, to a server that came back without them (an attached
+        server that its supervisor restarted at the same address): a new weight group for the distributed channel;
+        the disk channel loads the last complete folder pushed (and the deltas since)."""
+        if self.cfg.weight_sync == "disk" and self.model_path is not None:
+            for folder, complete in ((self.model_path, True), (self._delta_folder, False)):
+                if folder is not None:
+                    self.update_weights_from_disk(folder, self.weight_version, complete)
+            return
+        held = self.held_weights()
+        if not held:
+            raise SGLangServerError(f"the SGLang server at {self.client.url} lost weight version "
+                                    f"{self.weight_version} and no copy of it is held here to push again")
+        self.leave_weight_group()  # the new process holds none of the old group
+        buckets = list(bucketed(list(held.items()), self.bucket_bytes))
+        with self._lock:
+            if self.cfg.weight_sync == "distributed":
+                self._push_distributed(buckets, self.weight_version, keep_host_copy=False)
+            else:
+                self._push_tensor(buckets, self.weight_version)
+        self._delta_base = self._delta.token if self._delta is not None else None  # it holds the sender's base
 
     def relaunch(self) -> None:
         """A fresh process for an owned server, from model_path (the initial or the last disk-pushed weights); the
@@ -340,7 +377,8 @@ class SGLangEngine(RolloutEngine):
         The caller's tensors may change afterwards, so an owned server's restart copy is a copy."""
         if self._server is not None:
             named_tensors = ((name, t.detach().to("cpu", copy=True)) for name, t in named_tensors)
-        self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version)
+        self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version,
+                                         keep_host_copy=self._server is not None)
 
     def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int,
                                     keep_host_copy: bool = True) -> dict[str, float]:
@@ -454,7 +492,7 @@ class SGLangEngine(RolloutEngine):
         return {"write_s": t1 - t0, "server_s": time.perf_counter() - t1}
 
     def _remember(self, bucket: NamedTensors, keep_host_copy: bool) -> None:
-        if keep_host_copy and self._server is not None:  # on the host: a GPU bucket is copied (no GPU memory held)
+        if keep_host_copy:  # on the host: a GPU bucket is copied (no GPU memory held)
             self._host_copy.update((name, t.detach().to("cpu")) for name, t in bucket)
 
     def _server_ranks(self) -> dict[str, int]:
