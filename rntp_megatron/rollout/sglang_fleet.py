@@ -286,6 +286,47 @@ class SGLangFleet(RolloutEngine):
                 except Exception as e:  # the thread must outlive a failed round: it asks again at the next
                     print(f"re-syncing SGLang replica {replica.engine.client.url} failed: {e!r:.300}", flush=True)
 
+    def _push_to(self, live: list[Replica], buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
+                 ) -> dict[str, float]:
+        """Push through live[0] with the others as its peers (the weight group re-formed when they changed)."""
+        leader, peers = live[0], [r.engine for r in live[1:]]
+        if self._leader is not None and (self._leader is not leader or self._leader.engine.peers != peers):
+            self._dissolve_weight_group()
+        self._leader = leader
+        leader.engine.peers = peers
+        try:
+            return leader.engine.update_weights_from_buckets(buckets, version, keep_host_copy=keep_host_copy)
+        except FAILURES:
+            self._dissolve_weight_group()  # its members are about to change
+            raise
+
+    def _dissolve_weight_group(self) -> None:
+        """Leave the weight group; the next push forms it anew with the live replicas."""
+        if self._leader is not None:
+            self._leader.engine.leave_weight_group()
+            self._leader = None
+
+    def _rejoin(self) -> None:
+        """Down replicas that can serve again become live (they get this push before they generate)."""
+        now = time.monotonic()
+        for r in self.replicas:
+            if r.live:
+                continue
+            if r.owned:
+                if r.restarts >= self.max_restarts:
+                    continue
+                self._dissolve_weight_group()  # the new process holds no group: form it again with it
+                r.restarts += 1
+                r.engine.relaunch()
+                r.live = True
+            elif now >= r.retry_at:
+                if r.engine.server_alive():
+                    self._dissolve_weight_group()  # the server may have been restarted: it may hold no group
+                    r.live, r.backoff_s = True, self.retry_backoff_s
+                else:
+                    r.backoff_s = max(2 * r.backoff_s, self.retry_backoff_s)
+                    r.retry_at = now + r.backoff_s
+
     # ---------------------------------------------------------------------------------------------
     def server_weight_version(self) -> int:
         """The weight version the first live replica reports."""
