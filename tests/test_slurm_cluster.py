@@ -352,7 +352,8 @@ def test_faults_across_hosts_replica_killed_in_generation_and_in_a_push_then_a_t
                    and (checkpoints / "latest").read_text().strip(), 420, log, run_dir)
     served = server_log.read_text(errors="replace")  # the requeued job's replica may start this log anew
     trainer = [p for p in _netns_pids("node2") if b"rntp_megatron.cli" in _argv(p) and b"train" in _argv(p)]
-    [rank1] = [p for p in trainer if _parent(p) not in trainer]  # not its forked helpers (same command line)
+    # the task slurmstepd started, not its forked helpers (same command line)
+    [rank1] = [p for p in trainer if _argv(_parent(p))[0].startswith(b"slurmstepd")]
     os.kill(int(rank1), signal.SIGKILL)
     killed_at = time.monotonic()
     # the step ends within RNTP_STEP_WAIT (srun stops rank 0 then, should its collective not fail at once); a
