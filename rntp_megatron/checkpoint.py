@@ -13,10 +13,12 @@ optimizer are sharded by megatron, so a checkpoint saved at one TP/PP layout loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -135,12 +137,29 @@ def _prestart_writer_queue() -> None:
 
     megatron's torch_dist writer makes it lazily with a *spawned* Manager, which starts a fresh interpreter that
     re-imports the launching script: 10-30 s per process here, and scripts without a __main__ guard break. A
-    forked Manager only serves the queue and starts in milliseconds. Skipped if megatron renames the cache.
+    forked Manager only serves the queue and starts in milliseconds; it dies with this process (_die_with_parent).
+    Skipped if megatron renames the cache.
     """
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = torch.multiprocessing.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=torch.multiprocessing.get_context("fork"))
+        manager.start(_die_with_parent, (os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _die_with_parent(parent: int) -> None:
+    """(In the forked Manager) SIGKILL this process when `parent` ends. A fork holds the rank's sockets and output:
+    left behind by a killed rank, it would keep its peers waiting in a collective (the connection never closes)
+    and Slurm waiting 60 s for the task's output."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -10,6 +10,12 @@ README documents it.
   the requeued job (fresh replica) resumes and finishes.
 - Two replicas on node2 + node3 and the trainer on node1: a fleet across hosts, both replicas serve; node3's server
   crashes after step 0, node2's serves the rest (no step lost) and train.sbatch starts node3's again.
+- Faults across hosts, one job (trainer DP2 on node1 + node2, the replica on node3): node3's server SIGKILLed while
+  both ranks' /generate requests of step 1 are in flight, then again when rank 0's push of version 2 has begun
+  (its scheduler held with SIGSTOP until then, so each kill lands where it must); train.sbatch starts it again at
+  the same address, both ranks wait for it to serve the current weights (rank 0 pushes them again), no step is lost.
+  Then rank 1's process on node2 is SIGKILLed (its forked checkpoint-queue helper dies with it): the step ends
+  within RNTP_STEP_WAIT, the job is requeued and resumes from the last complete checkpoint.
 - Each node is a host (own hostname, its route to the others over eth0); ranks on two hosts refuse an owned server
   bound to loopback; NeMo-Run's SlurmExecutor runs a two-node job.
 """
@@ -99,11 +105,12 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _submit(tmp_path: Path, name: str, hf: Path, sglang_nodes: int) -> tuple[str, Path, Path]:
+def _submit(tmp_path: Path, name: str, hf: Path, sglang_nodes: int, **extra_env: str) -> tuple[str, Path, Path]:
     """sbatch -N 3 the shrunk demo_rl with RNTP_SGLANG_NODES replicas; (job id, run dir, batch log)."""
     env = {**os.environ, "RNTP_PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "RNTP_SGLANG_NODES": str(sglang_nodes), "RNTP_SGLANG_MODEL": str(hf),
-           "RNTP_SGLANG_PYTHON": str(SGLANG_PYTHON), "RNTP_SGLANG_ARGS": SGLANG_ARGS, "SGLANG_USE_CPU_ENGINE": "1"}
+           "RNTP_SGLANG_PYTHON": str(SGLANG_PYTHON), "RNTP_SGLANG_ARGS": SGLANG_ARGS, "SGLANG_USE_CPU_ENGINE": "1",
+           **extra_env}
     sets = [a for s in SHRINK for a in ("--set", s)]
     out = _login("sbatch", "--parsable", "-N", "3", "--ntasks-per-node=1", "-J", name, "-t", "20",
                  str(REPO / "slurm" / "train.sbatch"), str(RECIPE), *sets,
@@ -155,21 +162,33 @@ def test_trainer_on_two_hosts_and_a_replica_on_a_third_train_on_policy_requeue_a
     assert world == 2  # DP2: one rank on each of two hosts
 
 
-def _crash_server_on(node: str) -> list[int]:
-    """SIGKILL, on host `node`, every process below the replica step's shell (the server and its subprocesses: a
-    crash); the shell, train.sbatch's supervisor, stays. Returns the PIDs killed."""
-    def parent(pid: str) -> str:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+def _argv(pid: str) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
-    def argv(pid: str) -> list[bytes]:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
 
-    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout.split()
-    [shell] = [p for p in pids if argv(p)[0].endswith(b"bash") and b"sglang.launch_server" in b" ".join(argv(p))]
+def _netns_pids(node: str) -> list[str]:
+    return subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout.split()
+
+
+def _parent(pid: str) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+
+
+def _server_processes(node: str) -> list[str]:
+    """On host `node`, every process below the replica step's shell (the server and its subprocesses)."""
+    pids = _netns_pids(node)
+    [shell] = [p for p in pids if _argv(p)[0].endswith(b"bash") and b"sglang.launch_server" in b" ".join(_argv(p))]
     below, frontier = [], {shell}
     while frontier:  # descendants, breadth first
-        frontier = {p for p in pids if p not in below and p != shell and parent(p) in frontier}
+        frontier = {p for p in pids if p not in below and p != shell and _parent(p) in frontier}
         below += sorted(frontier)
+    return below
+
+
+def _crash_server_on(node: str) -> list[int]:
+    """SIGKILL, on host `node`, the server and its subprocesses (a crash); the shell, train.sbatch's supervisor,
+    stays. Returns the PIDs killed."""
+    below = _server_processes(node)
     for pid in below:
         os.kill(int(pid), signal.SIGKILL)
     return [int(p) for p in below]
@@ -261,3 +280,107 @@ def test_nemo_run_slurm_executor_runs_a_two_node_job(cluster, tmp_path):
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     # one task per node: two ranks are two hosts
     assert json.loads((latest / "complete.json").read_text())["world_size"] == 2
+
+
+def _hold_scheduler(node: str) -> None:
+    """SIGSTOP the replica's scheduler on host `node`: its HTTP front still takes requests, none is served."""
+    [pid] = [p for p in _server_processes(node) if _argv(p)[0].startswith(b"sglang::scheduler")]
+    os.kill(int(pid), signal.SIGSTOP)
+
+
+def _pending_clients(node: str, port: int = 30000) -> set[str]:
+    """The addresses whose requests to the server on `node` stay open (a connection seen twice, 1 s apart)."""
+    def peers() -> set[str]:
+        out = subprocess.run(["nsenter", f"--net=/run/netns/{node}", "ss", "-tnH", "state", "established"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return {out[i + 1] for i, word in enumerate(out[:-1]) if word.endswith(f":{port}")}
+
+    first = peers()
+    time.sleep(1.0)
+    return {peer.rsplit(":", 1)[0] for peer in first & peers()}
+
+
+def _until(what: str, ready, timeout: float, log: Path, run_dir: Path, poll: float = 0.2):
+    """ready()'s first truthy value, asked every `poll` s; the test fails (with the logs) after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"{what}: not within {timeout:.0f} s\n{_logs(log, run_dir)}")
+
+
+def _requests(server_log: Path, path: str, after: str = "") -> set[str]:
+    """Client addresses of the answered `path` requests in the server's log (after the last line holding `after`)."""
+    text = server_log.read_text(errors="replace") if server_log.exists() else ""
+    if after:
+        text = text.rpartition(after)[2] if after in text else ""
+    return {line.split("INFO:")[1].split(":")[0].strip() for line in text.splitlines()
+            if f"POST {path} " in line and "INFO:" in line}
+
+
+STEP_WAIT = 30  # RNTP_STEP_WAIT of the fault job: how long the ranks left get once one has ended
+
+
+def test_faults_across_hosts_replica_killed_in_generation_and_in_a_push_then_a_trainer_rank(cluster, hf_init,
+                                                                                           tmp_path):
+    """Trainer DP2 on node1 (rank 0, 10.77.0.11) + node2 (rank 1, 10.77.0.12), the replica on node3. (1) The
+    server is SIGKILLed while both ranks' step-1 /generate requests are in flight, (2) again once rank 0's push of
+    version 2 has begun; each time train.sbatch starts it again at its address, rank 0 brings it the current
+    weights (its watcher, then the push made again in full), and both ranks generate from them: every step trains
+    on the full batch of the trainer's weights. (3) Rank 1's process is SIGKILLed: the step ends within
+    RNTP_STEP_WAIT, the job is requeued and resumes from the last complete checkpoint."""
+    from rntp_megatron.checkpoint import latest_checkpoint
+
+    # PYTHONUNBUFFERED: the server's access log (which requests it answered, from whom) is read as it grows
+    job, run_dir, log = _submit(tmp_path, "rntp-faults", hf_init, sglang_nodes=1, PYTHONUNBUFFERED="1",
+                                RNTP_STEP_WAIT=str(STEP_WAIT))
+    server_log, trainers = run_dir / "logs" / "sglang-node3.log", {"10.77.0.11", "10.77.0.12"}
+    # (1) the push of version 1 ends step 0; the scheduler is held before step 1 generates, then killed with
+    # both ranks' requests open
+    _until("the push of version 1", lambda: len(server_log.read_text().split("POST /end_weight_update ")) > 2
+           if server_log.exists() else False, 420, log, run_dir, poll=0.05)
+    _hold_scheduler("node3")
+    _until("both ranks' step-1 /generate requests", lambda: _pending_clients("node3") >= trainers, 120, log, run_dir)
+    assert _crash_server_on("node3")
+    # (2) started again: once both ranks have generated step 1 from it, the next request is rank 0's push
+    restarted = "exited with 137: starting it again at the same address (restart 1 of 2)"
+    _until("step 1 generated again", lambda: _requests(server_log, "/generate", restarted) >= trainers, 420, log,
+           run_dir)
+    _hold_scheduler("node3")
+    _until("rank 0's push of version 2", lambda: "10.77.0.11" in _pending_clients("node3"), 120, log, run_dir)
+    assert _crash_server_on("node3")
+    # (3) once step 1's checkpoint is saved, rank 1 (node2) dies
+    checkpoints = run_dir / "checkpoints"
+    saved = _until("step 1's checkpoint", lambda: (checkpoints / "latest").exists()
+                   and (checkpoints / "latest").read_text().strip() == "iter_0000002"
+                   and (checkpoints / "latest").read_text().strip(), 420, log, run_dir)
+    served = server_log.read_text(errors="replace")  # the requeued job's replica may start this log anew
+    trainer = [p for p in _netns_pids("node2") if b"rntp_megatron.cli" in _argv(p) and b"train" in _argv(p)]
+    # the task slurmstepd started, not its forked helpers (same command line)
+    [rank1] = [p for p in trainer if _argv(_parent(p))[0].startswith(b"slurmstepd")]
+    os.kill(int(rank1), signal.SIGKILL)
+    killed_at = time.monotonic()
+    # the step ends within RNTP_STEP_WAIT (srun stops rank 0 then, should its collective not fail at once); a
+    # helper process of the killed rank holding its sockets and output would keep it going 60 s more
+    _until("the requeue", lambda: "a trainer rank was killed" in log.read_text(), STEP_WAIT + 30, log, run_dir, 0.5)
+    ended_s = time.monotonic() - killed_at
+    state = _wait(job, log, run_dir)
+    tail, text = _logs(log, run_dir), log.read_text(errors="replace")  # the batch log: both runs, all ranks
+    assert state == "COMPLETED", tail
+    assert f"after checkpoint {saved}: requeueing job {job}" in text and "restart 1" in text, tail
+    assert f"resumed from {checkpoints / saved} at step 2" in text, tail
+    for rank in (0, 1):  # both ranks lost the replica in generation and waited for it
+        assert f"{rank}: SGLang replica http://node3:30000 is down" in text, text
+    assert "0: SGLang replica http://node3:30000 answers without weight version 1 (started again)" in text, text
+    assert "0: SGLang replica http://node3:30000 died during the push of version 2" in text, text
+    assert "(restart 1 of 2)" in served and "(restart 2 of 2)" in served, served[-3000:]
+    records = {r["step"]: r for r in _records(run_dir)}  # the resumed run logs step 2 again if the first had
+    assert sorted(records) == [0, 1, 2], tail
+    for r in records.values():  # each step's full batch, from the trainer's weights of that step
+        assert r["weight_version"] == r["step"] + 1, r
+        assert r["logp_abs_diff_rollout"] < LOGPROB_TOL, r
+        assert r["data/episodes"] == (r["step"] + 1) * records[0]["data/episodes"], r
+    assert latest_checkpoint(checkpoints).name == "iter_0000003"  # the resumed run's final save, complete
+    print(f"rank kill to requeue: {ended_s:.1f} s (RNTP_STEP_WAIT={STEP_WAIT})")

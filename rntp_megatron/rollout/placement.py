@@ -218,6 +218,8 @@ class EnginePlacement:
             raise failure
         if failed.item():
             raise RuntimeError(f"rank 0 failed to push weight version {version} to the rollout engine (its log says why)")
+        if dist.get_rank() != 0 and self.engine is not None:
+            self.engine.weight_version = version  # what the servers serve: one started again is waited for
 
     def close(self) -> None:
         """Stop an engine this placement started (an SGLang server); one passed in stays the caller's."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import secrets
 import threading
 import urllib.error
@@ -141,12 +142,48 @@ class SGLangEngine(RolloutEngine):
                                     f"(rollout.sglang.max_restarts={self.cfg.max_restarts}); last log "
                                     f"{self._server.log_path}:\n{self._server.log_tail()}")
         self.relaunch()
-        current = self.delta.sender.last if self.delta is not None and self.delta.sender.last else self._host_copy
+        current = self.held_weights()
         if current:
             push_tensor(self.receivers(), list(bucketed(current.items(), self.bucket_bytes)), self.weight_version,
                         lambda bucket: None)
         else:
             self.client.call("/update_weight_version", {"new_version": str(self.weight_version)})
+
+    def held_weights(self) -> dict[str, torch.Tensor]:
+        """The last full weights pushed, kept on the host for a server that comes back without them (the delta
+        sender's base with delta_sync, else the host copy kept by pushes with keep_host_copy); {} when none."""
+        return self.delta.sender.last if self.delta is not None and self.delta.sender.last else self._host_copy
+
+    def serves(self, version: int) -> bool:
+        """Whether the server answers and reports weight version `version` (a restarted one reports "default",
+        the weights it started from, until a push)."""
+        try:
+            reply = self.client.call("/model_info", timeout=30)
+        except (SGLangServerError, OSError, http.client.HTTPException):
+            return False
+        return isinstance(reply, dict) and str(reply.get("weight_version")) == str(version)
+
+    def resync(self) -> None:
+        """Push held_weights() whole, as weight_version, to a server that came back without them (an attached
+        server that its supervisor restarted at the same address): a new weight group for the distributed channel;
+        the disk channel loads the last complete folder pushed (and the deltas since)."""
+        if self.cfg.weight_sync == "disk" and self.model_path is not None:
+            for folder, complete in ((self.model_path, True), (self._disk.delta_folder, False)):
+                if folder is not None:
+                    self.update_weights_from_disk(folder, self.weight_version, complete)
+            return
+        held = self.held_weights()
+        if not held:
+            raise SGLangServerError(f"the SGLang server at {self.client.url} lost weight version "
+                                    f"{self.weight_version} and no copy of it is held here to push again")
+        self.leave_weight_group()  # the new process holds none of the old group
+        buckets = list(bucketed(list(held.items()), self.bucket_bytes))
+        with self._lock:
+            if self.cfg.weight_sync == "distributed":
+                push_distributed(self._group, self.receivers(), buckets, self.weight_version, lambda bucket: None)
+            else:
+                push_tensor(self.receivers(), buckets, self.weight_version, lambda bucket: None)
+        self.delta_base = self.delta.sender.token if self.delta is not None else None  # it holds the sender's base
 
     def relaunch(self) -> None:
         """A fresh process for an owned server, from model_path (the initial or the last disk-pushed weights); the
@@ -245,7 +282,8 @@ class SGLangEngine(RolloutEngine):
         The caller's tensors may change afterwards, so an owned server's restart copy is a copy."""
         if self._server is not None:
             named_tensors = ((name, t.detach().to("cpu", copy=True)) for name, t in named_tensors)
-        self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version)
+        self.update_weights_from_buckets(bucketed(named_tensors, self.bucket_bytes), version,
+                                         keep_host_copy=self._server is not None)
 
     def update_weights_from_buckets(self, buckets: Iterable[NamedTensors], version: int,
                                     keep_host_copy: bool = True) -> dict[str, float]:
@@ -262,7 +300,7 @@ class SGLangEngine(RolloutEngine):
                 return self._disk.push(buckets, version, self.model_path, self.hf_config, self.delta,
                                        self.update_weights_from_disk)
             keep_host_copy = keep_host_copy and self.delta is None  # a restart pushes self.delta.sender.last
-            sent = self._remember if keep_host_copy and self._server is not None else (lambda bucket: None)
+            sent = self._remember if keep_host_copy else (lambda bucket: None)
             with self._lock:
                 if channel == "tensor":
                     timing = push_tensor(self.receivers(), buckets, version, sent)

@@ -23,15 +23,26 @@ down rejoins at a later push: an owned server is started again (at most rollout.
 attached one is health-checked again after a back-off that doubles (rollout.sglang.retry_backoff_s); either way
 the weight group is formed anew with it (a new server process holds none) and it gets the full weights before it
 generates again.
+
+A lone attached replica (one URL, as slurm/train.sbatch's one SGLang node gives) has no other replica to serve
+while its supervisor starts it again at the same address, so the fleet waits for it (back-off, at most
+rollout.sglang.startup_timeout_s) and brings it back to the current weights, which the rank that pushes then
+keeps on the host (SGLangEngine.held_weights) for this: killed in a push, the push waits for it and is made again
+in full (the held weights, then the rest of the stream); killed in generation or between steps, a watcher thread
+(every WATCH_S) finds it answering with another weight version and pushes it the held weights (SGLangEngine.resync).
+A replica that is down becomes live for generation only when it reports the fleet's weight version (every rank's
+fleet: placement tells the ranks that do not push which version that is), and rollouts of another version (a
+replica started again and not yet re-synced) count as a failed replica: no rank generates from stale weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import urllib.error
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -41,6 +52,7 @@ from rntp_megatron.rollout.sglang.engine import SGLangEngine
 from rntp_megatron.weights.buckets import NamedTensors, bucketed
 
 FAILURES = (SGLangServerError, OSError, urllib.error.URLError, RuntimeError)
+WATCH_S = 2.0  # how often a lone attached replica is asked for its weight version (a restart takes far longer)
 
 
 @dataclass
@@ -87,8 +99,11 @@ class SGLangFleet(RolloutEngine):
             raise ValueError("a fleet needs at least one SGLang engine")
         self.replicas = [Replica(e, owned, backoff_s=retry_backoff_s) for e in engines]
         self.max_restarts, self.retry_backoff_s = max_restarts, retry_backoff_s
-        self.weight_version = 0
+        self.weight_version = 0  # what the replicas serve: set by this fleet's pushes, or by placement on other ranks
         self._leader: Optional[Replica] = None  # the replica that holds the weight group, if any
+        self._pushing = threading.RLock()  # a push and the watcher's re-sync, one at a time
+        self._watcher: Optional[threading.Thread] = None
+        self._closed = threading.Event()
 
     # ---------------------------------------------------------------------------------------------
     def addresses(self) -> list[tuple[str, Optional[str]]]:
@@ -111,6 +126,7 @@ class SGLangFleet(RolloutEngine):
             r.samples, r.seconds = 0, 0.0
         pending = list(range(len(prompts)))
         while pending:
+            self._revive(wait=not self._live() and len(self.replicas) == 1)
             live = self._live()
             if not live:
                 raise SGLangServerError(f"no SGLang replica is live ({len(self.replicas)} in the fleet)")
@@ -144,6 +160,11 @@ class SGLangFleet(RolloutEngine):
             self._down(replica, repr(e)[:300])
             failed.extend(indices)
             return
+        stale = sorted({ro.weight_version for ro in rollouts} - {self.weight_version})
+        if stale:  # started again, and not yet brought to the current weights
+            self._down(replica, f"it generated with weight version {stale}, not {self.weight_version}")
+            failed.extend(indices)
+            return
         for ro in rollouts:
             ro.prompt_index = indices[ro.prompt_index]
             results.setdefault(ro.prompt_index, []).append(ro)
@@ -171,23 +192,99 @@ class SGLangFleet(RolloutEngine):
         stream is iterated to its end also when the push fails (the other trainer ranks wait in its collectives)."""
         self._rejoin()
         keep_host_copy = len(self.replicas) == 1  # see the module docstring
-        with drained(buckets) as stream:
+        with self._pushing, drained(buckets) as stream:
             window = _Window(stream)
+            refill: list[NamedTensors] = []  # what a replica that came back lacks beyond the window
             while True:
                 live = self._live()
                 if not live:
                     raise SGLangServerError("every SGLang replica failed during the weight push")
                 try:
-                    timing = self._push_to(live, window.replay(), version, keep_host_copy)
+                    timing = self._push_to(live, itertools.chain(refill, window.replay()), version, keep_host_copy)
                     break
                 except FAILURES as e:
+                    if self._came_back(live, version, e):  # the held weights (this push's so far), then the rest
+                        engine = live[0].engine
+                        refill = list(bucketed(list(engine.held_weights().items()), engine.bucket_bytes))
+                        continue
                     dead = [r for r in live if not r.engine.server_alive()] if len(self.replicas) > 1 else []
                     for r in dead:
                         self._down(r, f"died during the push of version {version}: {e!r}"[:300])
                     if not dead or live[0].engine.cfg.weight_sync == "disk":
                         raise
-        self.weight_version = version
+            self.weight_version = version
+        if self._watcher is None and len(self.replicas) == 1 and not self.replicas[0].owned:
+            self._watcher = threading.Thread(target=self._watch, name="sglang-replica-watcher", daemon=True)
+            self._watcher.start()
         return timing
+
+    def _came_back(self, live: list[Replica], version: int, error: BaseException) -> bool:
+        """A lone attached replica that died in the push (distributed, tensor channel): wait for its supervisor to
+        start it again at its address (back-off, at most rollout.sglang.startup_timeout_s); False for any other
+        failure."""
+        replica = live[0]
+        if len(self.replicas) > 1 or replica.owned or replica.engine.cfg.weight_sync == "disk" \
+                or replica.engine.server_alive():
+            return False
+        url, limit = replica.engine.client.url, replica.engine.cfg.startup_timeout_s
+        print(f"SGLang replica {url} died during the push of version {version} ({error!r:.200}); waiting up to "
+              f"{limit:g} s for it to come back at its address", flush=True)
+        self._wait(lambda: replica.engine.server_alive(), f"{url} did not answer /health again", limit)
+        return True
+
+    @staticmethod
+    def _wait(ready: Callable[[], bool], what: str, limit_s: float) -> None:
+        """Ask ready() with back-off (0.5 s doubling to 10 s) until it is true; SGLangServerError after limit_s."""
+        start, pause = time.monotonic(), 0.5
+        while not ready():
+            waited = time.monotonic() - start
+            if waited + pause > limit_s:
+                raise SGLangServerError(f"SGLang replica {what} within {waited:.0f} s "
+                                        f"(rollout.sglang.startup_timeout_s={limit_s:g})")
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
+
+    def _revive(self, wait: bool) -> None:
+        """Attached replicas that are down become live once they serve the fleet's weight version (started again
+        by their supervisor and re-synced: by the watcher or a push on the rank that pushes); with wait (none is
+        live), waited for up to rollout.sglang.startup_timeout_s; else each asked again after its back-off."""
+        down = [r for r in self.replicas if not r.live and not r.owned]
+        if not down:
+            return
+
+        def serving() -> bool:
+            now = time.monotonic()
+            for r in down:
+                if not wait and now < r.retry_at:
+                    continue
+                if r.engine.serves(self.weight_version):
+                    r.live, r.backoff_s = True, self.retry_backoff_s
+                    print(f"SGLang replica {r.engine.client.url} serves weight version {self.weight_version} "
+                          "again; it generates again", flush=True)
+                elif not wait:
+                    r.retry_at = now + r.backoff_s
+            return not wait or bool(self._live())
+
+        urls = [r.engine.client.url for r in down]
+        self._wait(serving, f"{urls} did not serve weight version {self.weight_version} again",
+                   down[0].engine.cfg.startup_timeout_s)
+
+    def _watch(self) -> None:
+        """(thread) Every WATCH_S: a lone attached replica that answers with another weight version than the
+        fleet's (its supervisor started it again) gets the held weights (SGLangEngine.resync)."""
+        replica = self.replicas[0]
+        while not self._closed.wait(WATCH_S):
+            with self._pushing:
+                try:
+                    if self._closed.is_set() or replica.engine.serves(self.weight_version) \
+                            or not replica.engine.server_alive():
+                        continue
+                    print(f"SGLang replica {replica.engine.client.url} answers without weight version "
+                          f"{self.weight_version} (started again): pushing it the held weights", flush=True)
+                    self._dissolve_weight_group()
+                    replica.engine.resync()
+                except Exception as e:  # the thread must outlive a failed round: it asks again at the next
+                    print(f"re-syncing SGLang replica {replica.engine.client.url} failed: {e!r:.300}", flush=True)
 
     def _push_to(self, live: list[Replica], buckets: Iterable[NamedTensors], version: int, keep_host_copy: bool
                  ) -> dict[str, float]:
@@ -244,7 +341,9 @@ class SGLangFleet(RolloutEngine):
             r.engine.wake(tags)
 
     def close(self) -> None:
-        self._dissolve_weight_group()
+        self._closed.set()
+        with self._pushing:
+            self._dissolve_weight_group()
         if self.replicas[0].owned:
             for r in self.replicas:
                 r.engine.close()
