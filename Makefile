@@ -22,7 +22,7 @@ corpus: setup
 	@[ -s data/encyclopedia/train_answers.idx ] || $(PY) -m rntp_megatron.cli prepare-data --recipe encyclopedia \
 		--output data/encyclopedia --no-progress
 
-# RNTP branches vs next-token training at equal FLOPs on that corpus (rntp_megatron/ablate.py; ~2.5 h on 2 cores:
+# RNTP branches vs next-token training at equal FLOPs on that corpus (rntp_megatron/ablate.py; ~50 min on 2 cores:
 # 13 branch runs, 14 evaluations of 2,000 held-out sites; BENCHMARKS.md)
 ablate: corpus
 	$(PY) -m rntp_megatron.cli ablate --config recipes/configs/ablate_text.yaml --run-dir runs/ablate
