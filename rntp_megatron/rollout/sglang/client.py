@@ -7,7 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class SGLangServerError(RuntimeError):
@@ -42,21 +42,34 @@ class HTTPClient:
             return body.decode(errors="replace")
 
     def wait_answering(self, timeout_s: float) -> float:
-        """Seconds until the server answered GET /health, asked with back-off (0.5 s doubling to 10 s) for up to
-        timeout_s (rollout.sglang.startup_timeout_s): a replica started beside the trainer may still be loading."""
-        start, pause = time.monotonic(), 0.5
-        while True:
+        """Seconds until the server answered GET /health, asked with back-off for up to timeout_s
+        (rollout.sglang.startup_timeout_s): a replica started beside the trainer may still be loading."""
+        last: list[Exception] = []
+
+        def answers() -> bool:
             try:
                 self.call("/health", timeout=30)
-                return time.monotonic() - start
+                return True
             except (SGLangServerError, OSError) as e:  # OSError: refused, unreachable, reset (URLError is one)
-                waited = time.monotonic() - start
-                if waited + pause > timeout_s:
-                    raise SGLangServerError(
-                        f"the SGLang server at {self.url} did not answer /health within {waited:.0f} s "
-                        f"(rollout.sglang.startup_timeout_s={timeout_s:g}); last error: {e}") from None
-            time.sleep(pause)
-            pause = min(2 * pause, 10.0)
+                last[:] = [e]
+                return False
+
+        return backoff_until(answers, timeout_s, lambda waited: (
+            f"the SGLang server at {self.url} did not answer /health within {waited:.0f} s "
+            f"(rollout.sglang.startup_timeout_s={timeout_s:g}); last error: {last[0]}"))
+
+
+def backoff_until(ready: Callable[[], bool], limit_s: float, failure: Callable[[float], str]) -> float:
+    """Seconds until ready() is true, asked with back-off (0.5 s doubling to 10 s); SGLangServerError with
+    failure(seconds waited) once the next pause would pass limit_s."""
+    start, pause = time.monotonic(), 0.5
+    while not ready():
+        waited = time.monotonic() - start
+        if waited + pause > limit_s:
+            raise SGLangServerError(failure(waited))
+        time.sleep(pause)
+        pause = min(2 * pause, 10.0)
+    return time.monotonic() - start
 
 
 def check_reply(reply: Any, path: str) -> None:

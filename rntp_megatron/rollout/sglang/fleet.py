@@ -42,12 +42,12 @@ import threading
 import time
 import urllib.error
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from rntp_megatron.rollout.engine import Rollout, RolloutEngine, SamplingParams, drained
-from rntp_megatron.rollout.sglang.client import SGLangServerError
+from rntp_megatron.rollout.sglang.client import SGLangServerError, backoff_until
 from rntp_megatron.rollout.sglang.engine import SGLangEngine
 from rntp_megatron.weights.buckets import NamedTensors, bucketed
 
@@ -229,20 +229,10 @@ class SGLangFleet(RolloutEngine):
         url, limit = replica.engine.client.url, replica.engine.cfg.startup_timeout_s
         print(f"SGLang replica {url} died during the push of version {version} ({error!r:.200}); waiting up to "
               f"{limit:g} s for it to come back at its address", flush=True)
-        self._wait(lambda: replica.engine.server_alive(), f"{url} did not answer /health again", limit)
+        backoff_until(replica.engine.server_alive, limit, lambda waited: (
+            f"SGLang replica {url} did not answer /health again within {waited:.0f} s "
+            f"(rollout.sglang.startup_timeout_s={limit:g})"))
         return True
-
-    @staticmethod
-    def _wait(ready: Callable[[], bool], what: str, limit_s: float) -> None:
-        """Ask ready() with back-off (0.5 s doubling to 10 s) until it is true; SGLangServerError after limit_s."""
-        start, pause = time.monotonic(), 0.5
-        while not ready():
-            waited = time.monotonic() - start
-            if waited + pause > limit_s:
-                raise SGLangServerError(f"SGLang replica {what} within {waited:.0f} s "
-                                        f"(rollout.sglang.startup_timeout_s={limit_s:g})")
-            time.sleep(pause)
-            pause = min(2 * pause, 10.0)
 
     def _revive(self, wait: bool) -> None:
         """Attached replicas that are down become live once they serve the fleet's weight version (started again
@@ -265,9 +255,10 @@ class SGLangFleet(RolloutEngine):
                     r.retry_at = now + r.backoff_s
             return not wait or bool(self._live())
 
-        urls = [r.engine.client.url for r in down]
-        self._wait(serving, f"{urls} did not serve weight version {self.weight_version} again",
-                   down[0].engine.cfg.startup_timeout_s)
+        urls, limit = [r.engine.client.url for r in down], down[0].engine.cfg.startup_timeout_s
+        backoff_until(serving, limit, lambda waited: (
+            f"SGLang replica {urls} did not serve weight version {self.weight_version} again within {waited:.0f} s "
+            f"(rollout.sglang.startup_timeout_s={limit:g})"))
 
     def _watch(self) -> None:
         """(thread) Every WATCH_S: a lone attached replica that answers with another weight version than the
