@@ -214,10 +214,10 @@ def _tracked_stream(folder: Path, bucket_bytes: int, live: list[int], made: list
 @sglang_test
 @pytest.mark.parametrize("channel", ["distributed", "tensor"])
 def test_a_fleet_push_holds_a_bounded_number_of_buckets_and_keeps_no_host_copy(two_hosts, channel):
-    """A push to a fleet of the two servers: when each bucket is made at most one (tensor) or two (distributed)
-    earlier buckets still have memory in use, not the model, and none after the push (no host copy, though the
-    servers are owned by their engines); the servers then serve the pushed version. distributed: attached engines;
-    tensor: the owning engines."""
+    """A push to a fleet of the two servers: when each bucket is made at most one earlier bucket (the one just
+    sent, still referenced until the next replaces it) has memory in use, not the model, and none after the push
+    (no host copy, though the servers are owned by their engines); the servers then serve the pushed version.
+    distributed: attached engines; tensor: the owning engines."""
     import dataclasses
 
     from rntp_megatron.rollout.sglang.engine import SGLangEngine
@@ -236,9 +236,7 @@ def test_a_fleet_push_holds_a_bounded_number_of_buckets_and_keeps_no_host_copy(t
         assert [e.server_weight_version() for e in two_hosts] == [9, 9]
     finally:
         fleet.close()  # leaves the weight group (attached engines: the servers stay up)
-    # tensor: the bucket in flight; distributed: also the one before it, whose flat buffer (a view of it when the
-    # bucket is one tensor) the channel keeps until it flattens the next, which it reads ahead of
-    assert len(live) > 6 and max(live) <= {"tensor": 1, "distributed": 2}[channel] and after == 0, (live, after)
+    assert len(live) > 6 and max(live) <= 1 and after == 0, (live, after)
 
 
 @sglang_test

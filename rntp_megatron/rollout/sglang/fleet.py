@@ -7,11 +7,12 @@ marked down and its prompts are generated again by the others, so a step never l
 
 Weights: one replica leads the push and the others are its peers (SGLangEngine.peers): one folder that all
 load (disk), each tensor payload to each (tensor), or one broadcast group holding the trainer and every
-replica's ranks (distributed, so one send feeds all). The weight stream flows through: the fleet keeps only the
-bucket in flight while the next is made (`_Window`); with the channel's own buffers, beyond the model at most
-the bucket being made plus one earlier (tensor) or two (distributed: it reads one ahead to know the last, and
-keeps the previous bucket's flat buffer until it flattens the next) exist on rank 0's device, i.e. ~3 x
-rollout.weight_bucket_mb for a 70B model rather than the model (tests/test_sglang_fleet.py measures it).
+replica's ranks (distributed, so one send feeds all). The weight stream flows through: a channel asks for the
+next bucket only after the servers took the one before (no read-ahead: an empty last call sets the version), and
+the fleet keeps only the bucket in flight (`_Window`), so beyond the model one bucket exists on rank 0's device
+while it is sent, and two while the stream makes the next (the one before is still referenced until the next
+replaces it): ~2 x rollout.weight_bucket_mb for a 70B model rather than the model (tests/test_sglang_fleet.py
+measures it).
 A replica that dies mid-push (tensor, distributed) is dropped and the push goes on to the rest from the bucket in
 flight (the group re-formed without it; the buckets they took before it are in their weights already). The disk
 channel writes every bucket to a folder before any replica loads it, so a replica lost in its load fails the
@@ -70,19 +71,19 @@ class Replica:
 
 
 class _Window:
-    """A weight stream that keeps only the buckets a push may have to send again: the last one handed out and
-    the one before it, while the next is made (a channel that reads ahead holds both); replay() hands those out
-    again and then goes on with the stream."""
+    """A weight stream that keeps only the bucket a push may have to send again: the last one handed out (a
+    channel asks for the next only after the servers took it); replay() hands it out again and then goes on with
+    the stream."""
 
     def __init__(self, stream: Iterator[NamedTensors]) -> None:
         self.stream = stream
         self.kept: list[NamedTensors] = []
 
     def replay(self) -> Iterator[NamedTensors]:
-        """The kept buckets, then the rest of the stream (keeping the last two handed out)."""
+        """The kept bucket, then the rest of the stream (keeping the last one handed out)."""
         yield from list(self.kept)
         while True:
-            del self.kept[:-1]  # before the next bucket is made: only the one in flight stays
+            self.kept.clear()  # the servers took it: none is kept while the next bucket is made
             bucket = next(self.stream, None)
             if bucket is None:
                 return

@@ -32,25 +32,26 @@ def push_tensor(receivers: Sequence[Receiver], buckets: Iterable[NamedTensors], 
     timing = {"serialize_s": 0.0, "server_s": 0.0}
     with updating(receivers):
         for bucket in buckets:
-            _send_bucket(receivers, bucket, version, False, timing)
+            send_tensor_bucket(receivers, bucket, version, False, timing)
             sent(bucket)
-        _send_bucket(receivers, [], version, True, timing)
+        send_tensor_bucket(receivers, [], version, True, timing)
     return timing
 
 
-def _send_bucket(receivers: Sequence[Receiver], bucket: NamedTensors, version: int, last: bool,
-                 timing: dict[str, float]) -> None:
+def send_tensor_bucket(receivers: Sequence[Receiver], bucket: NamedTensors, version: int, last: bool,
+                       timing: dict[str, float]) -> None:
     """One bucket to every receiver at once (each maps the same tensors), pickled anew for each TP rank of each
-    (tensor_payloads: one pickle per unpickling process); the seconds spent serializing and in the servers are
-    added to timing."""
+    (tensor_payloads: one pickle per unpickling process); last: the servers then flush their prefix cache and tag
+    later rollouts `version` (an empty last bucket, which any channel can send from any host, does only that).
+    The seconds spent serializing and in the servers are added to timing."""
     t0 = time.perf_counter()
     payloads = [{"serialized_named_tensors": tensor_payloads(bucket, r.server_ranks()["tp"]), "flush_cache": last,
                  "weight_version": str(version) if last else None} for r in receivers]
     t1 = time.perf_counter()
     with all_calling(receivers, "/update_weights_from_tensor", *payloads):
         pass
-    timing["serialize_s"] += t1 - t0
-    timing["server_s"] += time.perf_counter() - t1
+    timing["serialize_s"] = timing.get("serialize_s", 0.0) + t1 - t0
+    timing["server_s"] = timing.get("server_s", 0.0) + time.perf_counter() - t1
 
 
 def sharing_path(bucket: NamedTensors) -> str:
