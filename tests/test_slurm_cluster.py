@@ -65,10 +65,11 @@ def cluster():
         pytest.skip("the namespace cluster needs root")
     already_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
     if not already_up:
-        # node3 (the replicas' host) names itself 127.0.1.1, as Debian's /etc/hosts does: its side of the weight
-        # group must take the interface toward the trainer, not the hostname's address (loopback to other hosts)
+        # every node names itself 127.0.1.1, as Debian's /etc/hosts does: the trainer's groups (whose lower ranks
+        # connect to the address a higher rank offers: node2's) and the servers' side of the weight group (node3)
+        # must take the interface toward the other hosts, not the hostname's address (loopback to other hosts)
         start = subprocess.run([str(CLUSTER), "start", "3"], capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "RNTP_CLUSTER_LOOPBACK_NAMES": "node3"})
+                               env={**os.environ, "RNTP_CLUSTER_LOOPBACK_NAMES": "node1 node2 node3"})
         assert start.returncode == 0, start.stdout + start.stderr
     yield
     if not already_up:
@@ -226,9 +227,11 @@ def test_each_node_is_a_host_and_reaches_the_others_over_its_own_interface(clust
     route = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-m", "rntp_megatron.runtime.netif", "node1",
                    env=env, timeout=120)
     assert route.stdout.strip() == "eth0", route.stdout + route.stderr  # not lo: node1 is another host
-    own = _login("srun", "-N", "1", "-w", "node3", sys.executable, "-c",
+    own = _login("srun", "-N", "3", "-l", sys.executable, "-c",
                  "import socket; print(socket.gethostbyname(socket.gethostname()))", env=env, timeout=120)
-    assert own.stdout.strip() == "127.0.1.1", own.stdout + own.stderr  # what gloo would advertise there, left alone
+    # what gloo would advertise there, left alone (the trainer and the servers choose their interface themselves)
+    addresses = dict(line.split(": ") for line in own.stdout.splitlines())
+    assert addresses == {"0": "127.0.1.1", "1": "127.0.1.1", "2": "127.0.1.1"}, own.stdout + own.stderr
 
 
 def _train_with_owned_server(tmp_path: Path, *sets: str) -> subprocess.CompletedProcess:
@@ -261,7 +264,8 @@ def test_an_owned_server_bound_to_every_address_serves_ranks_on_two_hosts(cluste
     [server_log] = (tmp_path / "logs").rglob("sglang_server.0.log")
     clients = {line.split("INFO:")[1].split(":")[0].strip() for line in server_log.read_text().splitlines()
                if "POST /generate" in line}
-    assert clients == {"10.77.0.11", "10.77.0.12"}, clients  # both hosts' ranks
+    # both hosts' ranks: node2's over its interface, node1's (whose name is 127.0.1.1 there) over its loopback
+    assert clients == {"127.0.0.1", "10.77.0.12"}, clients
 
 
 @pytest.mark.nemo_run

@@ -16,6 +16,7 @@ from rntp_megatron.config import LOOPBACK, ParallelConfig, data_parallel_size
 from rntp_megatron.notices import missing_kernels_notice
 from rntp_megatron.runtime import cpu_compat
 from rntp_megatron.runtime.device import select_local_device
+from rntp_megatron.runtime.netif import trainer_ifname_env
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
         # never race for a TCP port.
         rendezvous = ({"store": dist.HashStore()} if info.world_size == 1 else
                       {"init_method": f"tcp://{info.master_addr}:{info.master_port}"})
+        if info.world_size > 1:  # a host named as loopback must not offer that address to ranks on other hosts
+            os.environ.update(trainer_ifname_env(info.master_addr, os.environ))
         dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
                                 timeout=timeout, **rendezvous)
     world = dist.get_world_size()

@@ -7,15 +7,14 @@ trainer GPU -> server params); CPU tensors go through shared memory (torch's fil
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import socket
 import time
 import urllib.parse
 from typing import Callable, Iterable, Sequence
 
 from rntp_megatron.rollout.sglang.client import SGLangServerError
 from rntp_megatron.rollout.sglang.receivers import Receiver, all_calling, updating
+from rntp_megatron.runtime.netif import is_this_host
 from rntp_megatron.weights.buckets import NamedTensors
 
 
@@ -94,15 +93,5 @@ def tensor_payloads(bucket: NamedTensors, ranks: int) -> list[str]:
 
 
 def on_this_host(url: str) -> bool:
-    """Whether a server URL names an address of this machine: a socket binds to an address only where it is local."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
-    except socket.gaierror:
-        return False
-    for address, family in addresses.items():
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            with contextlib.suppress(OSError):
-                probe.bind((address, 0))
-                return True
-    return False
+    """Whether a server URL names an address of this machine."""
+    return is_this_host(urllib.parse.urlsplit(url).hostname or "")
