@@ -17,7 +17,7 @@ README documents it.
   Then rank 1's process on node2 is SIGKILLed (its forked checkpoint-queue helper dies with it): the step ends
   within RNTP_STEP_WAIT, the job is requeued and resumes from the last complete checkpoint.
 - Each node is a host (own hostname, its route to the others over eth0); ranks on two hosts refuse an owned server
-  bound to loopback; NeMo-Run's SlurmExecutor runs a two-node job.
+  bound to loopback; NeMo-Run's SlurmExecutor runs a two-node job; tools/bench_many_hosts.py runs at --smoke.
 """
 
 from __future__ import annotations
@@ -284,6 +284,19 @@ def test_nemo_run_slurm_executor_runs_a_two_node_job(cluster, tmp_path):
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     # one task per node: two ranks are two hosts
     assert json.loads((latest / "complete.json").read_text())["world_size"] == 2
+
+
+def test_bench_many_hosts_smoke(cluster, tmp_path):
+    """BENCHMARKS.md's weight-sync-between-hosts command at --smoke (2 steps each): the one-host run and the
+    two-host job finish and the table is written."""
+    from tests.test_tools_smoke import check_table, run_tool
+
+    output = run_tool(["bench_many_hosts.py", "--smoke", "--out", str(tmp_path / "bench"),
+                       "--json", str(tmp_path / "table.json")], tmp_path, timeout=900)
+    rows = check_table(tmp_path / "table.json", "bench_many_hosts")
+    assert [r["name"] for r in rows] == ["one host (server beside trainer)", "two hosts (node1 -> node2)",
+                                         "ratio two hosts / one host"], rows
+    assert "ratio two hosts / one host (median after first)" in output, output[-3000:]
 
 
 def _hold_scheduler(node: str) -> None:

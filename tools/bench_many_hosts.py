@@ -6,7 +6,9 @@ Same config, same distributed channel, one after the other:
              from the one-host run's exported initial weights
 Prints the per-step `time/weight_sync_s` (trainer side: the whole push, HTTP calls included) and the job times.
 
-  python tools/bench_many_hosts.py [--out DIR] [--set section.key=value ...]
+  python tools/bench_many_hosts.py [--out DIR] [--steps N] [--set section.key=value ...] [--smoke] [--json PATH]
+
+--smoke: 2 steps (CI, tests/test_slurm_cluster.py, on the cluster its module starts).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+from bench_io import parse_args, write_json  # tools/, beside this script
+
 CLUSTER = REPO / "tools" / "slurm_cluster.sh"
 RECIPE = REPO / "recipes" / "configs" / "demo_rl.yaml"
-SHRINK = ["schedule.train_steps=4", "schedule.global_batch_size=16", "schedule.micro_batch_size=8", "rl.group_size=4",
+SHRINK = ["schedule.global_batch_size=16", "schedule.micro_batch_size=8", "rl.group_size=4",
           "rollout.max_new_tokens=12", "logging.progress=false", "logging.plot=false", "checkpoint.save_interval=100"]
 CPU_FLAGS = ("--device cpu --attention-backend torch_native --disable-cuda-graph --mem-fraction-static 0.3 "
              "--max-total-tokens 4096 --dtype float32 --skip-server-warmup")
@@ -42,12 +46,15 @@ def syncs(log_dir: Path) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_many_hosts"))
+    parser.add_argument("--steps", type=int, default=4, help="train steps of each run (the first forms the group)")
     parser.add_argument("--set", dest="sets", action="append", default=[])
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 2})
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: the median after the first push needs at least 2 steps")
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     sglang_python = str(REPO / "sglang-venv" / "bin" / "python")
-    overrides = [*SHRINK, *args.sets]
+    overrides = [*SHRINK, f"schedule.train_steps={args.steps}", *args.sets]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SGLANG_USE_CPU_ENGINE": "1"}
 
     one = out / "one_host"
@@ -73,11 +80,17 @@ def main() -> None:
     if job.returncode != 0:
         sys.exit(f"two-host job failed ({job.stdout} {job.stderr}); see {out}/bench-hosts-*.out")
 
-    a, b = syncs(one), syncs(two / "logs")
+    rows = [{"name": name, "job_s": secs, "sync_s": s, "sync_median_after_first_s": statistics.median(s[1:])}
+            for name, secs, s in (("one host (server beside trainer)", one_s, syncs(one)),
+                                  ("two hosts (node1 -> node2)", two_s, syncs(two / "logs")))]
+    ratio = rows[1]["sync_median_after_first_s"] / rows[0]["sync_median_after_first_s"]
     print(f"{'run':<34}{'job s':>8}{'sync s per step (first: group formed)':>44}{'median after first':>22}")
-    for name, secs, s in (("one host (server beside trainer)", one_s, a), ("two hosts (node1 -> node2)", two_s, b)):
-        print(f"{name:<34}{secs:>8.0f}{' '.join(f'{x:.3f}' for x in s):>44}{statistics.median(s[1:]):>22.3f}")
-    print(f"ratio two hosts / one host (median after first): {statistics.median(b[1:]) / statistics.median(a[1:]):.2f}")
+    for r in rows:
+        print(f"{r['name']:<34}{r['job_s']:>8.0f}{' '.join(f'{x:.3f}' for x in r['sync_s']):>44}"
+              f"{r['sync_median_after_first_s']:>22.3f}")
+    print(f"ratio two hosts / one host (median after first): {ratio:.2f}")
+    write_json(args.json, "bench_many_hosts", [{k: v for k, v in r.items() if k != "sync_s"} for r in rows]
+               + [{"name": "ratio two hosts / one host", "ratio": ratio}], args)
 
 
 if __name__ == "__main__":

@@ -155,13 +155,12 @@ class SGLangEngine(RolloutEngine):
         return self.delta.sender.last if self.delta is not None and self.delta.sender.last else self._host_copy
 
     def serves(self, version: int) -> bool:
-        """Whether the server answers and reports weight version `version` (a restarted one reports "default",
-        the weights it started from, until a push)."""
+        """Whether the server answers and reports weight version `version`: a restarted one reports "default" (the
+        weights it started from) until a push, which is not a pushed version 0 (the trainer's initial weights)."""
         try:
-            reply = self.client.call("/model_info", timeout=30)
+            return self._reported_version(self.client.call) == str(version)
         except (SGLangServerError, OSError, http.client.HTTPException):
             return False
-        return isinstance(reply, dict) and str(reply.get("weight_version")) == str(version)
 
     def resync(self) -> None:
         """Push held_weights() whole, as weight_version, to a server that came back without them (an attached
@@ -233,8 +232,15 @@ class SGLangEngine(RolloutEngine):
         return [[float(t[0]) for t in r["meta_info"]["input_token_logprobs"][1:]] for r in replies]
 
     def server_weight_version(self) -> int:
-        """The weight version the server reports."""
-        return reply_version(self._call("/get_model_info", timeout=60).get("weight_version"))
+        """The weight version the server reports, as an int ("default" is 0); an owned server that died is
+        restarted first."""
+        return reply_version(self._reported_version(self._call))
+
+    @staticmethod
+    def _reported_version(call: Callable[..., Any]) -> str:
+        """GET /model_info's weight_version through `call`, as the server wrote it."""
+        reply = call("/model_info", timeout=60)
+        return str(reply.get("weight_version")) if isinstance(reply, dict) else ""
 
     # -------------------------------------------------------------------------------------------
     # pause / colocation
