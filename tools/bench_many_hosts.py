@@ -59,7 +59,8 @@ def main() -> None:
 
     one = out / "one_host"
     sets = [*overrides, f"logging.dir={one}", f"checkpoint.dir={one / 'ckpt'}", "rollout.engine=sglang",
-            "rollout.placement=separate", "rollout.sglang.weight_sync=distributed", f"rollout.sglang.python={sglang_python}",
+            "rollout.placement=separate", "rollout.sglang.weight_sync=distributed",
+            f"rollout.sglang.python={sglang_python}",
             'rollout.sglang.extra_args=[--mem-fraction-static,"0.3"]']
     t0 = time.monotonic()
     run = login(["srun", "-N", "1", "-w", "node1", "-n", "1", "-t", "20", sys.executable, "-m", "rntp_megatron.cli",
