@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 from bench_io import parse_args, write_json  # tools/, beside this script
 
+REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "tools" / "slurm_cluster.sh"
 RECIPE = REPO / "recipes" / "configs" / "demo_rl.yaml"
 SHRINK = ["schedule.global_batch_size=16", "schedule.micro_batch_size=8", "rl.group_size=4",

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from rntp_megatron.rollout.sglang.group import WeightGroup, weight_group_backend
 from rntp_megatron.rollout.sglang.receivers import Receiver, all_calling, updating
-from rntp_megatron.rollout.sglang.tensor_channel import send_tensor_bucket
+from rntp_megatron.rollout.sglang.tensor_channel import finish_push
 from rntp_megatron.weights.buckets import NamedTensors, backend_device, flatten
 
 
@@ -31,7 +31,7 @@ def push_distributed(group: WeightGroup, receivers: Sequence[Receiver], buckets:
         for bucket in buckets:
             _broadcast(group, receivers, bucket, device, timing)
             sent(bucket)
-        send_tensor_bucket(receivers, [], version, True, timing)
+        finish_push(receivers, version, timing)
     return timing
 
 

@@ -31,18 +31,24 @@ def push_tensor(receivers: Sequence[Receiver], buckets: Iterable[NamedTensors], 
     timing = {"serialize_s": 0.0, "server_s": 0.0}
     with updating(receivers):
         for bucket in buckets:
-            send_tensor_bucket(receivers, bucket, version, False, timing)
+            _send_bucket(receivers, bucket, version, False, timing)
             sent(bucket)
-        send_tensor_bucket(receivers, [], version, True, timing)
+        finish_push(receivers, version, timing)
     return timing
 
 
-def send_tensor_bucket(receivers: Sequence[Receiver], bucket: NamedTensors, version: int, last: bool,
-                       timing: dict[str, float]) -> None:
+def finish_push(receivers: Sequence[Receiver], version: int, timing: dict[str, float]) -> None:
+    """The last call of a push: an empty bucket with which every receiver flushes its prefix cache (KV of the old
+    weights) and tags later rollouts `version`. It holds no tensor, so any channel can send it from any host (the
+    distributed channel ends with it rather than reading a bucket ahead to know which one is last)."""
+    _send_bucket(receivers, [], version, True, timing)
+
+
+def _send_bucket(receivers: Sequence[Receiver], bucket: NamedTensors, version: int, last: bool,
+                 timing: dict[str, float]) -> None:
     """One bucket to every receiver at once (each maps the same tensors), pickled anew for each TP rank of each
-    (tensor_payloads: one pickle per unpickling process); last: the servers then flush their prefix cache and tag
-    later rollouts `version` (an empty last bucket, which any channel can send from any host, does only that).
-    The seconds spent serializing and in the servers are added to timing."""
+    (tensor_payloads: one pickle per unpickling process); last: the servers then flush and take `version`. The
+    seconds spent serializing and in the servers are added to timing."""
     t0 = time.perf_counter()
     payloads = [{"serialized_named_tensors": tensor_payloads(bucket, r.server_ranks()["tp"]), "flush_cache": last,
                  "weight_version": str(version) if last else None} for r in receivers]
